@@ -1,0 +1,1 @@
+//! criterion benchmarks for skiff; the benchmarks live in `benches/`.

@@ -1,0 +1,1 @@
+//! Address-range bus (placeholder, written next).

@@ -1,0 +1,1 @@
+//! Legacy devices (placeholder, written next).
