@@ -1,7 +1,14 @@
 //! skiff's std glue.
 //!
-//! This crate will hold the VM runner (vCPU threads, ioeventfd/irqfd, device
-//! backends), the containerd shim v2 TaskService (`containerd-shim-skiff-v2`),
-//! the agent client and the `skiff` CLI. It turns `vmm-core`'s allocation-free
-//! state machines into running devices; it must never be a dependency of
-//! `vmm-core` or of the platform crates.
+//! - [`vmm`]: the VM runner — builds a KVM micro-VM from a [`vmm::VmConfig`],
+//!   runs its vCPU threads, dispatches exits to `vmm-core` devices, and
+//!   reports how the VM ended.
+//! - [`check`]: what this host can run (VMX KVM, PVM, or no KVM).
+//!
+//! The containerd shim v2 TaskService (`containerd-shim-skiff-v2`) and the
+//! agent client land here next. This crate turns `vmm-core`'s
+//! allocation-free state machines into running devices; it must never be a
+//! dependency of `vmm-core` or of the platform crates.
+
+pub mod check;
+pub mod vmm;

@@ -1,0 +1,209 @@
+//! `skiff`: run a micro-VM by hand, and tell what this host can run.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use shim::check;
+use shim::vmm::{self, BootSource, CpuTemplate, DiskConfig, ExitReason, KernelSpec, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "skiff", version, about = "skiff: containers in KVM micro-VMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report what this host can run (hardware KVM, PVM, or no KVM) and the
+    /// CPU template and kernel parameters skiff picks for it.
+    Check,
+    /// Micro-VM commands.
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Boot a kernel in a micro-VM with the serial console on stdout; exits
+    /// 0 when the guest resets or powers off cleanly.
+    Boot(BootArgs),
+}
+
+#[derive(clap::Args)]
+struct BootArgs {
+    /// Kernel: ELF vmlinux (PVH entry preferred) or bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (replaces the default).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// A virtio-blk disk: FILE or FILE,ro. Repeatable.
+    #[arg(long = "disk", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
+    /// CPU template: default or pvm-compat (default: what `skiff check` picks).
+    #[arg(long)]
+    cpu_template: Option<String>,
+    /// Write the serial console to this file instead of stdout.
+    #[arg(long)]
+    serial_out: Option<PathBuf>,
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let mut parts = s.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or("empty disk path")?;
+    let mut read_only = false;
+    for opt in parts {
+        match opt {
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            other => return Err(format!("unknown disk option {other:?} (known: ro, rw)")),
+        }
+    }
+    Ok(DiskConfig {
+        path: path.into(),
+        read_only,
+    })
+}
+
+/// Logs to stderr; `SKIFF_LOG` = error|warn|info|debug|trace (default info).
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!("skiff: {}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    let epoch = Instant::now();
+    let level = std::env::var("SKIFF_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(log::LevelFilter::Info);
+    let _ = log::set_logger(&StderrLogger).map(|()| log::set_max_level(level));
+    match run(Cli::parse(), epoch) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("skiff: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check => {
+            let r = check::detect();
+            println!("host: {}", r.kind);
+            println!("evidence: {}", r.evidence);
+            println!("cpu template: {}", r.template);
+            println!(
+                "extra kernel parameters: {}",
+                if r.extra_cmdline.is_empty() {
+                    "(none)"
+                } else {
+                    r.extra_cmdline
+                }
+            );
+            Ok(if r.kind == check::HostKind::NoKvm {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Vm(VmCommand::Boot(a)) => boot(a, epoch),
+    }
+}
+
+fn boot(a: BootArgs, epoch: Instant) -> anyhow::Result<ExitCode> {
+    let host = check::detect();
+    if host.kind == check::HostKind::NoKvm {
+        bail!("this host has no usable KVM: {}", host.evidence);
+    }
+    let cpu_template: CpuTemplate = match &a.cpu_template {
+        Some(t) => t.parse()?,
+        None => host.template,
+    };
+    let cmdline = a.cmdline.unwrap_or_else(|| {
+        let mut c = "console=ttyS0 reboot=k panic=-1".to_owned();
+        if cpu_template == CpuTemplate::PvmCompat {
+            c.push(' ');
+            c.push_str(check::PVM_CMDLINE);
+        }
+        c
+    });
+    let config = VmConfig {
+        vcpus: a.vcpus,
+        mem_mib: a.mem_mib,
+        boot: BootSource::Kernel(KernelSpec {
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline,
+        }),
+        disks: a.disks,
+        cpu_template,
+        serial: a
+            .serial_out
+            .map(vmm::SerialOutput::File)
+            .unwrap_or(vmm::SerialOutput::Stdout),
+        epoch,
+    };
+    let report = vmm::run(config).context("cannot run the VM")?;
+    if let Some(t) = report.first_entry {
+        log::info!("first vCPU entry {} us after start", t.as_micros());
+    }
+    if let Some(t) = report.boot_timer {
+        log::info!(
+            "guest init reached the boot timer {} ms after start",
+            t.as_millis()
+        );
+    }
+    match report.exit {
+        ExitReason::Reset | ExitReason::Shutdown => {
+            log::info!("VM exited: {:?}", report.exit);
+            Ok(ExitCode::SUCCESS)
+        }
+        other => bail!("VM failed: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_options_parse() {
+        assert_eq!(
+            parse_disk("/a.img,ro").unwrap(),
+            DiskConfig {
+                path: "/a.img".into(),
+                read_only: true
+            }
+        );
+        assert!(!parse_disk("/a.img").unwrap().read_only);
+        assert!(parse_disk("/a.img,bogus").unwrap_err().contains("bogus"));
+        assert!(parse_disk(",ro").is_err());
+    }
+}

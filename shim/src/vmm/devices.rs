@@ -1,0 +1,418 @@
+//! The VM's devices and the buses that route exits to them.
+//!
+//! Port I/O: the 16550 UART at 0x3f8 and the i8042 at 0x60/0x64. MMIO: the
+//! boot-timer pseudo-device and the virtio-mmio windows. Buses are built
+//! once and then only read, so lookups take no lock; each device has its own
+//! mutex, held only for the duration of one access.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_core::bus::{Bus, BusRange};
+use vmm_core::legacy::i8042::{ResetSink, I8042, I8042_PORT_SPAN};
+use vmm_core::legacy::serial::{Serial, SerialSink};
+use vmm_core::mmio::{MmioTransport, VirtioDevice, QUEUE_NOTIFY_OFFSET};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::irq::IrqFd;
+use super::platform::layout;
+use super::platform::GuestRam;
+use super::{ExitReason, Shared, VmConfig};
+
+/// The value the guest's init writes to the boot timer.
+pub const BOOT_TIMER_MAGIC: u8 = 123;
+/// Most virtio devices per VM (IRQs 5..=23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+/// Where the serial console goes.
+#[derive(Clone, Debug, Default)]
+pub enum SerialOutput {
+    /// This process's stdout.
+    #[default]
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// A shared buffer (tests read the console from it).
+    Buffer(Arc<Mutex<Vec<u8>>>),
+    /// Nowhere.
+    Discard,
+}
+
+/// Errors setting devices up.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceSetupError {
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The serial output file could not be created.
+    #[error("cannot create serial output file {}", path.display())]
+    SerialFile {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An irqfd or ioeventfd could not be registered.
+    #[error("KVM refused to {what}")]
+    Kvm {
+        /// What we tried.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A bus range collided or the bus is full.
+    #[error("cannot place a device on the bus")]
+    Bus(#[from] vmm_core::bus::BusError),
+    /// A virtio transport could not be built.
+    #[error("cannot build a virtio-mmio transport")]
+    Transport(#[from] vmm_core::mmio::MmioError),
+    /// A disk could not be opened.
+    #[error("cannot open disk {}", path.display())]
+    Disk {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Too many virtio devices.
+    #[error("at most {MAX_VIRTIO_DEVICES} virtio devices are supported")]
+    TooManyDevices,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> DeviceSetupError {
+    move |source| DeviceSetupError::Kvm { what, source }
+}
+
+/// The serial console's host end: line-buffered output.
+pub struct SerialWriter {
+    out: Box<dyn Write + Send>,
+    line: Vec<u8>,
+}
+
+impl SerialWriter {
+    fn new(output: &SerialOutput) -> Result<Self, DeviceSetupError> {
+        let out: Box<dyn Write + Send> = match output {
+            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            SerialOutput::File(path) => {
+                Box::new(
+                    File::create(path).map_err(|source| DeviceSetupError::SerialFile {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+            SerialOutput::Buffer(buf) => Box::new(SharedBuffer(buf.clone())),
+            SerialOutput::Discard => Box::new(std::io::sink()),
+        };
+        Ok(SerialWriter {
+            out,
+            line: Vec::with_capacity(256),
+        })
+    }
+
+    fn flush_line(&mut self) {
+        // Console output is best effort: a closed stdout must not stop the VM.
+        let _ = self.out.write_all(&self.line);
+        let _ = self.out.flush();
+        self.line.clear();
+    }
+}
+
+impl SerialSink for SerialWriter {
+    fn write_byte(&mut self, byte: u8) {
+        self.line.push(byte);
+        if byte == b'\n' || self.line.len() >= 256 {
+            self.flush_line();
+        }
+    }
+}
+
+impl Drop for SerialWriter {
+    fn drop(&mut self) {
+        self.flush_line();
+    }
+}
+
+struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The i8042's reset line: ends the VM.
+pub struct ResetLine(Arc<Shared>);
+
+impl ResetSink for ResetLine {
+    fn reset(&mut self) {
+        self.0.request_exit(ExitReason::Reset);
+    }
+}
+
+/// A virtio-mmio transport with any device behind it, as the buses see it.
+pub trait VirtioSlot: Send {
+    /// A guest read at `offset` in the window.
+    fn read(&self, offset: u64, data: &mut [u8]);
+    /// A guest write at `offset` in the window.
+    fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]);
+    /// Number of queues (for ioeventfds).
+    fn queue_count(&self) -> usize;
+}
+
+impl<D: VirtioDevice + Send, const Q: usize> VirtioSlot for MmioTransport<D, IrqFd, Q> {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        MmioTransport::read(self, offset, data)
+    }
+    fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]) {
+        if let Err(e) = MmioTransport::write(self, mem, offset, data) {
+            log::warn!("virtio-mmio: {e}");
+        }
+    }
+    fn queue_count(&self) -> usize {
+        self.queues().len()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Pio {
+    Serial,
+    I8042,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Mmio {
+    BootTimer,
+    Virtio(usize),
+}
+
+/// A queue notification eventfd: (eventfd, device index, queue index).
+struct Notifier {
+    evt: EventFd,
+    device: usize,
+    queue: u16,
+}
+
+/// All devices of one VM.
+pub struct Devices {
+    pio: Bus<Pio, 4>,
+    mmio: Bus<Mmio, { MAX_VIRTIO_DEVICES + 1 }>,
+    serial: Mutex<Serial<IrqFd, SerialWriter>>,
+    i8042: Mutex<I8042<ResetLine>>,
+    virtio: Vec<Mutex<Box<dyn VirtioSlot>>>,
+    notifiers: Vec<Notifier>,
+    wake: EventFd,
+    boot_timer: Mutex<Option<Duration>>,
+    mem: GuestRam,
+    shared: Arc<Shared>,
+}
+
+impl Devices {
+    /// Creates the devices for `config`, registering irqfds and ioeventfds
+    /// with `vm`.
+    pub(super) fn new(
+        vm: &VmFd,
+        mem: GuestRam,
+        config: &VmConfig,
+        shared: Arc<Shared>,
+    ) -> Result<Self, DeviceSetupError> {
+        let new_evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceSetupError::EventFd);
+
+        let serial_irq = new_evt()?;
+        vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+            .map_err(kvm_err("register the serial irqfd"))?;
+        let serial = Serial::new(IrqFd(serial_irq), SerialWriter::new(&config.serial)?);
+
+        let mut pio = Bus::new();
+        pio.insert(
+            BusRange::new(u64::from(layout::SERIAL_PORT), 8),
+            Pio::Serial,
+        )?;
+        pio.insert(
+            BusRange::new(u64::from(layout::I8042_DATA_PORT), I8042_PORT_SPAN),
+            Pio::I8042,
+        )?;
+
+        let mut mmio = Bus::new();
+        mmio.insert(
+            BusRange::new(layout::BOOT_TIMER_START, layout::BOOT_TIMER_SIZE),
+            Mmio::BootTimer,
+        )?;
+
+        let slots: Vec<Box<dyn VirtioSlot>> = super::virtio::build_devices(vm, &mem, config)?;
+        if slots.len() > MAX_VIRTIO_DEVICES {
+            return Err(DeviceSetupError::TooManyDevices);
+        }
+        let mut virtio = Vec::with_capacity(slots.len());
+        let mut notifiers = Vec::new();
+        for (i, slot) in slots.into_iter().enumerate() {
+            let base = layout::virtio_mmio_window(i as u32);
+            mmio.insert(
+                BusRange::new(base, layout::VIRTIO_MMIO_SIZE),
+                Mmio::Virtio(i),
+            )?;
+            for q in 0..slot.queue_count() {
+                let evt = new_evt()?;
+                vm.register_ioevent(
+                    &evt,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                    q as u32,
+                )
+                .map_err(kvm_err("register a queue ioeventfd"))?;
+                notifiers.push(Notifier {
+                    evt,
+                    device: i,
+                    queue: q as u16,
+                });
+            }
+            virtio.push(Mutex::new(slot));
+        }
+
+        Ok(Devices {
+            pio,
+            mmio,
+            serial: Mutex::new(serial),
+            i8042: Mutex::new(I8042::new(ResetLine(shared.clone()))),
+            virtio,
+            notifiers,
+            wake: new_evt()?,
+            boot_timer: Mutex::new(None),
+            mem,
+            shared,
+        })
+    }
+
+    /// A port read.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        match self.pio.get(u64::from(port)) {
+            Some((Pio::Serial, off)) => lock(&self.serial).read(off, data),
+            Some((Pio::I8042, off)) => lock(&self.i8042).read(off, data),
+            None => {}
+        }
+    }
+
+    /// A port write.
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        match self.pio.get(u64::from(port)) {
+            Some((Pio::Serial, off)) => lock(&self.serial).write(off, data),
+            Some((Pio::I8042, off)) => lock(&self.i8042).write(off, data),
+            None => {}
+        }
+    }
+
+    /// An MMIO read.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        data.fill(0);
+        match self.mmio.get(addr) {
+            Some((Mmio::Virtio(i), off)) => lock(&self.virtio[*i]).read(off, data),
+            Some((Mmio::BootTimer, _)) | None => {}
+        }
+    }
+
+    /// An MMIO write.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        match self.mmio.get(addr) {
+            Some((Mmio::Virtio(i), off)) => lock(&self.virtio[*i]).write(&self.mem, off, data),
+            Some((Mmio::BootTimer, 0)) if data.first() == Some(&BOOT_TIMER_MAGIC) => {
+                let at = self.shared.epoch.elapsed();
+                let mut t = lock(&self.boot_timer);
+                if t.is_none() {
+                    log::info!("boot-timer: guest init at {} ms", at.as_millis());
+                    *t = Some(at);
+                }
+            }
+            Some((Mmio::BootTimer, _)) | None => {}
+        }
+    }
+
+    /// When the guest wrote the boot-timer marker.
+    pub fn boot_timer(&self) -> Option<Duration> {
+        *lock(&self.boot_timer)
+    }
+
+    /// Wakes the device thread (to make it notice the stop flag).
+    pub fn wake_device_thread(&self) -> std::io::Result<()> {
+        self.wake.write(1)
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a device lock is a bug we already reported; the
+    // device state is still the best we have.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts the thread that turns queue-notification ioeventfds into
+/// `QueueNotify` writes on the transports.
+pub fn spawn_device_thread(
+    devices: Arc<Devices>,
+    shared: Arc<Shared>,
+) -> std::io::Result<JoinHandle<()>> {
+    let epoll = Epoll::new()?;
+    const WAKE: u64 = u64::MAX;
+    epoll.ctl(
+        ControlOperation::Add,
+        devices.wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, WAKE),
+    )?;
+    for (i, n) in devices.notifiers.iter().enumerate() {
+        epoll.ctl(
+            ControlOperation::Add,
+            n.evt.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, i as u64),
+        )?;
+    }
+    std::thread::Builder::new()
+        .name("devices".into())
+        .spawn(move || {
+            let mut events = vec![EpollEvent::default(); devices.notifiers.len() + 1];
+            while !shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        shared.request_exit(ExitReason::VcpuError(format!(
+                            "device thread: epoll failed: {e}"
+                        )));
+                        return;
+                    }
+                };
+                for ev in &events[..n] {
+                    let data = ev.data();
+                    if data == WAKE {
+                        let _ = devices.wake.read();
+                        continue;
+                    }
+                    let Some(n) = devices.notifiers.get(data as usize) else {
+                        continue;
+                    };
+                    if n.evt.read().is_ok() {
+                        let q = u32::from(n.queue).to_le_bytes();
+                        lock(&devices.virtio[n.device]).write(
+                            &devices.mem,
+                            QUEUE_NOTIFY_OFFSET,
+                            &q,
+                        );
+                    }
+                }
+            }
+        })
+}

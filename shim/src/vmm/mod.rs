@@ -1,0 +1,369 @@
+//! The VM runner: a KVM micro-VM in this process.
+//!
+//! [`Vm::start`] builds the VM from a [`VmConfig`] (memory, kernel, devices,
+//! vCPUs) and starts one thread per vCPU plus one device thread that serves
+//! queue notifications (ioeventfd). Exits go straight to `vmm-core` devices
+//! through its buses; interrupts go out through irqfds. The VM ends on an
+//! i8042 reset, a shutdown (triple fault), a vCPU error, or
+//! [`RunningVm::stop`]; [`RunningVm::wait`] joins every thread and closes
+//! every fd before it returns the [`VmReport`].
+
+mod devices;
+mod irq;
+mod vcpu;
+mod virtio;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use platform::boot::{BootInfo, BootProtocol, KernelSpec};
+pub use platform::cpuid::CpuTemplate;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use platform_x86_64 as platform;
+
+pub use devices::SerialOutput;
+
+/// How the guest starts.
+#[derive(Clone, Debug)]
+pub enum BootSource {
+    /// A Linux kernel (ELF `vmlinux`, PVH preferred, or bzImage).
+    Kernel(KernelSpec),
+    /// Raw code loaded at `load_addr` and entered with `protocol` at
+    /// `load_addr`; for tiny test guests.
+    Raw {
+        /// The code.
+        image: Vec<u8>,
+        /// Where it goes, and where the vCPU starts.
+        load_addr: u64,
+        /// CPU mode at entry.
+        protocol: BootProtocol,
+    },
+}
+
+/// A disk for the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Backing file.
+    pub path: PathBuf,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+}
+
+/// Everything a VM is built from.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// What to boot.
+    pub boot: BootSource,
+    /// virtio-blk disks, in order (`vda`, `vdb`, ...).
+    pub disks: Vec<DiskConfig>,
+    /// CPU template.
+    pub cpu_template: CpuTemplate,
+    /// Where the serial console goes.
+    pub serial: SerialOutput,
+    /// The instant the boot timer and first-entry figures count from
+    /// (usually process start).
+    pub epoch: Instant,
+}
+
+/// Why the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset the machine through the i8042 (Linux `reboot=k`;
+    /// also what `panic=-1` ends in).
+    Reset,
+    /// A vCPU shut down (triple fault), or the guest asked KVM to.
+    Shutdown,
+    /// The host asked the VM to stop.
+    Stopped,
+    /// A vCPU failed: KVM could not run it, or it hit an exit we can't serve.
+    VcpuError(String),
+}
+
+/// How a VM ran.
+#[derive(Clone, Debug)]
+pub struct VmReport {
+    /// Why it ended.
+    pub exit: ExitReason,
+    /// When the guest wrote the boot-timer marker, since the epoch.
+    pub boot_timer: Option<Duration>,
+    /// When vCPU 0 first entered the guest, since the epoch.
+    pub first_entry: Option<Duration>,
+}
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available on this host?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The configuration is invalid.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] platform::memory::MemoryLayoutError),
+    /// The kernel could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] platform::boot::BootError),
+    /// The VM could not be created.
+    #[error(transparent)]
+    Vm(#[from] platform::vm::VmError),
+    /// A vCPU could not be configured.
+    #[error(transparent)]
+    Vcpu(#[from] platform::vcpu::VcpuError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] platform::mptable::MptableError),
+    /// A KVM ioctl failed.
+    #[error("KVM refused to {what}")]
+    Kvm {
+        /// What we tried.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A device could not be set up.
+    #[error(transparent)]
+    Device(#[from] devices::DeviceSetupError),
+    /// An OS resource (eventfd, thread) could not be created.
+    #[error("cannot create {what}")]
+    Os {
+        /// What we tried.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A VM that is running.
+pub struct RunningVm {
+    shared: Arc<Shared>,
+    vcpus: Vec<JoinHandle<()>>,
+    device_thread: Option<JoinHandle<()>>,
+    devices: Arc<devices::Devices>,
+    // Kept alive until every thread is joined.
+    _vm: Arc<kvm_ioctls::VmFd>,
+}
+
+/// State the vCPU threads, the device thread and the owner share.
+struct Shared {
+    stop: AtomicBool,
+    exit: Mutex<Option<ExitReason>>,
+    exit_evt: EventFd,
+    first_entry: Mutex<Option<Duration>>,
+    epoch: Instant,
+}
+
+impl Shared {
+    /// Records why the VM ends (the first reason wins) and wakes the owner.
+    fn request_exit(&self, reason: ExitReason) {
+        let mut e = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if e.is_none() {
+            *e = Some(reason);
+        }
+        drop(e);
+        self.stop.store(true, Ordering::SeqCst);
+        // An eventfd write only fails if the counter would overflow.
+        let _ = self.exit_evt.write(1);
+    }
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Os { what, source }
+}
+
+/// Builds and starts VMs.
+pub struct Vm;
+
+impl Vm {
+    /// Builds the VM and starts its threads.
+    pub fn start(config: VmConfig) -> Result<RunningVm, VmmError> {
+        if config.vcpus == 0 || config.vcpus > platform::mptable::MAX_CPUS {
+            return Err(VmmError::Config(format!(
+                "{} vCPUs requested; 1 to {} are supported",
+                config.vcpus,
+                platform::mptable::MAX_CPUS
+            )));
+        }
+        let mem_size = config.mem_mib.checked_mul(1 << 20).ok_or_else(|| {
+            VmmError::Config(format!("{} MiB is too much memory", config.mem_mib))
+        })?;
+        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let mem = platform::create_guest_memory(mem_size)?;
+        let boot = match &config.boot {
+            BootSource::Kernel(spec) => {
+                // Tell the guest where its virtio-mmio devices are.
+                let mut spec = spec.clone();
+                for i in 0..virtio::device_count(&config) {
+                    spec.cmdline.push_str(&format!(
+                        " virtio_mmio.device=4K@{:#x}:{}",
+                        platform::layout::virtio_mmio_window(i as u32),
+                        platform::layout::VIRTIO_IRQ_BASE + i as u32
+                    ));
+                }
+                platform::load_kernel(&mem, &spec)?
+            }
+            BootSource::Raw {
+                image,
+                load_addr,
+                protocol,
+            } => {
+                use vm_memory::Bytes;
+                mem.write_slice(image, vm_memory::GuestAddress(*load_addr))
+                    .map_err(|_| {
+                        VmmError::Config(format!(
+                            "raw image of {} bytes does not fit at {load_addr:#x}",
+                            image.len()
+                        ))
+                    })?;
+                BootInfo {
+                    entry: *load_addr,
+                    protocol: *protocol,
+                    kernel_end: load_addr + image.len() as u64,
+                    initrd: None,
+                }
+            }
+        };
+        if config.vcpus > 1 {
+            platform::mptable::setup_mptable(&mem, config.vcpus)?;
+        }
+        let vm = Arc::new(platform::create_vm(&kvm, &mem)?);
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(os("an exit eventfd"))?,
+            first_entry: Mutex::new(None),
+            epoch: config.epoch,
+        });
+        let ram = platform::GuestRam::new(mem.clone());
+        let devices = Arc::new(devices::Devices::new(&vm, ram, &config, shared.clone())?);
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmmError::Kvm {
+                what: "report its supported CPUID",
+                source,
+            })?;
+        let mut fds = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|source| VmmError::Kvm {
+                    what: "create a vCPU",
+                    source,
+                })?;
+            platform::configure_vcpu(
+                &fd,
+                &mem,
+                &supported,
+                config.cpu_template,
+                &boot,
+                id,
+                config.vcpus,
+            )?;
+            fds.push(fd);
+        }
+
+        vcpu::install_kick_handler();
+        let device_thread = devices::spawn_device_thread(devices.clone(), shared.clone())
+            .map_err(os("the device thread"))?;
+        let mut running = RunningVm {
+            shared: shared.clone(),
+            vcpus: Vec::new(),
+            device_thread: Some(device_thread),
+            devices: devices.clone(),
+            _vm: vm,
+        };
+        for (id, fd) in fds.into_iter().enumerate() {
+            let t = vcpu::spawn(id as u8, fd, devices.clone(), shared.clone())
+                .map_err(os("a vCPU thread"));
+            match t {
+                Ok(t) => running.vcpus.push(t),
+                Err(e) => {
+                    running.shared.request_exit(ExitReason::Stopped);
+                    running.join();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(running)
+    }
+}
+
+impl RunningVm {
+    /// Asks the VM to stop; [`RunningVm::wait`] then returns
+    /// [`ExitReason::Stopped`] unless it had already ended for another reason.
+    pub fn stop(&self) {
+        self.shared.request_exit(ExitReason::Stopped);
+    }
+
+    /// Whether the VM has ended (without waiting).
+    pub fn has_exited(&self) -> bool {
+        self.shared.stop.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the VM ends, joins all its threads and reports.
+    pub fn wait(mut self) -> VmReport {
+        // Block on the exit eventfd until some thread requests an exit.
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            let mut pfd = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&self.shared.exit_evt),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is a valid pollfd for the duration of the call,
+            // and the count (1) matches.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+        }
+        self.join();
+        let exit = self
+            .shared
+            .exit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or(ExitReason::Stopped);
+        VmReport {
+            exit,
+            boot_timer: self.devices.boot_timer(),
+            first_entry: *self
+                .shared
+                .first_entry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    fn join(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        vcpu::kick_and_join(std::mem::take(&mut self.vcpus));
+        let _ = self.devices.wake_device_thread();
+        if let Some(t) = self.device_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.shared.request_exit(ExitReason::Stopped);
+        self.join();
+    }
+}
+
+/// Builds the VM, runs it to the end, and reports.
+pub fn run(config: VmConfig) -> Result<VmReport, VmmError> {
+    Ok(Vm::start(config)?.wait())
+}
