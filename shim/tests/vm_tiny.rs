@@ -185,3 +185,50 @@ fn bad_configs_are_clear_errors() {
     assert!(format!("{e:#}").contains("/nonexistent/vmlinux"), "{e}");
     let _ = CpuTemplate::Default;
 }
+
+#[test]
+fn protected_mode_reads_virtio_mmio_registers() {
+    if !kvm_available() {
+        return;
+    }
+    let disk = std::env::temp_dir().join(format!("skiff-tiny-disk-{}", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    #[rustfmt::skip]
+    let code = vec![
+        0xba, 0xf8, 0x03, 0x00, 0x00,             // mov edx, 0x3f8
+        0xa1, 0x00, 0x10, 0x00, 0xd0,             // mov eax, [0xd0001000] (MagicValue)
+        0xee, 0xc1, 0xe8, 0x08,                   // out dx, al; shr eax, 8
+        0xee, 0xc1, 0xe8, 0x08,                   // out dx, al; shr eax, 8
+        0xee, 0xc1, 0xe8, 0x08,                   // out dx, al; shr eax, 8
+        0xee,                                     // out dx, al
+        0xa1, 0x08, 0x10, 0x00, 0xd0,             // mov eax, [0xd0001008] (DeviceID)
+        0x04, b'0', 0xee,                          // add al, '0'; out dx, al
+        0xa1, 0x04, 0x10, 0x00, 0xd0,             // mov eax, [0xd0001004] (Version)
+        0x04, b'0', 0xee,                          // add al, '0'; out dx, al
+        0xb0, b'\n', 0xee,                         // mov al, '\n'; out dx, al
+        0xb0, 0xfe, 0xe6, 0x64,                    // reset through the i8042
+    ];
+    let (mut cfg, out) = config(code, 0x10_0000, BootProtocol::Pvh);
+    cfg.disks = vec![vmm::DiskConfig {
+        path: disk.clone(),
+        read_only: true,
+    }];
+    let report = vmm::run(cfg).expect("VM runs");
+    let _ = std::fs::remove_file(&disk);
+    assert_eq!(report.exit, ExitReason::Reset, "serial: {}", serial(&out));
+    assert_eq!(serial(&out), "virt22\n");
+}
+
+#[test]
+fn missing_disk_is_a_clear_error() {
+    if !kvm_available() {
+        return;
+    }
+    let (mut cfg, _) = config(vec![0xf4], 0x1000, BootProtocol::RealMode);
+    cfg.disks = vec![vmm::DiskConfig {
+        path: "/nonexistent/disk.img".into(),
+        read_only: false,
+    }];
+    let e = vmm::run(cfg).unwrap_err();
+    assert!(format!("{e:#}").contains("/nonexistent/disk.img"), "{e}");
+}

@@ -1,0 +1,376 @@
+//! virtio-blk device tests, driven through a mock driver.
+
+use std::vec;
+use std::vec::Vec;
+
+use super::*;
+use crate::devices::blk::{
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use crate::irq::CountingIrq;
+use crate::memory::SliceMemory;
+use crate::mmio::Interrupt;
+use crate::queue::mock::MockSplitQueue;
+use crate::queue::{Descriptor, Queue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+
+struct MemDisk {
+    data: Vec<u8>,
+    flushes: u32,
+    fail: bool,
+}
+
+impl BlockBackend for MemDisk {
+    fn capacity(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        if self.fail {
+            return Err(BackendError { errno: 5 });
+        }
+        let o = offset as usize;
+        buf.copy_from_slice(&self.data[o..o + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
+        if self.fail {
+            return Err(BackendError { errno: 5 });
+        }
+        let o = offset as usize;
+        self.data[o..o + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), BackendError> {
+        self.flushes += 1;
+        Ok(())
+    }
+}
+
+const HDR: u64 = 0x8000;
+const DATA: u64 = 0x9000;
+const STATUS: u64 = 0xc000;
+
+fn disk(sectors: usize) -> MemDisk {
+    MemDisk {
+        data: vec![0; sectors * 512],
+        flushes: 0,
+        fail: false,
+    }
+}
+
+fn rd(addr: u64, len: u32) -> Descriptor {
+    Descriptor {
+        addr: GuestAddress(addr),
+        len,
+        flags: 0,
+        next: 0,
+    }
+}
+
+fn wr(addr: u64, len: u32) -> Descriptor {
+    Descriptor {
+        addr: GuestAddress(addr),
+        len,
+        flags: VIRTQ_DESC_F_WRITE,
+        next: 0,
+    }
+}
+
+struct Rig {
+    bytes: Vec<u8>,
+}
+
+impl Rig {
+    fn new() -> Self {
+        Rig {
+            bytes: vec![0; 0x10000],
+        }
+    }
+}
+
+/// Publishes `descs` (after writing a header of `ty`/`sector`), runs the
+/// device, returns (status byte, used len, interrupts).
+fn run(
+    dev: &mut Block<MemDisk>,
+    rig: &mut Rig,
+    ty: u32,
+    sector: u64,
+    descs: &[Descriptor],
+    prepare: impl FnOnce(&SliceMemory<'_>),
+) -> (u8, u32, u32) {
+    let mem = SliceMemory::new(GuestAddress(0), &mut rig.bytes);
+    let mut hdr = [0u8; 16];
+    hdr[..4].copy_from_slice(&ty.to_le_bytes());
+    hdr[8..].copy_from_slice(&sector.to_le_bytes());
+    mem.write(GuestAddress(HDR), &hdr).unwrap();
+    mem.write(GuestAddress(STATUS), &[0xaa]).unwrap();
+    prepare(&mem);
+    let mut drv = MockSplitQueue::new(&mem, GuestAddress(0x1000), 16).unwrap();
+    drv.add_chain(descs).unwrap();
+    let mut queues: [Queue; 1] = [drv.create_queue(0)];
+    let mut interrupt = Interrupt::new(CountingIrq::default());
+    let mut ctx = VirtioContext {
+        mem: &mem,
+        queues: &mut queues,
+        interrupt: &mut interrupt,
+        features: 0,
+    };
+    dev.activate(&mut ctx).unwrap();
+    dev.queue_notify(0, &mut ctx).unwrap();
+    let status = mem.read_u32(GuestAddress(STATUS)).unwrap() as u8;
+    assert_eq!(drv.used_idx().unwrap(), 1, "every request is answered");
+    let (_, len) = drv.used_elem(0).unwrap();
+    (status, len, interrupt.line().count())
+}
+
+#[test]
+fn write_then_read_back() {
+    let mut dev = Block::new(disk(16), false, b"skiff-disk");
+    let mut rig = Rig::new();
+    let (s, len, irqs) = run(
+        &mut dev,
+        &mut rig,
+        VIRTIO_BLK_T_OUT,
+        2,
+        &[
+            rd(HDR, 16),
+            rd(DATA, 512),
+            rd(DATA + 512, 512),
+            wr(STATUS, 1),
+        ],
+        |m| m.write(GuestAddress(DATA), &[0x5a; 1024]).unwrap(),
+    );
+    assert_eq!((s, len, irqs), (VIRTIO_BLK_S_OK, 1, 1));
+    assert_eq!(&dev.backend().data[1024..2048], &[0x5a; 1024][..]);
+    assert_eq!(dev.backend().data[1023], 0);
+
+    let mut rig = Rig::new();
+    let (s, len, _) = run(
+        &mut dev,
+        &mut rig,
+        VIRTIO_BLK_T_IN,
+        2,
+        &[rd(HDR, 16), wr(DATA, 1024), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!((s, len), (VIRTIO_BLK_S_OK, 1025));
+    assert_eq!(
+        &rig.bytes[DATA as usize..DATA as usize + 1024],
+        &[0x5a; 1024][..]
+    );
+}
+
+#[test]
+fn flush_get_id_and_unsupported() {
+    let mut dev = Block::new(disk(8), false, b"skiff-disk-0");
+    let (s, len, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        VIRTIO_BLK_T_FLUSH,
+        0,
+        &[rd(HDR, 16), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!((s, len), (VIRTIO_BLK_S_OK, 1));
+    assert_eq!(dev.backend().flushes, 1);
+
+    let mut rig = Rig::new();
+    let (s, len, _) = run(
+        &mut dev,
+        &mut rig,
+        VIRTIO_BLK_T_GET_ID,
+        0,
+        &[rd(HDR, 16), wr(DATA, 20), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!((s, len), (VIRTIO_BLK_S_OK, 21));
+    assert_eq!(
+        &rig.bytes[DATA as usize..DATA as usize + 12],
+        b"skiff-disk-0"
+    );
+    assert_eq!(rig.bytes[DATA as usize + 12], 0);
+
+    let (s, _, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        99,
+        0,
+        &[rd(HDR, 16), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!(s, VIRTIO_BLK_S_UNSUPP);
+    assert_eq!(dev.failed_requests(), 1);
+}
+
+#[test]
+fn malformed_requests_get_ioerr() {
+    let mut dev = Block::new(disk(8), false, b"");
+    // Past the end of the disk.
+    let (s, len, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        VIRTIO_BLK_T_IN,
+        7,
+        &[rd(HDR, 16), wr(DATA, 1024), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!((s, len), (VIRTIO_BLK_S_IOERR, 1));
+    // Sector number that overflows.
+    let (s, _, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        VIRTIO_BLK_T_IN,
+        u64::MAX,
+        &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    // Not a whole sector.
+    let (s, _, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        VIRTIO_BLK_T_IN,
+        0,
+        &[rd(HDR, 16), wr(DATA, 100), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    // A read into a device-readable buffer.
+    let (s, _, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        VIRTIO_BLK_T_IN,
+        0,
+        &[rd(HDR, 16), rd(DATA, 512), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    // A short header.
+    let (s, _, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        VIRTIO_BLK_T_IN,
+        0,
+        &[rd(HDR, 8), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    // GET_ID without a buffer.
+    let (s, _, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        VIRTIO_BLK_T_GET_ID,
+        0,
+        &[rd(HDR, 16), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    assert_eq!(dev.failed_requests(), 6);
+}
+
+#[test]
+fn no_status_byte_gets_zero_length_used_entry() {
+    let mut dev = Block::new(disk(8), false, b"");
+    let (s, len, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        VIRTIO_BLK_T_IN,
+        0,
+        &[rd(HDR, 16), rd(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!((s, len), (0xaa, 0), "status untouched, nothing written");
+}
+
+#[test]
+fn invalid_chain_is_returned_not_panicked_on() {
+    let mut dev = Block::new(disk(8), false, b"");
+    let mut rig = Rig::new();
+    let mem = SliceMemory::new(GuestAddress(0), &mut rig.bytes);
+    let mut drv = MockSplitQueue::new(&mem, GuestAddress(0x1000), 16).unwrap();
+    // A two-descriptor loop.
+    drv.write_desc(
+        0,
+        Descriptor {
+            addr: GuestAddress(HDR),
+            len: 16,
+            flags: VIRTQ_DESC_F_NEXT,
+            next: 1,
+        },
+    )
+    .unwrap();
+    drv.write_desc(
+        1,
+        Descriptor {
+            addr: GuestAddress(HDR),
+            len: 16,
+            flags: VIRTQ_DESC_F_NEXT,
+            next: 0,
+        },
+    )
+    .unwrap();
+    drv.publish(0).unwrap();
+    let mut queues = [drv.create_queue(0)];
+    let mut interrupt = Interrupt::new(CountingIrq::default());
+    let mut ctx = VirtioContext {
+        mem: &mem,
+        queues: &mut queues,
+        interrupt: &mut interrupt,
+        features: 0,
+    };
+    dev.queue_notify(0, &mut ctx).unwrap();
+    assert_eq!(drv.used_idx().unwrap(), 1);
+    assert_eq!(drv.used_elem(0).unwrap(), (0, 0));
+    assert_eq!(dev.failed_requests(), 1);
+}
+
+#[test]
+fn read_only_device_refuses_writes_and_says_so() {
+    let mut dev = Block::new(disk(8), true, b"");
+    assert_ne!(dev.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
+    let (s, _, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        VIRTIO_BLK_T_OUT,
+        0,
+        &[rd(HDR, 16), rd(DATA, 512), wr(STATUS, 1)],
+        |m| m.write(GuestAddress(DATA), &[1; 512]).unwrap(),
+    );
+    assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    assert!(dev.backend().data.iter().all(|&b| b == 0));
+    let rw = Block::new(disk(8), false, b"");
+    assert_eq!(rw.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
+}
+
+#[test]
+fn backend_failure_is_ioerr() {
+    let mut d = disk(8);
+    d.fail = true;
+    let mut dev = Block::new(d, false, b"");
+    let (s, len, _) = run(
+        &mut dev,
+        &mut Rig::new(),
+        VIRTIO_BLK_T_IN,
+        0,
+        &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)],
+        |_| {},
+    );
+    assert_eq!((s, len), (VIRTIO_BLK_S_IOERR, 1));
+}
+
+#[test]
+fn config_space_reports_capacity_and_seg_max() {
+    let dev = Block::new(disk(4096), false, b"");
+    assert_eq!(dev.device_type(), VIRTIO_ID_BLOCK);
+    let mut b = [0u8; 8];
+    dev.read_config(0, &mut b);
+    assert_eq!(u64::from_le_bytes(b), 4096);
+    let mut b = [0u8; 4];
+    dev.read_config(12, &mut b);
+    assert_eq!(u32::from_le_bytes(b) as usize, SEG_MAX);
+    let mut b = [0u8; 4];
+    dev.read_config(1000, &mut b);
+    assert_eq!(b, [0; 4]);
+    dev.read_config(u64::MAX, &mut b);
+    assert_eq!(b, [0; 4]);
+    assert_eq!(dev.queue_max_sizes(), &[BLOCK_QUEUE_SIZE]);
+}
