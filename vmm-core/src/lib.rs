@@ -10,12 +10,16 @@
 //! guest writing garbage into any structure gets a typed error, never a panic.
 #![no_std]
 #![forbid(unsafe_code)]
-#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 #[cfg(test)]
 extern crate std;
 
 pub mod bus;
+pub mod devices;
 pub mod irq;
 pub mod legacy;
 pub mod memory;

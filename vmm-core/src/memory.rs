@@ -61,7 +61,9 @@ pub enum MemoryError {
 
 /// Checks that `[addr, addr + len)` does not overflow; returns the exclusive end.
 pub fn checked_end(addr: GuestAddress, len: u64) -> Result<u64, MemoryError> {
-    addr.0.checked_add(len).ok_or(MemoryError::Overflow { addr: addr.0, len })
+    addr.0
+        .checked_add(len)
+        .ok_or(MemoryError::Overflow { addr: addr.0, len })
 }
 
 /// Guest physical memory.
@@ -193,7 +195,8 @@ impl GuestMemory for SliceMemory<'_> {
     }
 
     fn check_range(&self, addr: GuestAddress, len: u64) -> Result<(), MemoryError> {
-        let len = usize::try_from(len).map_err(|_| MemoryError::OutOfBounds { addr: addr.0, len })?;
+        let len =
+            usize::try_from(len).map_err(|_| MemoryError::OutOfBounds { addr: addr.0, len })?;
         self.range(addr, len).map(|_| ())
     }
 }
@@ -208,7 +211,8 @@ mod tests {
         let m = SliceMemory::new(GuestAddress(0x1000), &mut buf);
         m.write_u16(GuestAddress(0x1000), 0xbeef).unwrap();
         m.write_u32(GuestAddress(0x1004), 0xdead_beef).unwrap();
-        m.write_u64(GuestAddress(0x1008), 0x0123_4567_89ab_cdef).unwrap();
+        m.write_u64(GuestAddress(0x1008), 0x0123_4567_89ab_cdef)
+            .unwrap();
         assert_eq!(m.read_u16(GuestAddress(0x1000)).unwrap(), 0xbeef);
         assert_eq!(m.read_u32(GuestAddress(0x1004)).unwrap(), 0xdead_beef);
         assert_eq!(
@@ -227,7 +231,10 @@ mod tests {
         // Straddles the end: nothing is written.
         assert_eq!(
             m.write(GuestAddress(0x10e), &[1, 2, 3, 4]),
-            Err(MemoryError::OutOfBounds { addr: 0x10e, len: 4 })
+            Err(MemoryError::OutOfBounds {
+                addr: 0x10e,
+                len: 4
+            })
         );
         assert_eq!(m.read_u16(GuestAddress(0x10e)).unwrap(), 0);
         // Below the base.

@@ -4,9 +4,7 @@
 use core::num::Wrapping;
 use core::sync::atomic::{fence, Ordering};
 
-use super::{
-    Descriptor, Queue, DESCRIPTOR_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
-};
+use super::{Descriptor, Queue, DESCRIPTOR_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT};
 use crate::memory::{GuestAddress, GuestMemory, MemoryError};
 
 /// A driver's view of one split queue in guest memory.
@@ -218,7 +216,8 @@ impl<'m, M: GuestMemory + ?Sized> MockSplitQueue<'m, M> {
 
     /// The device's `avail_event` (event-index mode).
     pub fn avail_event(&self) -> Result<u16, MemoryError> {
-        self.mem
-            .read_u16(GuestAddress(self.used_ring.0 + 4 + 8 * u64::from(self.size)))
+        self.mem.read_u16(GuestAddress(
+            self.used_ring.0 + 4 + 8 * u64::from(self.size),
+        ))
     }
 }

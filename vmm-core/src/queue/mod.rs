@@ -455,9 +455,7 @@ impl Queue {
                 Some(old) => (new - used_event - Wrapping(1)) < (new - old),
             })
         } else {
-            let flags = mem
-                .read_u16(self.avail_ring)
-                .map_err(QueueError::Memory)?;
+            let flags = mem.read_u16(self.avail_ring).map_err(QueueError::Memory)?;
             Ok(flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0)
         }
     }

@@ -44,7 +44,11 @@ fn pop_direct_chain_and_return_it() {
         q.validate(mem).unwrap();
         assert!(q.pop::<4, _>(mem).unwrap().is_none());
         let head = drv
-            .add_chain(&[buf(0x8000, 16, false), buf(0x9000, 512, true), buf(0x9200, 1, true)])
+            .add_chain(&[
+                buf(0x8000, 16, false),
+                buf(0x9000, 512, true),
+                buf(0x9200, 1, true),
+            ])
             .unwrap();
         let chain = q.pop::<4, _>(mem).unwrap().unwrap();
         assert_eq!(chain.head_index(), head);
@@ -97,7 +101,11 @@ fn indirect_requires_the_feature() {
     });
 }
 
-fn pop_err(mem: &SliceMemory<'_>, drv: &mut MockSplitQueue<'_, SliceMemory<'_>>, head: u16) -> ChainError {
+fn pop_err(
+    mem: &SliceMemory<'_>,
+    drv: &mut MockSplitQueue<'_, SliceMemory<'_>>,
+    head: u16,
+) -> ChainError {
     drv.publish(head).unwrap();
     let mut q = drv.create_queue(INDIRECT);
     match q.pop::<64, _>(mem) {
@@ -128,31 +136,47 @@ fn guest_faults_are_typed_errors() {
     // A loop 0 -> 1 -> 0.
     with_mem(|mem| {
         let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
-        drv.write_desc(0, d(0x8000, 1, VIRTQ_DESC_F_NEXT, 1)).unwrap();
-        drv.write_desc(1, d(0x8000, 1, VIRTQ_DESC_F_NEXT, 0)).unwrap();
-        assert_eq!(pop_err(mem, &mut drv, 0), ChainError::Loop { table_size: 4 });
+        drv.write_desc(0, d(0x8000, 1, VIRTQ_DESC_F_NEXT, 1))
+            .unwrap();
+        drv.write_desc(1, d(0x8000, 1, VIRTQ_DESC_F_NEXT, 0))
+            .unwrap();
+        assert_eq!(
+            pop_err(mem, &mut drv, 0),
+            ChainError::Loop { table_size: 4 }
+        );
     });
     // A self-loop.
     with_mem(|mem| {
         let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
-        drv.write_desc(2, d(0x8000, 1, VIRTQ_DESC_F_NEXT, 2)).unwrap();
-        assert_eq!(pop_err(mem, &mut drv, 2), ChainError::Loop { table_size: 4 });
+        drv.write_desc(2, d(0x8000, 1, VIRTQ_DESC_F_NEXT, 2))
+            .unwrap();
+        assert_eq!(
+            pop_err(mem, &mut drv, 2),
+            ChainError::Loop { table_size: 4 }
+        );
     });
     // Head outside the table.
     with_mem(|mem| {
         let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
         assert_eq!(
             pop_err(mem, &mut drv, 4),
-            ChainError::IndexOutOfRange { index: 4, table_size: 4 }
+            ChainError::IndexOutOfRange {
+                index: 4,
+                table_size: 4
+            }
         );
     });
     // `next` outside the table.
     with_mem(|mem| {
         let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
-        drv.write_desc(0, d(0x8000, 1, VIRTQ_DESC_F_NEXT, 9)).unwrap();
+        drv.write_desc(0, d(0x8000, 1, VIRTQ_DESC_F_NEXT, 9))
+            .unwrap();
         assert_eq!(
             pop_err(mem, &mut drv, 0),
-            ChainError::IndexOutOfRange { index: 9, table_size: 4 }
+            ChainError::IndexOutOfRange {
+                index: 9,
+                table_size: 4
+            }
         );
     });
     // Buffer outside memory, and a buffer whose end overflows.
@@ -161,13 +185,19 @@ fn guest_faults_are_typed_errors() {
         drv.write_desc(0, d(MEM_SIZE as u64 - 4, 8, 0, 0)).unwrap();
         assert_eq!(
             pop_err(mem, &mut drv, 0),
-            ChainError::Buffer { addr: MEM_SIZE as u64 - 4, len: 8 }
+            ChainError::Buffer {
+                addr: MEM_SIZE as u64 - 4,
+                len: 8
+            }
         );
     });
     with_mem(|mem| {
         let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
         drv.write_desc(1, d(u64::MAX - 2, 8, 0, 0)).unwrap();
-        assert!(matches!(pop_err(mem, &mut drv, 1), ChainError::Buffer { .. }));
+        assert!(matches!(
+            pop_err(mem, &mut drv, 1),
+            ChainError::Buffer { .. }
+        ));
     });
     // Zero-length buffers are not dereferenced, so any address is fine.
     with_mem(|mem| {
@@ -181,7 +211,8 @@ fn guest_faults_are_typed_errors() {
     with_mem(|mem| {
         let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
         let table = GuestAddress(0x4000);
-        drv.write_desc(0, d(table.0, 32, VIRTQ_DESC_F_INDIRECT, 0)).unwrap();
+        drv.write_desc(0, d(table.0, 32, VIRTQ_DESC_F_INDIRECT, 0))
+            .unwrap();
         MockSplitQueue::write_table_desc(mem, table, 0, d(0x8000, 1, VIRTQ_DESC_F_NEXT, 1))
             .unwrap();
         MockSplitQueue::write_table_desc(mem, table, 1, d(0x5000, 16, VIRTQ_DESC_F_INDIRECT, 0))
@@ -192,8 +223,12 @@ fn guest_faults_are_typed_errors() {
     for len in [0u32, 17, 0x10_0000] {
         with_mem(|mem| {
             let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
-            drv.write_desc(0, d(0x4000, len, VIRTQ_DESC_F_INDIRECT, 0)).unwrap();
-            assert_eq!(pop_err(mem, &mut drv, 0), ChainError::BadIndirectLength { len });
+            drv.write_desc(0, d(0x4000, len, VIRTQ_DESC_F_INDIRECT, 0))
+                .unwrap();
+            assert_eq!(
+                pop_err(mem, &mut drv, 0),
+                ChainError::BadIndirectLength { len }
+            );
         });
     }
     // Indirect table outside memory.
@@ -207,12 +242,21 @@ fn guest_faults_are_typed_errors() {
     with_mem(|mem| {
         let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
         let table = GuestAddress(0x4000);
-        drv.write_desc(0, d(table.0, 48, VIRTQ_DESC_F_INDIRECT, 0)).unwrap();
+        drv.write_desc(0, d(table.0, 48, VIRTQ_DESC_F_INDIRECT, 0))
+            .unwrap();
         for i in 0..3 {
-            MockSplitQueue::write_table_desc(mem, table, i, d(0x8000, 1, VIRTQ_DESC_F_NEXT, (i + 1) % 3))
-                .unwrap();
+            MockSplitQueue::write_table_desc(
+                mem,
+                table,
+                i,
+                d(0x8000, 1, VIRTQ_DESC_F_NEXT, (i + 1) % 3),
+            )
+            .unwrap();
         }
-        assert_eq!(pop_err(mem, &mut drv, 0), ChainError::Loop { table_size: 3 });
+        assert_eq!(
+            pop_err(mem, &mut drv, 0),
+            ChainError::Loop { table_size: 3 }
+        );
     });
     // Buffers adding up to more than 4 GiB (in a memory that claims to back
     // every address, so the sum is the only fault).
@@ -238,7 +282,10 @@ fn guest_faults_are_typed_errors() {
     let mut q = drv.create_queue(0);
     assert_eq!(
         q.pop::<4, _>(&mem).unwrap_err(),
-        QueueError::InvalidChain { head: 0, source: ChainError::TooLarge }
+        QueueError::InvalidChain {
+            head: 0,
+            source: ChainError::TooLarge
+        }
     );
 }
 
@@ -272,7 +319,10 @@ fn avail_index_jump_is_rejected() {
         drv.set_avail_idx(9).unwrap();
         assert_eq!(
             q.pop::<4, _>(mem).unwrap_err(),
-            QueueError::InvalidAvailIndex { avail_idx: 9, next_avail: 0 }
+            QueueError::InvalidAvailIndex {
+                avail_idx: 9,
+                next_avail: 0
+            }
         );
         // Exactly the queue size ahead is fine.
         drv.set_avail_idx(8).unwrap();
@@ -302,7 +352,10 @@ fn indices_wrap_around_u16() {
             q.add_used(mem, head, u32::from(i)).unwrap();
             let idx = start.wrapping_add(i + 1);
             assert_eq!(drv.used_idx().unwrap(), idx);
-            assert_eq!(drv.used_elem(idx.wrapping_sub(1) % 4).unwrap(), (u32::from(head), u32::from(i)));
+            assert_eq!(
+                drv.used_elem(idx.wrapping_sub(1) % 4).unwrap(),
+                (u32::from(head), u32::from(i))
+            );
         }
         assert_eq!(q.next_avail(), start.wrapping_add(8));
     });
@@ -319,9 +372,18 @@ fn not_ready_or_bad_size_is_an_error_not_a_panic() {
         q.set_ready(true);
         for size in [0u16, 3, 16] {
             q.set_size(size);
-            assert!(matches!(q.pop::<4, _>(mem), Err(QueueError::InvalidSize { .. })));
-            assert!(matches!(q.add_used(mem, 0, 0), Err(QueueError::InvalidSize { .. })));
-            assert!(matches!(q.validate(mem), Err(QueueError::InvalidSize { .. })));
+            assert!(matches!(
+                q.pop::<4, _>(mem),
+                Err(QueueError::InvalidSize { .. })
+            ));
+            assert!(matches!(
+                q.add_used(mem, 0, 0),
+                Err(QueueError::InvalidSize { .. })
+            ));
+            assert!(matches!(
+                q.validate(mem),
+                Err(QueueError::InvalidSize { .. })
+            ));
         }
         q.set_size(8);
         assert_eq!(
@@ -347,22 +409,40 @@ fn validate_checks_alignment_and_bounds() {
 
         let mut q = good.clone();
         q.set_desc_table(GuestAddress(0x1008));
-        assert!(matches!(q.validate(mem), Err(QueueError::Misaligned { align: 16, .. })));
+        assert!(matches!(
+            q.validate(mem),
+            Err(QueueError::Misaligned { align: 16, .. })
+        ));
         let mut q = good.clone();
         q.set_avail_ring(GuestAddress(0x2001));
-        assert!(matches!(q.validate(mem), Err(QueueError::Misaligned { align: 2, .. })));
+        assert!(matches!(
+            q.validate(mem),
+            Err(QueueError::Misaligned { align: 2, .. })
+        ));
         let mut q = good.clone();
         q.set_used_ring(GuestAddress(0x2002));
-        assert!(matches!(q.validate(mem), Err(QueueError::Misaligned { align: 4, .. })));
+        assert!(matches!(
+            q.validate(mem),
+            Err(QueueError::Misaligned { align: 4, .. })
+        ));
         let mut q = good.clone();
         q.set_used_ring(GuestAddress(MEM_SIZE as u64 - 8));
-        assert!(matches!(q.validate(mem), Err(QueueError::RingOutOfBounds { .. })));
+        assert!(matches!(
+            q.validate(mem),
+            Err(QueueError::RingOutOfBounds { .. })
+        ));
         let mut q = good.clone();
         q.set_desc_table(GuestAddress(u64::MAX - 15));
-        assert!(matches!(q.validate(mem), Err(QueueError::RingOutOfBounds { .. })));
+        assert!(matches!(
+            q.validate(mem),
+            Err(QueueError::RingOutOfBounds { .. })
+        ));
         let mut q = good;
         q.set_size(16);
-        assert!(matches!(q.validate(mem), Err(QueueError::InvalidSize { size: 16, max: 8 })));
+        assert!(matches!(
+            q.validate(mem),
+            Err(QueueError::InvalidSize { size: 16, max: 8 })
+        ));
     });
 }
 
@@ -393,7 +473,7 @@ fn notification_with_event_idx_follows_used_event() {
     with_mem(|mem| {
         let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 8).unwrap();
         let mut q = drv.create_queue(EVENT_IDX);
-        let mut complete = |q: &mut Queue, drv: &mut MockSplitQueue<'_, SliceMemory<'_>>| {
+        let complete = |q: &mut Queue, drv: &mut MockSplitQueue<'_, SliceMemory<'_>>| {
             let head = drv.add_chain(&[buf(0x8000, 1, true)]).unwrap();
             q.pop::<1, _>(mem).unwrap().unwrap();
             q.add_used(mem, head, 1).unwrap();

@@ -1,1 +1,0 @@
-//! virtio-mmio transport (placeholder, written next).
