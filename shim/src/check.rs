@@ -28,8 +28,12 @@ impl fmt::Display for HostKind {
 }
 
 /// Kernel command-line parameters a PVM host needs (see
-/// `guest-image/README.md`): the guest-kernel accommodations, and `…=off`
-/// for mitigations whose instructions PVM cannot emulate.
+/// `guest-image/README.md`): the guest-kernel accommodations, `…=off` for
+/// mitigations whose instructions PVM cannot emulate, and the CPU feature
+/// switches. The last are needed on top of the `pvm-compat` CPUID template
+/// because PVM does not honour every CPUID bit a VMM clears (measured: a
+/// guest still sees `xsave` and `popcnt` after KVM_SET_CPUID2 hid them, while
+/// `cx16` does disappear).
 pub const PVM_CMDLINE: &str = "skip_int3_selftest pvm_syscall_fixup pvm_no_fwait \
      mds=off mmio_stale_data=off tsx_async_abort=off reg_file_data_sampling=off \
      noxsave nopcid noinvpcid nofsgsbase clearcpuid=cx16,smap,rdtscp,rdpid,popcnt";

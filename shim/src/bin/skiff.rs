@@ -7,7 +7,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use shim::check;
-use shim::vmm::{self, BootSource, CpuTemplate, DiskConfig, ExitReason, KernelSpec, VmConfig};
+use shim::vmm::{
+    self, BootSource, CpuTemplate, DiskConfig, ExitReason, KernelSpec, VmConfig, VsockConfig,
+};
 
 #[derive(Parser)]
 #[command(name = "skiff", version, about = "skiff: containers in KVM micro-VMs")]
@@ -59,6 +61,14 @@ struct BootArgs {
     /// Write the serial console to this file instead of stdout.
     #[arg(long)]
     serial_out: Option<PathBuf>,
+    /// Give the guest a virtio-vsock device whose host side listens on this
+    /// unix socket (hybrid vsock: `CONNECT <port>`; guest connections to
+    /// host port P go to PATH_P).
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock CID (with --vsock-uds).
+    #[arg(long, default_value_t = 3, requires = "vsock_uds")]
+    vsock_cid: u64,
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -163,6 +173,10 @@ fn boot(a: BootArgs, epoch: Instant) -> anyhow::Result<ExitCode> {
             cmdline,
         }),
         disks: a.disks,
+        vsock: a.vsock_uds.map(|uds_path| VsockConfig {
+            guest_cid: a.vsock_cid,
+            uds_path,
+        }),
         cpu_template,
         serial: a
             .serial_out

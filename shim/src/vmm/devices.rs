@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -87,6 +87,9 @@ pub enum DeviceSetupError {
     /// Too many virtio devices.
     #[error("at most {MAX_VIRTIO_DEVICES} virtio devices are supported")]
     TooManyDevices,
+    /// The vsock device could not be set up.
+    #[error("cannot set up the vsock device")]
+    Vsock(#[from] super::vsock::VsockSetupError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> DeviceSetupError {
@@ -175,6 +178,13 @@ pub trait VirtioSlot: Send {
     fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]);
     /// Number of queues (for ioeventfds).
     fn queue_count(&self) -> usize;
+    /// An fd the device thread should watch for the device's host side
+    /// (readable when [`VirtioSlot::host_ready`] has work).
+    fn host_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The [`VirtioSlot::host_fd`] is ready: serve the host side.
+    fn host_ready(&mut self, _mem: &GuestRam) {}
 }
 
 impl<D: VirtioDevice + Send, const Q: usize> VirtioSlot for MmioTransport<D, IrqFd, Q> {
@@ -361,7 +371,8 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Starts the thread that turns queue-notification ioeventfds into
-/// `QueueNotify` writes on the transports.
+/// `QueueNotify` writes on the transports, and serves the devices' host
+/// sides (the vsock muxer's sockets) when their fds are ready.
 pub fn spawn_device_thread(
     devices: Arc<Devices>,
     shared: Arc<Shared>,
@@ -380,10 +391,23 @@ pub fn spawn_device_thread(
             EpollEvent::new(EventSet::IN, i as u64),
         )?;
     }
+    // Tokens from HOST_FD up name the device whose host fd is ready.
+    const HOST_FD: u64 = 1 << 32;
+    let mut host_fds = 0;
+    for (i, slot) in devices.virtio.iter().enumerate() {
+        if let Some(fd) = lock(slot).host_fd() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, HOST_FD + i as u64),
+            )?;
+            host_fds += 1;
+        }
+    }
     std::thread::Builder::new()
         .name("devices".into())
         .spawn(move || {
-            let mut events = vec![EpollEvent::default(); devices.notifiers.len() + 1];
+            let mut events = vec![EpollEvent::default(); devices.notifiers.len() + host_fds + 1];
             while !shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let n = match epoll.wait(-1, &mut events) {
                     Ok(n) => n,
@@ -399,6 +423,12 @@ pub fn spawn_device_thread(
                     let data = ev.data();
                     if data == WAKE {
                         let _ = devices.wake.read();
+                        continue;
+                    }
+                    if data >= HOST_FD {
+                        if let Some(slot) = devices.virtio.get((data - HOST_FD) as usize) {
+                            lock(slot).host_ready(&devices.mem);
+                        }
                         continue;
                     }
                     let Some(n) = devices.notifiers.get(data as usize) else {

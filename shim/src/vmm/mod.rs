@@ -12,6 +12,7 @@ mod devices;
 mod irq;
 mod vcpu;
 mod virtio;
+mod vsock;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +56,16 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// The guest's virtio-vsock device, served by the hybrid vsock muxer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 to 0xfffffffe).
+    pub guest_cid: u64,
+    /// The unix socket host processes connect to (`CONNECT <port>\n`);
+    /// guest connections to host port P go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
 /// Everything a VM is built from.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -66,6 +77,8 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// virtio-blk disks, in order (`vda`, `vdb`, ...).
     pub disks: Vec<DiskConfig>,
+    /// The vsock device, if any (after the disks).
+    pub vsock: Option<VsockConfig>,
     /// CPU template.
     pub cpu_template: CpuTemplate,
     /// Where the serial console goes.
@@ -236,9 +249,8 @@ impl Vm {
                 }
             }
         };
-        if config.vcpus > 1 {
-            platform::mptable::setup_mptable(&mem, config.vcpus)?;
-        }
+        // Always: it is how a guest without ACPI finds the IOAPIC and CPUs.
+        platform::mptable::setup_mptable(&mem, config.vcpus)?;
         let vm = Arc::new(platform::create_vm(&kvm, &mem)?);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),

@@ -13,11 +13,12 @@ use super::devices::{DeviceSetupError, VirtioSlot};
 use super::irq::IrqFd;
 use super::platform::layout;
 use super::platform::GuestRam;
+use super::vsock::VsockSlot;
 use super::{DiskConfig, VmConfig};
 
 /// How many virtio devices `config` asks for.
 pub fn device_count(config: &VmConfig) -> usize {
-    config.disks.len()
+    config.disks.len() + usize::from(config.vsock.is_some())
 }
 
 /// Builds the virtio devices `config` asks for, in window order; device `i`
@@ -34,6 +35,10 @@ pub fn build_devices(
         let id = format!("skiff-vd{}", (b'a' + i as u8) as char);
         let dev = Block::new(backend, disk.read_only, id.as_bytes());
         slots.push(Box::new(MmioTransport::<_, _, 1>::new(dev, irq)?));
+    }
+    if let Some(vsock) = &config.vsock {
+        let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + slots.len() as u32)?;
+        slots.push(Box::new(VsockSlot::new(vsock, irq)?));
     }
     Ok(slots)
 }

@@ -1,0 +1,101 @@
+//! The VM's virtio-vsock device: `vmm-core`'s [`Vsock`] behind a
+//! virtio-mmio transport, with the hybrid unix-socket [`Muxer`] as its
+//! backend.
+//!
+//! The device thread watches the muxer's epoll fd ([`VirtioSlot::host_fd`])
+//! next to the queue ioeventfds; when it is ready it calls
+//! [`VirtioSlot::host_ready`], which polls the sockets and lets the device
+//! move bytes. No other thread is involved.
+
+mod muxer;
+
+use std::os::fd::{AsRawFd, RawFd};
+
+use vmm_core::devices::vsock::{ReservedCidError, Vsock};
+use vmm_core::mmio::MmioTransport;
+
+pub use muxer::{Muxer, MuxerError};
+
+use super::devices::VirtioSlot;
+use super::irq::IrqFd;
+use super::platform::GuestRam;
+use super::VsockConfig;
+
+/// Connections one VM's vsock device holds at once.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// The vsock device of one VM.
+pub type VsockDevice = Vsock<Muxer, MAX_CONNECTIONS>;
+
+/// Errors setting the vsock device up.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockSetupError {
+    /// The guest CID is reserved.
+    #[error("invalid vsock configuration")]
+    Cid(#[from] ReservedCidError),
+    /// The muxer could not be set up.
+    #[error(transparent)]
+    Muxer(#[from] MuxerError),
+    /// The transport could not be built.
+    #[error("cannot build the vsock transport")]
+    Transport(#[from] vmm_core::mmio::MmioError),
+}
+
+/// The vsock device behind its transport, as the device thread sees it.
+pub struct VsockSlot {
+    transport: MmioTransport<VsockDevice, IrqFd, 3>,
+}
+
+impl VsockSlot {
+    /// Listens on `config.uds_path` and builds the device for
+    /// `config.guest_cid`, raising interrupts on `irq`.
+    pub fn new(config: &VsockConfig, irq: IrqFd) -> Result<Self, VsockSetupError> {
+        let muxer = Muxer::new(&config.uds_path)?;
+        let device = Vsock::new(config.guest_cid, muxer)?;
+        Ok(VsockSlot {
+            transport: MmioTransport::new(device, irq)?,
+        })
+    }
+}
+
+impl VirtioSlot for VsockSlot {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.transport.read(offset, data)
+    }
+
+    fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]) {
+        if let Err(e) = self.transport.write(mem, offset, data) {
+            log::warn!("virtio-vsock: {e}");
+        }
+    }
+
+    fn queue_count(&self) -> usize {
+        self.transport.queues().len()
+    }
+
+    fn host_fd(&self) -> Option<RawFd> {
+        Some(self.transport.device().backend().as_raw_fd())
+    }
+
+    fn host_ready(&mut self, mem: &GuestRam) {
+        if let Err(e) = self.transport.device_mut().backend_mut().poll(0) {
+            log::warn!("vsock: polling the host sockets failed: {e}");
+            return;
+        }
+        // Before DRIVER_OK the events wait in the muxer (bounded: handshakes
+        // are capped, and no socket is read).
+        if !self.transport.is_activated()
+            || self.transport.status() & vmm_core::mmio::STATUS_NEEDS_RESET != 0
+        {
+            return;
+        }
+        let (device, mut ctx) = self.transport.split(mem);
+        if let Err(e) = device.process_host_events(&mut ctx) {
+            log::warn!("virtio-vsock: {e}");
+            self.transport.set_needs_reset();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
