@@ -1,7 +1,21 @@
-//! skiff's guest agent.
+//! skiff's guest agent: the agent protocol (ttrpc, `proto/agent.proto`) and
+//! the container engine that runs OCI containers with youki's `libcontainer`.
 //!
-//! This crate will hold the agent protocol (ttrpc, our own `.proto`) and the
-//! container engine that runs OCI containers: namespaces, rootfs and mounts,
-//! cgroups, process setup and stdio. It runs as PID 1 inside the micro-VM
-//! (listening on vsock) and on the host as the `linux` sandbox handler
-//! (listening on a unix socket). It must never depend on the VMM crates.
+//! It runs as PID 1 inside the micro-VM (listening on vsock) and on the host
+//! as the `linux` sandbox handler (listening on a unix socket). Layers, each a
+//! real boundary: [`server`] (listening) → [`service`] (ttrpc requests, error
+//! → status mapping) → [`container`] (bundles, processes) → [`spawner`] (the
+//! single-threaded helper process that calls libcontainer to fork) and
+//! [`reaper`] / [`stdio`] / [`oom`] (threads that watch processes).
+//!
+//! It must never depend on the VMM crates (`vmm-core`, `platform-*`) or the
+//! shim: the agent is what runs *inside* the VM.
+
+pub mod container;
+pub mod oom;
+pub mod proto;
+pub mod reaper;
+pub mod server;
+pub mod service;
+pub mod spawner;
+pub mod stdio;

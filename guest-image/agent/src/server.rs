@@ -1,0 +1,179 @@
+//! Listening: the address parser and the ttrpc server setup.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::container::{Engine, EngineConfig};
+use crate::oom::{OomError, OomWatcher};
+use crate::proto::agent_ttrpc::create_agent;
+use crate::reaper::{Reaper, ReaperError};
+use crate::service::AgentService;
+use crate::spawner::{Spawner, SpawnerError};
+
+/// Handler threads kept idle per connection: long polls occupy threads, and
+/// ttrpc starts more whenever fewer than the minimum are idle.
+const IDLE_THREADS_MIN: usize = 2;
+const IDLE_THREADS_DEFAULT: usize = 4;
+const IDLE_THREADS_MAX: usize = 16;
+
+/// Errors of address parsing and server start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The address has no scheme we know.
+    #[error("listen address {0:?} is invalid: use unix:///path/to.sock or vsock://<port>")]
+    BadAddress(String),
+    /// vsock listening is not implemented yet.
+    #[error("listening on vsock (port {0}) is not supported yet; use unix:///path/to.sock")]
+    VsockUnsupported(u32),
+    /// The reaper could not start.
+    #[error("cannot start the reaper")]
+    Reaper(#[from] ReaperError),
+    /// The spawner process could not start.
+    #[error("cannot start the spawner process")]
+    Spawner(#[from] SpawnerError),
+    /// The OOM watcher could not start.
+    #[error("cannot start the OOM watcher")]
+    Oom(#[from] OomError),
+    /// The engine could not prepare its state directory.
+    #[error("cannot prepare the state directory")]
+    Engine(#[from] crate::container::ContainerError),
+    /// The socket file could not be removed or put in place.
+    #[error("cannot replace the socket file {path:?}")]
+    StaleSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// ttrpc failed to bind or start.
+    #[error("ttrpc server failed: {0}")]
+    Ttrpc(String),
+}
+
+/// Where the agent listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A unix socket path.
+    Unix(PathBuf),
+    /// A vsock port (inside the micro-VM).
+    Vsock(u32),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = ServerError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix://") {
+            if path.starts_with('/') {
+                return Ok(Self::Unix(PathBuf::from(path)));
+            }
+        } else if let Some(port) = s.strip_prefix("vsock://") {
+            if let Ok(port) = port.trim_end_matches('/').parse() {
+                return Ok(Self::Vsock(port));
+            }
+        }
+        Err(ServerError::BadAddress(s.to_owned()))
+    }
+}
+
+/// A running agent server; dropping it does not stop it (call `shutdown`).
+pub struct AgentServer {
+    server: ttrpc::Server,
+}
+
+impl std::fmt::Debug for AgentServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentServer").finish_non_exhaustive()
+    }
+}
+
+impl AgentServer {
+    /// Forks the spawner, starts the reaper, the OOM watcher and the ttrpc
+    /// server on `addr`.
+    ///
+    /// Call once per process, before it starts any thread (the spawner is
+    /// forked here and refuses a multi-threaded parent); the reaper reaps
+    /// every child of the process.
+    pub fn start(addr: &ListenAddr, config: EngineConfig) -> Result<Self, ServerError> {
+        let path = match addr {
+            ListenAddr::Unix(path) => path,
+            ListenAddr::Vsock(port) => return Err(ServerError::VsockUnsupported(*port)),
+        };
+        // First, while the process has one thread.
+        let spawner = Spawner::start()?;
+        let reaper = Reaper::start()?;
+        reaper.adopt(spawner.pid());
+        let oom = OomWatcher::start()?;
+        let engine = Engine::new(config, reaper, spawner)?;
+        let service = Arc::new(AgentService::new(engine, oom));
+        if path.exists() {
+            std::fs::remove_file(path).map_err(|source| ServerError::StaleSocket {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        // Bind under a temporary name and rename once listening, so the
+        // socket's existence means the agent accepts connections.
+        let mut starting = path.clone().into_os_string();
+        starting.push(".starting");
+        let starting = PathBuf::from(starting);
+        let _ = std::fs::remove_file(&starting);
+        let mut server = ttrpc::Server::new()
+            .bind(&format!("unix://{}", starting.display()))
+            .map_err(|e| ServerError::Ttrpc(e.to_string()))?
+            .register_service(create_agent(service))
+            .set_thread_count_min(IDLE_THREADS_MIN)
+            .set_thread_count_default(IDLE_THREADS_DEFAULT)
+            .set_thread_count_max(IDLE_THREADS_MAX);
+        server
+            .start()
+            .map_err(|e| ServerError::Ttrpc(e.to_string()))?;
+        std::fs::rename(&starting, path).map_err(|source| ServerError::StaleSocket {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self { server })
+    }
+
+    /// Stops listening and closes connections.
+    pub fn shutdown(self) {
+        self.server.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listen_addresses() {
+        assert_eq!(
+            "unix:///run/a.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/run/a.sock".into())
+        );
+        assert_eq!(
+            "vsock://1024".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock(1024)
+        );
+        for bad in [
+            "unix://relative.sock",
+            "vsock://x",
+            "tcp://1.2.3.4:5",
+            "/run/a.sock",
+        ] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vsock_is_not_supported_yet() {
+        let config = EngineConfig {
+            state_dir: "/nonexistent".into(),
+            cgroup_parent: "/skiff".into(),
+        };
+        let err = AgentServer::start(&ListenAddr::Vsock(1024), config).unwrap_err();
+        assert!(matches!(err, ServerError::VsockUnsupported(1024)));
+        assert!(err.to_string().contains("not supported yet"));
+    }
+}
