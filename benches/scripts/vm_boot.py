@@ -107,11 +107,7 @@ def main():
                    check=True, cwd=ROOT)
     check = host_kind()
     pvm = "PVM" in check
-    sys.path.insert(0, ROOT)
-    cmdline = "console=ttyS0 reboot=k panic=-1"
-    if pvm:
-        m = re.search(r"extra kernel parameters: (.*)", check)
-        cmdline += " " + m.group(1).strip()
+    cmdline = re.search(r"kernel command line: (.*)", check).group(1).strip()
     print(f"host: {check.splitlines()[0]}\nkernel: {kernel}\ninitrd: {initrd}\ncmdline: {cmdline}\n")
 
     skiff = [os.path.join(ROOT, "target/release/skiff"), "vm", "boot", "--kernel", kernel,

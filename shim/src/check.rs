@@ -38,6 +38,13 @@ pub const PVM_CMDLINE: &str = "skip_int3_selftest pvm_syscall_fixup pvm_no_fwait
      mds=off mmio_stale_data=off tsx_async_abort=off reg_file_data_sampling=off \
      noxsave nopcid noinvpcid nofsgsbase clearcpuid=cx16,smap,rdtscp,rdpid,popcnt";
 
+/// The base kernel command line for skiff's micro-VMs: serial console,
+/// `reboot=k` so a reboot resets through the i8042 (a clean VM exit),
+/// `panic=-1` so a panic does too, and no i8042 port probing (there is no
+/// keyboard or mouse behind it, and probing waits on timeouts).
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
 /// What the host offers and what skiff picks for it.
 #[derive(Clone, Debug)]
 pub struct HostReport {
@@ -50,6 +57,17 @@ pub struct HostReport {
     pub template: CpuTemplate,
     /// Extra kernel parameters to use.
     pub extra_cmdline: &'static str,
+}
+
+impl HostReport {
+    /// The kernel command line to boot with on this host.
+    pub fn cmdline(&self) -> String {
+        if self.extra_cmdline.is_empty() {
+            BASE_CMDLINE.to_owned()
+        } else {
+            format!("{BASE_CMDLINE} {}", self.extra_cmdline)
+        }
+    }
 }
 
 /// Inspects `/dev/kvm`, `/sys/module` and `/proc/cpuinfo`.
@@ -147,12 +165,15 @@ mod tests {
         let r = detect_in(fake_root(true, true, "fpu sse").path());
         assert_eq!(r.kind, HostKind::Pvm);
         assert!(r.extra_cmdline.contains("pvm_syscall_fixup"));
+        assert!(r.cmdline().starts_with(BASE_CMDLINE));
+        assert!(r.cmdline().ends_with(PVM_CMDLINE));
         #[cfg(target_arch = "x86_64")]
         assert_eq!(r.template, CpuTemplate::PvmCompat);
 
         let r = detect_in(fake_root(true, false, "fpu vmx sse").path());
         assert_eq!(r.kind, HostKind::HardwareKvm);
         assert_eq!(r.extra_cmdline, "");
+        assert_eq!(r.cmdline(), BASE_CMDLINE);
         #[cfg(target_arch = "x86_64")]
         assert_eq!(r.template, CpuTemplate::Default);
 

@@ -45,11 +45,7 @@ fn linux_boots_to_init_with_a_virtio_disk() {
     let disk = std::env::temp_dir().join(format!("skiff-linux-disk-{}", std::process::id()));
     std::fs::write(&disk, vec![0u8; (DISK_SECTORS * 512) as usize]).unwrap();
 
-    let mut cmdline = "console=ttyS0 reboot=k panic=-1".to_owned();
-    if !host.extra_cmdline.is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(host.extra_cmdline);
-    }
+    let cmdline = host.cmdline();
     let out = Arc::new(Mutex::new(Vec::new()));
     let before = (
         std::fs::read_dir("/proc/self/task").unwrap().count(),
@@ -67,6 +63,7 @@ fn linux_boots_to_init_with_a_virtio_disk() {
             path: disk.clone(),
             read_only: false,
         }],
+        vsock: None,
         cpu_template: host.template,
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
@@ -78,18 +75,27 @@ fn linux_boots_to_init_with_a_virtio_disk() {
 
     assert!(log.contains("Linux version 6."), "kernel banner");
     assert!(
-        log.contains(&format!("virtio_blk virtio0: [vda] {DISK_SECTORS} 512-byte logical blocks")),
+        log.contains(&format!(
+            "virtio_blk virtio0: [vda] {DISK_SECTORS} 512-byte logical blocks"
+        )),
         "the disk was probed with our capacity"
     );
     assert!(log.contains("Run /init as init process"), "init started");
     assert!(log.contains("skiff-init: hello from the guest"), "init ran");
     assert!(report.boot_timer.is_some(), "init wrote the boot timer");
     assert!(report.boot_timer > report.first_entry);
-    assert_eq!(report.exit, ExitReason::Reset, "clean VM exit through the i8042");
+    assert_eq!(
+        report.exit,
+        ExitReason::Reset,
+        "clean VM exit through the i8042"
+    );
     assert!(!log.contains("Kernel panic"));
     let after = (
         std::fs::read_dir("/proc/self/task").unwrap().count(),
         std::fs::read_dir("/proc/self/fd").unwrap().count(),
     );
-    assert!(after.0 <= before.0 && after.1 <= before.1, "{before:?} -> {after:?}");
+    assert!(
+        after.0 <= before.0 && after.1 <= before.1,
+        "{before:?} -> {after:?}"
+    );
 }

@@ -157,12 +157,11 @@ fn boot(a: BootArgs, epoch: Instant) -> anyhow::Result<ExitCode> {
         None => host.template,
     };
     let cmdline = a.cmdline.unwrap_or_else(|| {
-        let mut c = "console=ttyS0 reboot=k panic=-1".to_owned();
         if cpu_template == CpuTemplate::PvmCompat {
-            c.push(' ');
-            c.push_str(check::PVM_CMDLINE);
+            format!("{} {}", check::BASE_CMDLINE, check::PVM_CMDLINE)
+        } else {
+            check::BASE_CMDLINE.to_owned()
         }
-        c
     });
     let config = VmConfig {
         vcpus: a.vcpus,
