@@ -72,6 +72,7 @@ const PVM_HIDDEN: &[(u32, Option<u32>, Reg, u32)] = &[
     (7, Some(0), Reg::Ebx, 16),        // avx512f
     (7, Some(0), Reg::Ebx, 20),        // smap
     (7, Some(0), Reg::Ecx, 22),        // rdpid
+    (7, Some(0), Reg::Edx, 29), // arch_capabilities (PVM rejects MSR 0x10a writes)
     (0x8000_0001, None, Reg::Edx, 27), // rdtscp
 ];
 
@@ -202,6 +203,7 @@ mod tests {
             assert_eq!(l7.ebx & (1 << bit), 0, "leaf 7 ebx bit {bit}");
         }
         assert_eq!(l7.ecx & (1 << 22), 0, "rdpid");
+        assert_eq!(l7.edx & (1 << 29), 0, "arch_capabilities");
         // Subleaf 1 of leaf 7 is not touched.
         assert_eq!(find(&c, 7, 1).ebx, !0);
         assert_eq!(find(&c, 0x8000_0001, 0).edx & (1 << 27), 0, "rdtscp");
