@@ -38,6 +38,7 @@ fn config(
                 protocol,
             },
             disks: vec![],
+            vsock: None,
             cpu_template: template,
             serial: SerialOutput::Buffer(out.clone()),
             epoch: Instant::now(),

@@ -137,6 +137,7 @@ fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
                     r.extra_cmdline
                 }
             );
+            println!("kernel command line: {}", r.cmdline());
             Ok(if r.kind == check::HostKind::NoKvm {
                 ExitCode::FAILURE
             } else {

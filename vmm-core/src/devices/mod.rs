@@ -4,3 +4,4 @@
 //! implements.
 
 pub mod blk;
+pub mod vsock;

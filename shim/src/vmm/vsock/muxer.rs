@@ -400,9 +400,7 @@ impl Muxer {
         let n = match c.stream.read(&mut buf) {
             Ok(0) => return self.kill(token),
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
-                return
-            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => return,
             Err(_) => return self.kill(token),
         };
         c.inbuf.extend_from_slice(&buf[..n]);
@@ -651,7 +649,10 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
         sun_path: [0; 108],
     };
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(io::Error::new(ErrorKind::InvalidInput, "socket path too long"));
+        return Err(io::Error::new(
+            ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
     }
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;

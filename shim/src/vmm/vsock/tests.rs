@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,6 +27,15 @@ const CID: u64 = 3;
 const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 const GUEST_LISTEN_PORT: u32 = 1024;
 const HOST_LISTEN_PORT: u32 = 2000;
+
+/// Host-initiated connections all use guest port 1024; the fake guest keys
+/// them by this bit plus their host port's low bits (guest-initiated ones
+/// by their guest port).
+const HOST_INITIATED_KEY: u32 = 1 << 31;
+
+fn host_initiated_key(host_port: u32) -> u32 {
+    HOST_INITIATED_KEY | (host_port & 0xfff)
+}
 
 /// Guest memory over a `Vec` (fast enough for tens of MiB).
 struct VecMem(RefCell<Vec<u8>>);
@@ -205,10 +214,13 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
                 let mut s = UnixStream::connect(&uds).unwrap();
                 s.write_all(format!("CONNECT {GUEST_LISTEN_PORT}\n").as_bytes())
                     .unwrap();
+                // Byte by byte: the guest's data may follow right behind.
                 let mut line = String::new();
-                BufReader::new(s.try_clone().unwrap())
-                    .read_line(&mut line)
-                    .unwrap();
+                let mut b = [0u8; 1];
+                while !line.ends_with('\n') {
+                    assert_eq!(s.read(&mut b).unwrap(), 1, "muxer closed: {line:?}");
+                    line.push(char::from(b[0]));
+                }
                 let port: u32 = line
                     .strip_prefix("OK ")
                     .and_then(|p| p.trim().parse().ok())
@@ -227,7 +239,10 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
             let mut id = [0u8; 1];
             (&s).read_exact(&mut id).unwrap();
             workers.push(std::thread::spawn(move || {
-                (id[0], host_side(s, 200 + u64::from(id[0]), GUEST_CONN_BYTES))
+                (
+                    id[0],
+                    host_side(s, 200 + u64::from(id[0]), GUEST_CONN_BYTES),
+                )
             }));
         }
         workers
@@ -279,23 +294,18 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
             assert!(p.used_len as usize >= HEADER_SIZE);
             if h.op == VIRTIO_VSOCK_OP_REQUEST {
                 assert_eq!(h.dst_port, GUEST_LISTEN_PORT);
-                // Accept: a host-initiated connection, keyed by its host
-                // port (guest ports are per connection in a real guest; we
-                // use the host port's low bits).
-                let port = 10_000 + (h.src_port & 0xfff);
+                // Accept a host-initiated connection.
                 let mut c = GuestConn::new(h.src_port, 0, HOST_CONN_BYTES);
                 c.peer_buf_alloc = h.buf_alloc;
                 c.peer_fwd_cnt = h.fwd_cnt;
                 c.established = true;
-                // Which host thread is it? Learned from its first bytes;
-                // the pattern seed is set once the OK reveals the port.
                 let resp = c.header(GUEST_LISTEN_PORT, VIRTIO_VSOCK_OP_RESPONSE, 0, 0);
                 assert!(g.send(&resp, &[]).unwrap());
-                conns.insert(port | (1 << 31), c);
+                conns.insert(host_initiated_key(h.src_port), c);
                 continue;
             }
             let key = if h.dst_port == GUEST_LISTEN_PORT {
-                10_000 + (h.src_port & 0xfff) | (1 << 31)
+                host_initiated_key(h.src_port)
             } else {
                 h.dst_port
             };
@@ -320,7 +330,10 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
                 VIRTIO_VSOCK_OP_CREDIT_REQUEST => c.credit_update_due = true,
                 VIRTIO_VSOCK_OP_CREDIT_UPDATE => {}
                 VIRTIO_VSOCK_OP_SHUTDOWN => {
-                    assert_eq!(h.flags & VIRTIO_VSOCK_SHUTDOWN_F_SEND, VIRTIO_VSOCK_SHUTDOWN_F_SEND);
+                    assert_eq!(
+                        h.flags & VIRTIO_VSOCK_SHUTDOWN_F_SEND,
+                        VIRTIO_VSOCK_SHUTDOWN_F_SEND
+                    );
                 }
                 VIRTIO_VSOCK_OP_RST => c.reset = true,
                 op => panic!("unexpected op {op}"),
@@ -334,7 +347,7 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
         // Guest tx, as far as credit and the ring allow.
         let mut sent_any = false;
         'conns: for (&key, c) in conns.iter_mut() {
-            let port = if key & (1 << 31) != 0 {
+            let port = if key & HOST_INITIATED_KEY != 0 {
                 GUEST_LISTEN_PORT
             } else {
                 key
@@ -383,7 +396,12 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
                 sent_any = true;
             }
             if c.sent == c.to_send && !c.shut_sent {
-                let h = c.header(port, VIRTIO_VSOCK_OP_SHUTDOWN, 0, VIRTIO_VSOCK_SHUTDOWN_F_SEND);
+                let h = c.header(
+                    port,
+                    VIRTIO_VSOCK_OP_SHUTDOWN,
+                    0,
+                    VIRTIO_VSOCK_SHUTDOWN_F_SEND,
+                );
                 if !g.send(&h, &[]).unwrap() {
                     break 'conns;
                 }
@@ -398,7 +416,10 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
 
         let all_done = conns.len() as u64 == HOST_INITIATED + GUEST_INITIATED
             && conns.values().all(|c| c.reset);
-        if all_done && host_threads.iter().all(|(_, t)| t.is_finished()) {
+        // The muxer keeps flushing what the guest sent after the device is
+        // done with a connection, so poll until every host end has all of
+        // it.
+        if all_done && host_threads.iter().all(|(_, t)| t.is_finished()) && service.is_finished() {
             break;
         }
     }
@@ -412,7 +433,7 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
     }
     let mut bytes_each_way = 0;
     for (key, c) in conns.iter_mut() {
-        if key & (1 << 31) == 0 {
+        if key & HOST_INITIATED_KEY == 0 {
             continue;
         }
         let (i, t) = host_results.remove(&c.host_port).expect("a host thread");
@@ -428,7 +449,11 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
             off += buf.len() as u64;
         }
         assert_eq!(t.received.0, HOST_CONN_BYTES, "guest -> host {i}");
-        assert_eq!(t.received.1, expect.finalize().to_vec(), "guest -> host {i}");
+        assert_eq!(
+            t.received.1,
+            expect.finalize().to_vec(),
+            "guest -> host {i}"
+        );
         assert_eq!(c.tx_hash.clone().finalize().to_vec(), t.received.1);
         bytes_each_way += HOST_CONN_BYTES;
     }
@@ -440,13 +465,20 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
             t.sent,
             "host service -> guest {port}"
         );
-        assert_eq!(t.received.0, GUEST_CONN_BYTES, "guest {port} -> host service");
+        assert_eq!(
+            t.received.0, GUEST_CONN_BYTES,
+            "guest {port} -> host service"
+        );
         assert_eq!(t.received.1, c.tx_hash.clone().finalize().to_vec());
         bytes_each_way += GUEST_CONN_BYTES;
     }
     assert!(bytes_each_way >= 16 << 20);
     rsts_for_garbage.sort();
-    assert_eq!(rsts_for_garbage, [9998, 9999], "garbage is answered with RST");
+    assert_eq!(
+        rsts_for_garbage,
+        [9998, 9999],
+        "garbage is answered with RST"
+    );
     assert_eq!(dev.connection_count(), 0, "every connection ended");
     let deadline = Instant::now() + Duration::from_secs(5);
     while dev.backend().stream_count() > 0 {

@@ -64,9 +64,13 @@ fn connect_lines_parse() {
     assert_eq!(parse_connect(b"CONNECT"), Err(HandshakeError::NotConnect));
     assert_eq!(parse_connect(b"CONNECT "), Err(HandshakeError::NotConnect));
     assert_eq!(parse_connect(b"\xff\xfe"), Err(HandshakeError::NotConnect));
-    for bad in [&b"CONNECT abc"[..], b"CONNECT -1", b"CONNECT +1",
-        b"CONNECT 4294967296", b"CONNECT 5 6"]
-    {
+    for bad in [
+        &b"CONNECT abc"[..],
+        b"CONNECT -1",
+        b"CONNECT +1",
+        b"CONNECT 4294967296",
+        b"CONNECT 5 6",
+    ] {
         assert!(
             matches!(parse_connect(bad), Err(HandshakeError::BadPort(_))),
             "{bad:?}"
@@ -259,7 +263,10 @@ fn close_delivers_buffered_bytes_first() {
         m.poll(50).unwrap();
     }
     assert_eq!(reader.join().unwrap(), data);
-    assert!(m.next_event().is_none(), "a closed connection reports nothing");
+    assert!(
+        m.next_event().is_none(),
+        "a closed connection reports nothing"
+    );
 }
 
 #[test]
