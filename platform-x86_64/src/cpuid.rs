@@ -72,7 +72,7 @@ const PVM_HIDDEN: &[(u32, Option<u32>, Reg, u32)] = &[
     (7, Some(0), Reg::Ebx, 16),        // avx512f
     (7, Some(0), Reg::Ebx, 20),        // smap
     (7, Some(0), Reg::Ecx, 22),        // rdpid
-    (7, Some(0), Reg::Edx, 29), // arch_capabilities (PVM rejects MSR 0x10a writes)
+    (7, Some(0), Reg::Edx, 29),        // arch_capabilities (PVM rejects MSR 0x10a writes)
     (0x8000_0001, None, Reg::Edx, 27), // rdtscp
 ];
 

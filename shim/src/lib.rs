@@ -4,11 +4,15 @@
 //!   runs its vCPU threads, dispatches exits to `vmm-core` devices, and
 //!   reports how the VM ended.
 //! - [`check`]: what this host can run (VMX KVM, PVM, or no KVM).
+//! - [`task`]: the containerd shim v2 TaskService
+//!   (`containerd-shim-skiff-v2`) and its sandbox handlers.
+//! - [`agent_client`]: the typed client of the skiff agent.
 //!
-//! The containerd shim v2 TaskService (`containerd-shim-skiff-v2`) and the
-//! agent client land here next. This crate turns `vmm-core`'s
+//! This crate turns `vmm-core`'s
 //! allocation-free state machines into running devices; it must never be a
 //! dependency of `vmm-core` or of the platform crates.
 
+pub mod agent_client;
 pub mod check;
+pub mod task;
 pub mod vmm;

@@ -190,7 +190,10 @@ fn check_reports_the_host() {
     assert!(stdout.contains("host: "), "{stdout}");
     assert!(stdout.contains("cpu template: "), "{stdout}");
     let cmdline = shim::check::detect().cmdline();
-    assert!(stdout.contains(&format!("kernel command line: {cmdline}")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("kernel command line: {cmdline}")),
+        "{stdout}"
+    );
     let kind = shim::check::detect().kind;
     assert_eq!(out.status.success(), kind != shim::check::HostKind::NoKvm);
     assert!(stdout.contains(&kind.to_string()), "{stdout}");

@@ -124,6 +124,12 @@ impl Spawner {
                 drop(agent_end);
                 // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory of ours.
                 unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+                // The Rust runtime ignores SIGPIPE, and an ignored signal stays
+                // ignored across exec: without this, every container process
+                // would start with SIGPIPE ignored (`yes | head` would never end).
+                // SAFETY: restoring the default disposition installs no handler
+                // and touches no memory of ours.
+                unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
                 serve(spawner_end);
                 std::process::exit(0);
             }

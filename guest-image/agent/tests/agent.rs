@@ -35,6 +35,34 @@ fn echo_output() {
 }
 
 #[test]
+fn container_processes_get_default_sigpipe() {
+    if skip() {
+        return;
+    }
+    let rootfs = Rootfs::new();
+    let agent = Agent::start();
+    // With SIGPIPE ignored (the Rust runtime's default, inherited across exec)
+    // `yes | head` would never end: `yes` would spin on EPIPE.
+    let (code, out, _) = agent.run(
+        "sigpipe",
+        &spec(&["cat", "/proc/self/status"]),
+        rootfs.path(),
+    );
+    let out = String::from_utf8_lossy(&out);
+    let ign = out
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .expect("SigIgn line");
+    assert_eq!(
+        ign & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "SIGPIPE ignored: {ign:#x}"
+    );
+    assert_eq!(code, 0);
+}
+
+#[test]
 fn exit_codes_and_signal_deaths() {
     if skip() {
         return;

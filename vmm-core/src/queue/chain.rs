@@ -30,6 +30,7 @@ pub struct Descriptor {
 
 impl Descriptor {
     /// Reads the descriptor at `addr`.
+    #[inline]
     pub fn read_from<M: GuestMemory + ?Sized>(
         mem: &M,
         addr: GuestAddress,
@@ -150,6 +151,10 @@ struct Table {
 impl<const N: usize> DescriptorChain<N> {
     /// Walks the chain starting at `head` in the descriptor table at
     /// `desc_table` (of `queue_size` entries).
+    // Inlined so the chain (up to `N` descriptors) is built in the caller's
+    // frame: out of line, returning it through `Result`/`Option` costs
+    // several memcpys of the whole fixed-capacity buffer per chain.
+    #[inline]
     pub fn walk<M: GuestMemory + ?Sized>(
         mem: &M,
         desc_table: GuestAddress,
@@ -157,11 +162,35 @@ impl<const N: usize> DescriptorChain<N> {
         head: u16,
         indirect_allowed: bool,
     ) -> Result<Self, ChainError> {
-        let mut chain = DescriptorChain {
+        let mut chain = DescriptorChain::new(head);
+        chain.fill(mem, desc_table, queue_size, indirect_allowed)?;
+        Ok(chain)
+    }
+
+    /// An empty chain with head `head`, for [`DescriptorChain::fill`].
+    #[inline]
+    pub(crate) fn new(head: u16) -> Self {
+        DescriptorChain {
             head,
             total_len: 0,
             descs: Vec::new(),
-        };
+        }
+    }
+
+    /// Walks the chain starting at `self.head` into `self` (which must be
+    /// empty). Filling a chain in place lets [`Queue::pop`](super::Queue::pop)
+    /// build it where its caller keeps it; the descriptor buffer is then not
+    /// copied on the way out.
+    #[inline]
+    pub(crate) fn fill<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        desc_table: GuestAddress,
+        queue_size: u16,
+        indirect_allowed: bool,
+    ) -> Result<(), ChainError> {
+        let chain = self;
+        let head = chain.head;
         let mut table = Table {
             addr: desc_table,
             size: queue_size,
@@ -229,7 +258,7 @@ impl<const N: usize> DescriptorChain<N> {
                 .map_err(|_| ChainError::CapacityExceeded { capacity: N })?;
 
             if !desc.has_next() {
-                return Ok(chain);
+                return Ok(());
             }
             ttl -= 1;
             if ttl == 0 {

@@ -143,6 +143,11 @@ pub struct Queue {
     used_ring: GuestAddress,
     next_avail: Wrapping<u16>,
     next_used: Wrapping<u16>,
+    /// `avail.idx` as last read by [`Queue::pop`]: entries up to it are
+    /// known to be available, so `pop` re-reads the index only once it has
+    /// consumed them (as virtio-queue does). Equal to `next_avail` when
+    /// nothing is known. Not part of the snapshot state.
+    avail_idx_seen: Wrapping<u16>,
     event_idx: bool,
     indirect: bool,
     /// `used.idx` when we last decided about an interrupt (event-idx mode).
@@ -168,6 +173,7 @@ impl Queue {
             used_ring: GuestAddress(0),
             next_avail: Wrapping(0),
             next_used: Wrapping(0),
+            avail_idx_seen: Wrapping(0),
             event_idx: false,
             indirect: false,
             signalled_used: None,
@@ -186,6 +192,7 @@ impl Queue {
             used_ring: GuestAddress(0),
             next_avail: Wrapping(0),
             next_used: Wrapping(0),
+            avail_idx_seen: Wrapping(0),
             event_idx: false,
             indirect: false,
             signalled_used: None,
@@ -205,6 +212,7 @@ impl Queue {
     /// Records the driver's size; checked by [`Queue::validate`].
     pub fn set_size(&mut self, size: u16) {
         self.size = size;
+        self.forget_avail_idx();
     }
 
     /// Whether the driver made the queue ready.
@@ -215,6 +223,7 @@ impl Queue {
     /// Records the driver's ready bit.
     pub fn set_ready(&mut self, ready: bool) {
         self.ready = ready;
+        self.forget_avail_idx();
     }
 
     /// Descriptor table address.
@@ -235,6 +244,12 @@ impl Queue {
     /// Sets the available ring address.
     pub fn set_avail_ring(&mut self, addr: GuestAddress) {
         self.avail_ring = addr;
+        self.forget_avail_idx();
+    }
+
+    /// Makes the next [`Queue::pop`] read `avail.idx` from memory.
+    fn forget_avail_idx(&mut self) {
+        self.avail_idx_seen = self.next_avail;
     }
 
     /// Used ring ("device area") address.
@@ -295,6 +310,7 @@ impl Queue {
         q.used_ring = GuestAddress(state.used_ring);
         q.next_avail = Wrapping(state.next_avail);
         q.next_used = Wrapping(state.next_used);
+        q.avail_idx_seen = q.next_avail;
         q.event_idx = state.event_idx;
         q.indirect = state.indirect;
         Ok(q)
@@ -374,24 +390,49 @@ impl Queue {
     /// A malformed chain is consumed and reported as
     /// [`QueueError::InvalidChain`] with its head, so the device can return it
     /// with [`Queue::add_used`] and carry on with the next one.
+    // Inlined so the chain (up to `N` descriptors) is built in the caller's
+    // frame: out of line, returning it through `Result`/`Option` costs
+    // several memcpys of the whole fixed-capacity buffer per chain.
+    #[inline]
     pub fn pop<const N: usize, M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
     ) -> Result<Option<DescriptorChain<N>>, QueueError> {
-        if self.pending(mem)? == 0 {
-            return Ok(None);
+        self.check_usable()?;
+        let mut seen = self.avail_idx_seen;
+        let known = (seen - self.next_avail).0;
+        // `known > size` only after `undo_pop` without a pop, or a changed
+        // size: read again rather than trust it.
+        if known == 0 || known > self.size {
+            let avail = self.avail_idx(mem)?;
+            let pending = (avail - self.next_avail).0;
+            if pending > self.size {
+                return Err(QueueError::InvalidAvailIndex {
+                    avail_idx: avail.0,
+                    next_avail: self.next_avail.0,
+                });
+            }
+            if pending == 0 {
+                return Ok(None);
+            }
+            seen = avail;
+            // The ring entries and descriptors the driver wrote before
+            // bumping avail.idx must be read after we observed that index.
+            // (Entries known from an earlier read were ordered by the fence
+            // that followed it.)
+            fence(Ordering::Acquire);
         }
-        // The ring entries and descriptors the driver wrote before bumping
-        // avail.idx must be read after we observed that index.
-        fence(Ordering::Acquire);
         let slot = u64::from(self.next_avail.0 & (self.size - 1));
         let head = mem
             .read_u16(at(self.avail_ring, AVAIL_RING_OFFSET + 2 * slot)?)
             .map_err(QueueError::Memory)?;
+        self.avail_idx_seen = seen;
         self.next_avail += 1;
-        DescriptorChain::walk(mem, self.desc_table, self.size, head, self.indirect)
-            .map(Some)
-            .map_err(|source| QueueError::InvalidChain { head, source })
+        let mut chain = DescriptorChain::new(head);
+        match chain.fill(mem, self.desc_table, self.size, self.indirect) {
+            Ok(()) => Ok(Some(chain)),
+            Err(source) => Err(QueueError::InvalidChain { head, source }),
+        }
     }
 
     /// Puts back the last chain taken with [`Queue::pop`], so the next pop

@@ -558,3 +558,62 @@ fn descriptor_wire_format_round_trips() {
     assert_eq!(b[14], 0x88);
     assert_eq!(Descriptor::from_bytes(&b), d);
 }
+
+/// Counts reads of one address.
+struct CountReads<'a, 'm> {
+    mem: &'a SliceMemory<'m>,
+    watched: GuestAddress,
+    reads: core::cell::Cell<u32>,
+}
+
+impl GuestMemory for CountReads<'_, '_> {
+    fn read(&self, addr: GuestAddress, buf: &mut [u8]) -> Result<(), MemoryError> {
+        if addr == self.watched {
+            self.reads.set(self.reads.get() + 1);
+        }
+        self.mem.read(addr, buf)
+    }
+    fn write(&self, addr: GuestAddress, buf: &[u8]) -> Result<(), MemoryError> {
+        self.mem.write(addr, buf)
+    }
+    fn check_range(&self, addr: GuestAddress, len: u64) -> Result<(), MemoryError> {
+        self.mem.check_range(addr, len)
+    }
+}
+
+#[test]
+fn pop_reads_avail_idx_only_once_it_caught_up() {
+    with_mem(|mem| {
+        let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 8).unwrap();
+        let mut q = drv.create_queue(0);
+        let counted = CountReads {
+            mem,
+            watched: GuestAddress(drv.avail_ring().0 + 2),
+            reads: core::cell::Cell::new(0),
+        };
+        let heads: vec::Vec<u16> = (0..3)
+            .map(|i| drv.add_chain(&[buf(0x8000 + 0x100 * i, 4, true)]).unwrap())
+            .collect();
+        for &head in &heads {
+            assert_eq!(q.pop::<1, _>(&counted).unwrap().unwrap().head_index(), head);
+        }
+        // One read found all three.
+        assert_eq!(counted.reads.get(), 1);
+        assert!(q.pop::<1, _>(&counted).unwrap().is_none());
+        assert_eq!(counted.reads.get(), 2);
+        // An undone pop is popped again from the known entries.
+        let head = drv.add_chain(&[buf(0x9000, 4, true)]).unwrap();
+        assert_eq!(q.pop::<1, _>(&counted).unwrap().unwrap().head_index(), head);
+        q.undo_pop();
+        assert_eq!(q.pop::<1, _>(&counted).unwrap().unwrap().head_index(), head);
+        assert_eq!(counted.reads.get(), 3);
+        // A snapshot restore forgets what was seen: the index is read again
+        // and checked.
+        drv.set_avail_idx(q.next_avail().wrapping_add(9)).unwrap();
+        let mut q = Queue::from_state(&q.state()).unwrap();
+        assert!(matches!(
+            q.pop::<1, _>(&counted),
+            Err(QueueError::InvalidAvailIndex { .. })
+        ));
+    });
+}

@@ -1,0 +1,361 @@
+//! A typed client for the skiff agent (`skiff.agent.v1.Agent` over ttrpc).
+//!
+//! It wraps the generated [`skiff_agent::proto::agent_ttrpc::AgentClient`]
+//! with per-call deadlines, and keeps the agent's status code in
+//! [`AgentCallError`] so the TaskService can hand it on to containerd. The
+//! client is cheap to clone and safe to share between threads: ttrpc
+//! multiplexes concurrent requests (long polls included) over one socket.
+
+use std::time::{Duration, Instant};
+
+use skiff_agent::proto::agent as pb;
+use skiff_agent::proto::agent_ttrpc;
+use ttrpc::context;
+use ttrpc::Code;
+
+/// Deadline of ordinary requests.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of one long poll (Wait, Read*, GetOOMEvent); callers loop.
+pub const POLL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Deadline of container creation (image setup, namespaces, cgroups).
+pub const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A failed agent request.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentCallError {
+    /// The agent answered with an error status.
+    #[error("agent: {message}")]
+    Status {
+        /// The agent's status code.
+        code: Code,
+        /// The agent's message.
+        message: String,
+    },
+    /// The request did not reach the agent, or the answer did not come back.
+    #[error("agent connection")]
+    Transport(#[source] ttrpc::Error),
+}
+
+impl AgentCallError {
+    /// The ttrpc code to report to the caller.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Status { code, .. } => *code,
+            Self::Transport(_) => Code::UNAVAILABLE,
+        }
+    }
+
+    /// True when a long poll ran out its deadline (call again).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Self::Status { code, .. } => *code == Code::DEADLINE_EXCEEDED,
+            Self::Transport(ttrpc::Error::Others(msg)) => msg.contains("timeout"),
+            _ => false,
+        }
+    }
+}
+
+impl From<ttrpc::Error> for AgentCallError {
+    fn from(err: ttrpc::Error) -> Self {
+        match err {
+            ttrpc::Error::RpcStatus(status) => Self::Status {
+                code: status.code(),
+                message: status.message().to_owned(),
+            },
+            other => Self::Transport(other),
+        }
+    }
+}
+
+type CallResult<T> = Result<T, AgentCallError>;
+
+/// One chunk of a process's output stream.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    /// The bytes read (possibly empty).
+    pub data: Vec<u8>,
+    /// The stream is closed and fully read.
+    pub eof: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, or 128 + signal.
+    pub status: u32,
+    /// Unix time of exit, milliseconds.
+    pub exited_at_ms: u64,
+}
+
+/// A connected agent client.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: agent_ttrpc::AgentClient,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient").finish_non_exhaustive()
+    }
+}
+
+fn ctx(timeout: Duration) -> context::Context {
+    context::with_duration(timeout)
+}
+
+fn process(container_id: &str, exec_id: &str) -> pb::ProcessRequest {
+    pb::ProcessRequest {
+        container_id: container_id.to_owned(),
+        exec_id: exec_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn container(container_id: &str) -> pb::ContainerRequest {
+    pb::ContainerRequest {
+        container_id: container_id.to_owned(),
+        ..Default::default()
+    }
+}
+
+impl AgentClient {
+    /// Connects to `address` (`unix:///…`) and waits until the agent
+    /// answers Health, retrying until `timeout` has passed.
+    pub fn connect(address: &str, timeout: Duration) -> CallResult<Self> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = ttrpc::Client::connect(address)
+                .map_err(AgentCallError::from)
+                .and_then(|client| {
+                    let agent = Self {
+                        inner: agent_ttrpc::AgentClient::new(client),
+                    };
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(100));
+                    agent.health(left.min(Duration::from_secs(2)))?;
+                    Ok(agent)
+                });
+            match attempt {
+                Ok(agent) => return Ok(agent),
+                Err(err) if Instant::now() >= deadline => return Err(err),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    /// Health check.
+    pub fn health(&self, timeout: Duration) -> CallResult<()> {
+        self.inner.health(ctx(timeout), &pb::Empty::new())?;
+        Ok(())
+    }
+
+    /// Prepares the sandbox (hostname).
+    pub fn create_sandbox(&self, hostname: &str) -> CallResult<()> {
+        let req = pb::CreateSandboxRequest {
+            hostname: hostname.to_owned(),
+            ..Default::default()
+        };
+        self.inner.create_sandbox(ctx(CALL_TIMEOUT), &req)?;
+        Ok(())
+    }
+
+    /// Removes every container of the sandbox.
+    pub fn destroy_sandbox(&self) -> CallResult<()> {
+        self.inner
+            .destroy_sandbox(ctx(CREATE_TIMEOUT), &pb::Empty::new())?;
+        Ok(())
+    }
+
+    /// Creates a container from an OCI spec (JSON) on `rootfs`.
+    pub fn create_container(
+        &self,
+        id: &str,
+        spec_json: Vec<u8>,
+        rootfs: &str,
+        stdin: bool,
+        terminal: bool,
+    ) -> CallResult<()> {
+        let req = pb::CreateContainerRequest {
+            container_id: id.to_owned(),
+            spec_json,
+            rootfs: rootfs.to_owned(),
+            stdin,
+            terminal,
+            ..Default::default()
+        };
+        self.inner.create_container(ctx(CREATE_TIMEOUT), &req)?;
+        Ok(())
+    }
+
+    /// Starts a created container's init process.
+    pub fn start_container(&self, id: &str) -> CallResult<()> {
+        self.inner
+            .start_container(ctx(CALL_TIMEOUT), &container(id))?;
+        Ok(())
+    }
+
+    /// Creates and starts an exec process (OCI process JSON).
+    pub fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        stdin: bool,
+        terminal: bool,
+    ) -> CallResult<()> {
+        let req = pb::ExecProcessRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            process_json,
+            stdin,
+            terminal,
+            ..Default::default()
+        };
+        self.inner.exec_process(ctx(CREATE_TIMEOUT), &req)?;
+        Ok(())
+    }
+
+    /// Waits (one long poll) for a process to exit.
+    pub fn wait_process(&self, id: &str, exec_id: &str) -> CallResult<ExitStatus> {
+        let resp = self
+            .inner
+            .wait_process(ctx(POLL_TIMEOUT), &process(id, exec_id))?;
+        Ok(ExitStatus {
+            status: resp.exit_status as u32,
+            exited_at_ms: resp.exited_at_ms,
+        })
+    }
+
+    /// Sends `signal` to a process, or to every process of the container.
+    pub fn signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> CallResult<()> {
+        let req = pb::SignalProcessRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.inner.signal_process(ctx(CALL_TIMEOUT), &req)?;
+        Ok(())
+    }
+
+    /// Reads (one long poll) from a process's stdout or stderr.
+    pub fn read_stream(&self, id: &str, exec_id: &str, stderr: bool) -> CallResult<Chunk> {
+        let req = pb::ReadStreamRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            max_len: 0,
+            ..Default::default()
+        };
+        let resp = if stderr {
+            self.inner.read_stderr(ctx(POLL_TIMEOUT), &req)?
+        } else {
+            self.inner.read_stdout(ctx(POLL_TIMEOUT), &req)?
+        };
+        Ok(Chunk {
+            data: resp.data,
+            eof: resp.eof,
+        })
+    }
+
+    /// Writes to a process's stdin; returns how many bytes were taken.
+    pub fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> CallResult<usize> {
+        let req = pb::WriteStdinRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        Ok(self.inner.write_stdin(ctx(CALL_TIMEOUT), &req)?.len as usize)
+    }
+
+    /// Closes a process's stdin.
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> CallResult<()> {
+        self.inner
+            .close_stdin(ctx(CALL_TIMEOUT), &process(id, exec_id))?;
+        Ok(())
+    }
+
+    /// Resizes a process's terminal.
+    pub fn tty_win_resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> CallResult<()> {
+        let req = pb::TtyWinResizeRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        self.inner.tty_win_resize(ctx(CALL_TIMEOUT), &req)?;
+        Ok(())
+    }
+
+    /// cgroup statistics of a container.
+    pub fn stats_container(&self, id: &str) -> CallResult<pb::StatsContainerResponse> {
+        Ok(self
+            .inner
+            .stats_container(ctx(CALL_TIMEOUT), &container(id))?)
+    }
+
+    /// Status ("created", "running", "paused", "stopped") and init pid.
+    pub fn state_container(&self, id: &str) -> CallResult<(String, u32)> {
+        let resp = self
+            .inner
+            .state_container(ctx(CALL_TIMEOUT), &container(id))?;
+        Ok((resp.status, resp.pid.max(0) as u32))
+    }
+
+    /// Freezes a container.
+    pub fn pause_container(&self, id: &str) -> CallResult<()> {
+        self.inner
+            .pause_container(ctx(CALL_TIMEOUT), &container(id))?;
+        Ok(())
+    }
+
+    /// Thaws a container.
+    pub fn resume_container(&self, id: &str) -> CallResult<()> {
+        self.inner
+            .resume_container(ctx(CALL_TIMEOUT), &container(id))?;
+        Ok(())
+    }
+
+    /// Applies new resources (OCI LinuxResources JSON).
+    pub fn update_container(&self, id: &str, resources_json: Vec<u8>) -> CallResult<()> {
+        let req = pb::UpdateContainerRequest {
+            container_id: id.to_owned(),
+            resources_json,
+            ..Default::default()
+        };
+        self.inner.update_container(ctx(CALL_TIMEOUT), &req)?;
+        Ok(())
+    }
+
+    /// Pids of the container's processes.
+    pub fn list_processes(&self, id: &str) -> CallResult<Vec<i32>> {
+        Ok(self
+            .inner
+            .list_processes(ctx(CALL_TIMEOUT), &container(id))?
+            .pids)
+    }
+
+    /// Removes a container (killing what still runs in it).
+    pub fn remove_container(&self, id: &str) -> CallResult<()> {
+        self.inner
+            .remove_container(ctx(CREATE_TIMEOUT), &container(id))?;
+        Ok(())
+    }
+
+    /// Waits (one long poll) for an OOM kill; returns the container id.
+    pub fn get_oom_event(&self) -> CallResult<String> {
+        Ok(self
+            .inner
+            .get_oom_event(ctx(POLL_TIMEOUT), &pb::Empty::new())?
+            .container_id)
+    }
+}

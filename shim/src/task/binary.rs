@@ -1,0 +1,545 @@
+//! The shim v2 binary protocol of `containerd-shim-skiff-v2`:
+//!
+//! - `start`: containerd runs it in the bundle with `-namespace -id
+//!   -address -publish-binary` and `TTRPC_ADDRESS`. It checks the config,
+//!   binds the shim socket, spawns the daemon (`serve`, the socket as fd 3,
+//!   its own session, stdio on /dev/null), writes `address` and `shim.pid`
+//!   into the bundle and prints only the address. A container whose spec
+//!   names a group (`io.kubernetes.cri.sandbox-id` or
+//!   `io.containerd.runc.v2.group`) whose shim is up gets that shim's
+//!   address instead.
+//! - `delete -bundle <dir>`: run after the shim went away; cleans up what a
+//!   dead shim left (sandbox, mounts, socket, state) and prints a protobuf
+//!   `DeleteResponse` (137, now).
+//! - `serve` (internal): the daemon; serves the Task service under both
+//!   `containerd.task.v2.Task` and `containerd.task.v3.Task` until Shutdown.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use containerd_shim_protos::api::DeleteResponse;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+use sha2::{Digest, Sha256};
+
+use crate::task::config::{config_path_from_options, Config, ConfigError};
+use crate::task::events::{timestamp, Publisher};
+use crate::task::logger::FifoLogger;
+use crate::task::rootfs;
+use crate::task::sandbox::handler_for;
+use crate::task::service::{ShimInfo, TaskService};
+
+/// Where containerd 1.6 keeps shim sockets.
+pub const SOCKET_DIR: &str = "/run/containerd/s";
+/// Where skiff keeps per-sandbox state (agent socket, agent state).
+pub const STATE_ROOT: &str = "/run/skiff";
+/// The bundle file naming the sandbox state dir (for `delete`).
+pub const STATE_FILE: &str = "skiff-state";
+/// The state-dir file recording which config file the shim uses.
+const CONFIG_FILE: &str = "config-path";
+/// Environment carrying the resolved config path to the daemon.
+const DAEMON_CONFIG_ENV: &str = "SKIFF_SHIM_CONFIG";
+/// Environment carrying the sandbox id to the daemon.
+const DAEMON_SANDBOX_ENV: &str = "SKIFF_SHIM_SANDBOX";
+/// The listening socket's fd in the daemon.
+const LISTENER_FD: i32 = 3;
+/// Annotations grouping containers into one shim.
+pub const GROUP_ANNOTATIONS: [&str; 2] = [
+    "io.kubernetes.cri.sandbox-id",
+    "io.containerd.runc.v2.group",
+];
+
+/// The command line containerd uses (Go `flag` style: `-name value`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Args {
+    /// `-namespace`.
+    pub namespace: String,
+    /// `-id`.
+    pub id: String,
+    /// `-address` (containerd's gRPC socket).
+    pub address: String,
+    /// `-publish-binary`.
+    pub publish_binary: String,
+    /// `-bundle` (delete).
+    pub bundle: Option<PathBuf>,
+    /// `-debug`.
+    pub debug: bool,
+    /// `-v`: print the version.
+    pub version: bool,
+    /// The action: `start`, `delete`, `serve`.
+    pub action: String,
+}
+
+/// Parses Go-style flags (`-flag value`, `-flag=value`, `--flag`).
+pub fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut out = Args::default();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if !arg.starts_with('-') {
+            if !out.action.is_empty() {
+                return Err(format!("unexpected argument {arg:?}"));
+            }
+            out.action = arg.clone();
+            continue;
+        }
+        let flag = arg.trim_start_matches('-');
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_owned())),
+            None => (flag, None),
+        };
+        match name {
+            "debug" => out.debug = inline.as_deref() != Some("false"),
+            "v" | "version" => out.version = true,
+            "namespace" | "id" | "address" | "publish-binary" | "bundle" | "socket" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => it
+                        .next()
+                        .cloned()
+                        .ok_or_else(|| format!("flag -{name} needs a value"))?,
+                };
+                match name {
+                    "namespace" => out.namespace = value,
+                    "id" => out.id = value,
+                    "address" => out.address = value,
+                    "publish-binary" => out.publish_binary = value,
+                    "bundle" => out.bundle = Some(PathBuf::from(value)),
+                    _ => {}
+                }
+            }
+            other => return Err(format!("unknown flag -{other}")),
+        }
+    }
+    Ok(out)
+}
+
+/// The sandbox a container belongs to: its group annotation, else itself.
+pub fn sandbox_id(spec: &serde_json::Value, id: &str) -> String {
+    GROUP_ANNOTATIONS
+        .iter()
+        .find_map(|key| spec["annotations"][key].as_str())
+        .filter(|g| !g.is_empty())
+        .unwrap_or(id)
+        .to_owned()
+}
+
+/// The hash naming a sandbox's socket and state dir: distinct per
+/// containerd (two containerds share `/run/containerd/s`), namespace and
+/// sandbox.
+pub fn sandbox_hash(address: &str, namespace: &str, sandbox: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(address.as_bytes());
+    h.update(b"\0skiff\0");
+    h.update(namespace.as_bytes());
+    h.update(b"\0");
+    h.update(sandbox.as_bytes());
+    h.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Runs the binary with `argv` (without argv[0]).
+pub fn main(argv: Vec<OsString>) -> ExitCode {
+    let argv: Vec<String> = argv
+        .into_iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let args = match parse_args(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("containerd-shim-skiff-v2: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.version {
+        println!("containerd-shim-skiff-v2 {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    let result = match args.action.as_str() {
+        "start" => start(&args),
+        "delete" => delete(&args),
+        "serve" => serve(&args),
+        "" => Err("no action; expected start, delete (containerd runs these)".into()),
+        other => Err(format!("unknown action {other:?}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("containerd-shim-skiff-v2 {}: {e}", args.action);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_spec(bundle: &Path) -> Result<serde_json::Value, String> {
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{} is not valid JSON: {e}", path.display()))
+}
+
+fn socket_is_live(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
+fn start(args: &Args) -> Result<(), String> {
+    if args.namespace.is_empty() || args.id.is_empty() {
+        return Err("-namespace and -id are required".into());
+    }
+    let bundle = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
+    // Runtime options arrive on stdin as an `Any` (none: empty stdin).
+    let mut options = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut options);
+    let options_path =
+        config_path_from_options(&options).map_err(|e: ConfigError| e.to_string())?;
+    let (config, config_path) =
+        Config::resolve(options_path.as_deref()).map_err(|e| e.to_string())?;
+    crate::task::linux::find_agent(&config).map_err(|e| e.to_string())?;
+
+    let spec = read_spec(&bundle)?;
+    let sandbox = sandbox_id(&spec, &args.id);
+    let hash = sandbox_hash(&args.address, &args.namespace, &sandbox);
+    let socket = Path::new(SOCKET_DIR).join(&hash);
+    let address = format!("unix://{}", socket.display());
+    let state_dir = Path::new(STATE_ROOT).join(&hash);
+    let write_bundle = |pid: Option<u32>| -> Result<(), String> {
+        std::fs::write(bundle.join("address"), &address)
+            .map_err(|e| format!("cannot write the address file: {e}"))?;
+        std::fs::write(bundle.join(STATE_FILE), state_dir.display().to_string())
+            .map_err(|e| format!("cannot write {STATE_FILE}: {e}"))?;
+        if let Some(pid) = pid {
+            std::fs::write(bundle.join("shim.pid"), pid.to_string())
+                .map_err(|e| format!("cannot write shim.pid: {e}"))?;
+        }
+        Ok(())
+    };
+
+    std::fs::create_dir_all(SOCKET_DIR).map_err(|e| format!("cannot create {SOCKET_DIR}: {e}"))?;
+    let listener = match UnixListener::bind(&socket) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if sandbox != args.id && socket_is_live(&socket) {
+                // Another container of the group: share its shim.
+                let pid = std::fs::read_to_string(state_dir.join("shim.pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok());
+                write_bundle(pid)?;
+                print!("{address}");
+                return Ok(());
+            }
+            if socket_is_live(&socket) {
+                return Err(format!(
+                    "a shim for {:?} already listens on {address}",
+                    args.id
+                ));
+            }
+            let _ = std::fs::remove_file(&socket);
+            UnixListener::bind(&socket).map_err(|e| format!("cannot bind {address}: {e}"))?
+        }
+        Err(e) => return Err(format!("cannot bind {address}: {e}")),
+    };
+
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+    let listener_fd: OwnedFd = listener.into();
+    let raw = listener_fd.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "-namespace",
+        &args.namespace,
+        "-id",
+        &args.id,
+        "-address",
+        &args.address,
+        "-publish-binary",
+        &args.publish_binary,
+    ]);
+    if args.debug {
+        cmd.arg("-debug");
+    }
+    cmd.arg("serve")
+        .current_dir(&bundle)
+        .env(DAEMON_SANDBOX_ENV, &sandbox)
+        .env(
+            DAEMON_CONFIG_ENV,
+            config_path
+                .as_deref()
+                .map(Path::as_os_str)
+                .unwrap_or_default(),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: between fork and exec the closure only calls setsid(2),
+    // fcntl(2) and dup2(2), which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || daemon_fds(raw));
+    }
+    let child = cmd.spawn().map_err(|e| {
+        let _ = std::fs::remove_file(&socket);
+        format!("cannot spawn the shim daemon: {e}")
+    })?;
+    drop(listener_fd);
+    let _ = std::fs::create_dir_all(&state_dir);
+    let _ = std::fs::write(state_dir.join("shim.pid"), child.id().to_string());
+    let _ = std::fs::write(
+        state_dir.join(CONFIG_FILE),
+        config_path
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+    );
+    write_bundle(Some(child.id()))?;
+    print!("{address}");
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+/// In the daemon child: a new session, the listener at fd 3 (inheritable).
+fn daemon_fds(listener: i32) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    nix::unistd::setsid()?;
+    if listener == LISTENER_FD {
+        fcntl(listener, FcntlArg::F_SETFD(FdFlag::empty()))?;
+    } else {
+        nix::unistd::dup2(listener, LISTENER_FD)?;
+    }
+    Ok(())
+}
+
+fn serve(args: &Args) -> Result<(), String> {
+    let bundle = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
+    let config_path = std::env::var_os(DAEMON_CONFIG_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let config = match &config_path {
+        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    let level = if args.debug {
+        log::LevelFilter::Debug.max(config.log_level.filter())
+    } else {
+        config.log_level.filter()
+    };
+    FifoLogger::new(Some(bundle.join("log"))).install(level);
+
+    let sandbox = std::env::var(DAEMON_SANDBOX_ENV).unwrap_or_else(|_| args.id.clone());
+    let hash = sandbox_hash(&args.address, &args.namespace, &sandbox);
+    let socket = Path::new(SOCKET_DIR).join(&hash);
+    let info = ShimInfo {
+        namespace: args.namespace.clone(),
+        sandbox_id: sandbox.clone(),
+        state_dir: Path::new(STATE_ROOT).join(&hash),
+    };
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
+    let publisher = Publisher::start(&ttrpc_address, &args.namespace);
+    let (shutdown_tx, shutdown_rx) = mpsc::channel();
+    let service = Arc::new(TaskService::new(
+        info,
+        config.clone(),
+        handler_for(config.handler),
+        publisher,
+        shutdown_tx,
+    ));
+
+    let mut server = ttrpc::Server::new()
+        .add_listener(LISTENER_FD)
+        .map_err(|e| format!("cannot use the listening socket: {e}"))?
+        .register_service(task_methods(Arc::clone(&service)));
+    server.start().map_err(|e| format!("cannot serve: {e}"))?;
+    log::info!(
+        "serving sandbox {sandbox} on unix://{} (namespace {})",
+        socket.display(),
+        args.namespace
+    );
+
+    let _ = shutdown_rx.recv();
+    log::info!("shutting down");
+    service.stop_sandbox();
+    let _ = std::fs::remove_file(&socket);
+    // Let the Shutdown response leave before the process goes.
+    std::thread::sleep(Duration::from_millis(5));
+    std::process::exit(0);
+}
+
+/// The Task service's methods under `containerd.task.v3.Task` (generated)
+/// and `containerd.task.v2.Task` (what containerd 1.6 and 1.7 call); the
+/// messages are identical.
+pub fn task_methods(
+    service: Arc<TaskService>,
+) -> HashMap<String, Box<dyn ttrpc::MethodHandler + Send + Sync>> {
+    let v3 = containerd_shim_protos::create_task(Arc::clone(&service) as _);
+    let v2 = containerd_shim_protos::create_task(service as _);
+    let mut methods = v3;
+    for (path, handler) in v2 {
+        let v2_path = path.replacen("/containerd.task.v3.Task/", "/containerd.task.v2.Task/", 1);
+        methods.insert(v2_path, handler);
+    }
+    methods
+}
+
+fn process_alive(pid: i32, name: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true);
+    !zombie
+        && cmdline
+            .split(|b| *b == 0)
+            .next()
+            .is_some_and(|argv0| String::from_utf8_lossy(argv0).ends_with(name))
+}
+
+fn delete(args: &Args) -> Result<(), String> {
+    let bundle = match &args.bundle {
+        Some(b) => b.clone(),
+        None => std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?,
+    };
+    let shim_pid: Option<i32> = std::fs::read_to_string(bundle.join("shim.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok());
+    // A shim that just got Shutdown may still be exiting: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut shim_alive = shim_pid.is_some_and(|p| process_alive(p, "containerd-shim-skiff-v2"));
+    while shim_alive && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        shim_alive = shim_pid.is_some_and(|p| process_alive(p, "containerd-shim-skiff-v2"));
+    }
+    let rootfs_dir = bundle.join("rootfs");
+    if let Err(e) = rootfs::unmount_rootfs(&rootfs_dir) {
+        eprintln!("warning: {e}");
+    }
+    if !shim_alive {
+        // The shim is gone: whatever it left is ours to clean.
+        if let Ok(state) = std::fs::read_to_string(bundle.join(STATE_FILE)) {
+            let state_dir = PathBuf::from(state.trim());
+            if state_dir.starts_with(STATE_ROOT) && state_dir.exists() {
+                // The daemon's config (runtime options are not given to
+                // `delete`): the one `start` resolved, recorded in the state.
+                let config = std::fs::read_to_string(state_dir.join(CONFIG_FILE))
+                    .ok()
+                    .filter(|p| !p.trim().is_empty())
+                    .and_then(|p| Config::load(Path::new(p.trim())).ok())
+                    .or_else(|| Config::resolve(None).ok().map(|(c, _)| c))
+                    .unwrap_or_default();
+                if let Err(e) = handler_for(config.handler).cleanup(&state_dir, &config) {
+                    eprintln!("warning: sandbox cleanup: {e}");
+                }
+            }
+        }
+        if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+            if let Some(path) = address.trim().strip_prefix("unix://") {
+                let path = Path::new(path);
+                if path.starts_with(SOCKET_DIR) && !socket_is_live(path) {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+    let resp = DeleteResponse {
+        pid: 0,
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: MessageField::some(timestamp(SystemTime::now())),
+        ..Default::default()
+    };
+    let bytes = resp
+        .write_to_bytes()
+        .map_err(|e| format!("cannot encode the response: {e}"))?;
+    std::io::stdout()
+        .write_all(&bytes)
+        .map_err(|e| format!("cannot write the response: {e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn containerd_style_flags() {
+        let a = parse_args(&s(&[
+            "-namespace",
+            "default",
+            "-address",
+            "/run/c.sock",
+            "-publish-binary",
+            "/usr/bin/containerd",
+            "-id",
+            "web",
+            "-debug",
+            "start",
+        ]))
+        .unwrap();
+        assert_eq!(a.namespace, "default");
+        assert_eq!(a.id, "web");
+        assert_eq!(a.address, "/run/c.sock");
+        assert_eq!(a.publish_binary, "/usr/bin/containerd");
+        assert!(a.debug);
+        assert_eq!(a.action, "start");
+        let a = parse_args(&s(&["-id=x", "--bundle", "/b", "delete"])).unwrap();
+        assert_eq!(a.bundle.as_deref(), Some(Path::new("/b")));
+        assert_eq!(a.action, "delete");
+        assert!(parse_args(&s(&["-bogus", "start"]))
+            .unwrap_err()
+            .contains("-bogus"));
+        assert!(parse_args(&s(&["-id"]))
+            .unwrap_err()
+            .contains("needs a value"));
+        assert!(parse_args(&s(&["start", "delete"])).is_err());
+    }
+
+    #[test]
+    fn grouping_and_hash() {
+        let spec = serde_json::json!({"annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}});
+        assert_eq!(sandbox_id(&spec, "c1"), "pod1");
+        let spec = serde_json::json!({"annotations": {"io.containerd.runc.v2.group": "g"}});
+        assert_eq!(sandbox_id(&spec, "c1"), "g");
+        assert_eq!(sandbox_id(&serde_json::json!({}), "c1"), "c1");
+        let a = sandbox_hash("/a.sock", "ns", "pod1");
+        assert_eq!(a.len(), 32);
+        assert_eq!(a, sandbox_hash("/a.sock", "ns", "pod1"));
+        assert_ne!(a, sandbox_hash("/b.sock", "ns", "pod1"));
+        assert_ne!(a, sandbox_hash("/a.sock", "ns2", "pod1"));
+    }
+
+    #[test]
+    fn both_task_service_versions_are_registered() {
+        let (tx, _rx) = mpsc::channel();
+        let service = Arc::new(TaskService::new(
+            ShimInfo {
+                namespace: "ns".into(),
+                sandbox_id: "s".into(),
+                state_dir: "/nonexistent".into(),
+            },
+            Config::default(),
+            handler_for(crate::task::config::HandlerKind::Linux),
+            Publisher::discard(),
+            tx,
+        ));
+        let methods = task_methods(service);
+        for version in ["v2", "v3"] {
+            for method in ["Create", "Start", "Wait", "Delete", "Shutdown", "Stats"] {
+                let path = format!("/containerd.task.{version}.Task/{method}");
+                assert!(methods.contains_key(&path), "{path}");
+            }
+        }
+        assert_eq!(methods.len(), 34);
+    }
+}

@@ -1,0 +1,360 @@
+//! The shim's configuration: `/etc/skiff/config.toml`, overridden by the
+//! `SKIFF_CONFIG` environment variable and by containerd's runtime options
+//! (`config_path` of `runtimeoptions.v1.Options`).
+//!
+//! ```toml
+//! handler = "linux"      # or "vm"
+//! vcpus = 1
+//! memory_mib = 256
+//! kernel = "/usr/share/skiff/vmlinux"
+//! initrd = "/usr/share/skiff/initramfs.cpio"
+//! log_level = "info"     # off, error, warn, info, debug, trace
+//! agent_path = "/usr/local/bin/skiff-agent"
+//! ```
+//!
+//! Unknown keys and bad values are errors; `start` reports them, so
+//! containerd shows them on the failing `ctr run`.
+
+use std::path::{Path, PathBuf};
+
+use protobuf::Message;
+use serde::Deserialize;
+
+/// The default configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/skiff/config.toml";
+/// Environment variable naming another configuration file.
+pub const CONFIG_ENV: &str = "SKIFF_CONFIG";
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the skiff config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys / bad types.
+    #[error("invalid skiff config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key and line).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid skiff config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// containerd's runtime options could not be decoded.
+    #[error("cannot decode containerd's runtime options: {0}")]
+    Options(String),
+}
+
+/// Which sandbox handler runs the containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerKind {
+    /// The agent as a sandboxed host process.
+    Linux,
+    /// The agent inside a skiff micro-VM.
+    Vm,
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Nothing.
+    Off,
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// Informational (default).
+    Info,
+    /// Debugging.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The `log` crate's filter.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            Self::Off => log::LevelFilter::Off,
+            Self::Error => log::LevelFilter::Error,
+            Self::Warn => log::LevelFilter::Warn,
+            Self::Info => log::LevelFilter::Info,
+            Self::Debug => log::LevelFilter::Debug,
+            Self::Trace => log::LevelFilter::Trace,
+        }
+    }
+
+    /// The name the agent's `--log-level` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Off => "error",
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
+/// The shim's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The sandbox handler.
+    pub handler: HandlerKind,
+    /// vCPUs of the VM (`vm` handler).
+    pub vcpus: u32,
+    /// Guest memory of the VM in MiB (`vm` handler).
+    pub memory_mib: u32,
+    /// Guest kernel (`vm` handler).
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs (`vm` handler).
+    pub initrd: Option<PathBuf>,
+    /// The shim's (and the agent's) log level.
+    pub log_level: LogLevel,
+    /// The agent binary; default: `skiff-agent` next to the shim binary,
+    /// then on `PATH`.
+    pub agent_path: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            handler: HandlerKind::Linux,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: None,
+            initrd: None,
+            log_level: LogLevel::Info,
+            agent_path: None,
+        }
+    }
+}
+
+/// Most vCPUs a sandbox may have.
+pub const MAX_VCPUS: u32 = 64;
+/// Smallest guest memory, MiB.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// Largest guest memory, MiB.
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+
+impl Config {
+    /// Parses and validates TOML text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.to_string().trim().replace('\n', " "),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(invalid(format!(
+                "vcpus = {} is out of range (1 to {MAX_VCPUS})",
+                self.vcpus
+            )));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(invalid(format!(
+                "memory_mib = {} is out of range ({MIN_MEMORY_MIB} to {MAX_MEMORY_MIB})",
+                self.memory_mib
+            )));
+        }
+        for (key, value) in [
+            ("kernel", &self.kernel),
+            ("initrd", &self.initrd),
+            ("agent_path", &self.agent_path),
+        ] {
+            if let Some(p) = value {
+                if !p.is_absolute() {
+                    return Err(invalid(format!(
+                        "{key} = {:?} must be an absolute path",
+                        p.display()
+                    )));
+                }
+            }
+        }
+        if self.handler == HandlerKind::Vm {
+            return Err(invalid(
+                "handler = \"vm\" is not available in this build yet; use handler = \"linux\""
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Loads `path`; a missing file is an error.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Resolves the configuration: `options_path` (containerd's runtime
+    /// options) if given, else `$SKIFF_CONFIG`, else
+    /// `/etc/skiff/config.toml` if it exists, else the defaults. Returns
+    /// the file used, if any.
+    pub fn resolve(options_path: Option<&Path>) -> Result<(Self, Option<PathBuf>), ConfigError> {
+        let explicit = options_path.map(Path::to_owned).or_else(|| {
+            std::env::var_os(CONFIG_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        match explicit {
+            Some(path) => Ok((Self::load(&path)?, Some(path))),
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_PATH);
+                if default.exists() {
+                    Ok((Self::load(default)?, Some(default.to_owned())))
+                } else {
+                    Ok((Self::default(), None))
+                }
+            }
+        }
+    }
+}
+
+/// `config_path` from containerd's runtime options: a protobuf `Any`
+/// holding `runtimeoptions.v1.Options` (`type_url` = 1, `config_path` = 2).
+/// Empty input means no options.
+pub fn config_path_from_options(any_bytes: &[u8]) -> Result<Option<PathBuf>, ConfigError> {
+    if any_bytes.is_empty() {
+        return Ok(None);
+    }
+    let any = protobuf::well_known_types::any::Any::parse_from_bytes(any_bytes)
+        .map_err(|e| ConfigError::Options(e.to_string()))?;
+    config_path_from_any(&any)
+}
+
+/// `config_path` from an already decoded options `Any` (CreateTaskRequest).
+pub fn config_path_from_any(
+    any: &protobuf::well_known_types::any::Any,
+) -> Result<Option<PathBuf>, ConfigError> {
+    if !any.type_url.ends_with("runtimeoptions.v1.Options") {
+        // Other runtimes' option types (e.g. runc's) carry no config path.
+        return Ok(None);
+    }
+    let mut input = protobuf::CodedInputStream::from_bytes(&any.value);
+    let mut path = None;
+    while !input
+        .eof()
+        .map_err(|e| ConfigError::Options(e.to_string()))?
+    {
+        let tag = input
+            .read_raw_varint32()
+            .map_err(|e| ConfigError::Options(e.to_string()))?;
+        let (field, wire) = (tag >> 3, tag & 7);
+        match (field, wire) {
+            (2, 2) => {
+                path = Some(
+                    input
+                        .read_string()
+                        .map_err(|e| ConfigError::Options(e.to_string()))?,
+                )
+            }
+            (_, wire) => {
+                let wire = protobuf::rt::WireType::new(wire)
+                    .ok_or_else(|| ConfigError::Options(format!("bad wire type {wire}")))?;
+                input
+                    .skip_field(wire)
+                    .map_err(|e| ConfigError::Options(e.to_string()))?;
+            }
+        }
+    }
+    Ok(path.filter(|p| !p.is_empty()).map(PathBuf::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/t.toml"))
+    }
+
+    #[test]
+    fn defaults_and_full_file() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        let c = parse(
+            "handler = \"linux\"\nvcpus = 2\nmemory_mib = 512\nkernel = \"/k\"\n\
+             initrd = \"/i\"\nlog_level = \"debug\"\nagent_path = \"/a\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.memory_mib, 512);
+        assert_eq!(c.log_level, LogLevel::Debug);
+        assert_eq!(c.agent_path.as_deref(), Some(Path::new("/a")));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_clear_errors() {
+        let e = parse("vcpu = 2\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `vcpu`"), "{e}");
+        assert!(e.contains("/t.toml"), "{e}");
+        let e = parse("vcpus = 0\n").unwrap_err().to_string();
+        assert!(e.contains("vcpus = 0 is out of range"), "{e}");
+        let e = parse("memory_mib = 1\n").unwrap_err().to_string();
+        assert!(e.contains("memory_mib = 1 is out of range"), "{e}");
+        let e = parse("handler = \"kvm\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown variant `kvm`"), "{e}");
+        let e = parse("log_level = \"loud\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown variant `loud`"), "{e}");
+        let e = parse("agent_path = \"rel/agent\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must be an absolute path"), "{e}");
+        let e = parse("vcpus = \"two\"\n").unwrap_err().to_string();
+        assert!(e.contains("invalid type"), "{e}");
+        let e = parse("handler = \"vm\"\n").unwrap_err().to_string();
+        assert!(e.contains("not available"), "{e}");
+    }
+
+    #[test]
+    fn runtime_options_config_path() {
+        assert_eq!(config_path_from_options(&[]).unwrap(), None);
+        // runtimeoptions.v1.Options { type_url = "x", config_path = "/c.toml" }
+        let mut value = vec![0x0a, 1, b'x', 0x12, 7];
+        value.extend_from_slice(b"/c.toml");
+        let any = protobuf::well_known_types::any::Any {
+            type_url: "runtimeoptions.v1.Options".into(),
+            value,
+            ..Default::default()
+        };
+        let bytes = any.write_to_bytes().unwrap();
+        assert_eq!(
+            config_path_from_options(&bytes).unwrap(),
+            Some(PathBuf::from("/c.toml"))
+        );
+        let other = protobuf::well_known_types::any::Any {
+            type_url: "containerd.runc.v1.Options".into(),
+            value: vec![0x12, 1, b'a'],
+            ..Default::default()
+        };
+        assert_eq!(config_path_from_any(&other).unwrap(), None);
+        assert!(config_path_from_options(&[0xff, 0xff]).is_err());
+    }
+}

@@ -1,0 +1,29 @@
+//! `containerd-shim-skiff-v2`: the containerd shim v2 Task service.
+//!
+//! A request travels: ttrpc [`service::TaskService`] (one method per Task
+//! RPC, errors mapped to ttrpc codes in [`error`]) → the sandbox's
+//! [`crate::agent_client::AgentClient`] → the agent. The only thread
+//! boundaries are real ones: the per-process waiter and stdio threads
+//! ([`stdio`]), the OOM watcher, and the event forwarder ([`events`]).
+//!
+//! - [`binary`]: the `start` / `delete` / `serve` command line containerd
+//!   drives, socket and bundle files, grouping.
+//! - [`sandbox`]: the [`sandbox::SandboxHandler`] trait; [`linux`] is the
+//!   host-process implementation (the `vm` handler is the second one).
+//! - [`rootfs`]: mounting containerd's snapshot at `<bundle>/rootfs`.
+//! - [`config`]: `/etc/skiff/config.toml` and its overrides.
+//! - [`logger`]: the shim's log to the bundle's `log` FIFO.
+//!
+//! This module must never depend on the VMM internals directly; the `vm`
+//! handler is the only place that will.
+
+pub mod binary;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod linux;
+pub mod logger;
+pub mod rootfs;
+pub mod sandbox;
+pub mod service;
+pub mod stdio;

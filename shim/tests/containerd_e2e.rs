@@ -1,0 +1,715 @@
+//! containerd-shim-skiff-v2 under a real containerd 1.6.
+//!
+//! Each test starts a private containerd (own root, state and sockets in a
+//! temp dir, CRI disabled) whose PATH starts with the directory holding the
+//! built `containerd-shim-skiff-v2` and `skiff-agent`, imports the busybox
+//! image `scripts/containerd-env image` builds, and drives it with `ctr`.
+//! Needs root, containerd, ctr, runc and busybox-static
+//! (`scripts/containerd-env deps`); skips with a reason otherwise, and fails
+//! instead when `CI=true`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+const SKIFF: &str = "io.containerd.skiff.v2";
+const RUNC: &str = "io.containerd.runc.v2";
+const IMAGE: &str = "localhost/busybox:latest";
+const NAMESPACE: &str = "skiff-test";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn shim_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-skiff-v2"))
+}
+
+fn bin_dir() -> PathBuf {
+    shim_bin().parent().unwrap().to_owned()
+}
+
+/// Returns the image tarball when the test can run; None (after printing
+/// why) when it cannot. Panics under CI=true instead of skipping.
+fn prerequisites() -> Option<PathBuf> {
+    static PREREQ: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let result = PREREQ.get_or_init(|| {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        for tool in ["containerd", "ctr", "runc"] {
+            if !on_path(tool) {
+                return Err(format!("{tool} missing (run scripts/containerd-env deps)"));
+            }
+        }
+        if !Path::new("/bin/busybox").exists() {
+            return Err("/bin/busybox missing (run scripts/containerd-env deps)".into());
+        }
+        build_agent()?;
+        let out = Command::new(repo_root().join("scripts/containerd-env"))
+            .arg("image")
+            .output()
+            .map_err(|e| format!("scripts/containerd-env: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "scripts/containerd-env image failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok(PathBuf::from(path))
+    });
+    match result {
+        Ok(path) => Some(path.clone()),
+        Err(reason) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("containerd e2e prerequisites missing under CI: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            None
+        }
+    }
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Makes sure `skiff-agent` sits next to the shim binary (same profile).
+fn build_agent() -> Result<(), String> {
+    let dir = bin_dir();
+    let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let target_dir = dir.parent().unwrap();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-q", "-p", "skiff-agent", "--bin", "skiff-agent"])
+        .env("CARGO_TARGET_DIR", target_dir)
+        .current_dir(repo_root());
+    if profile == "release" {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cargo build skiff-agent: {e}"))?;
+    if !out.status.success() || !dir.join("skiff-agent").exists() {
+        return Err(format!(
+            "cannot build skiff-agent: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// A private containerd.
+struct Containerd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("skiff-ctrd-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let d = dir.path();
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{sock}"
+
+[ttrpc]
+  address = "{sock}.ttrpc"
+
+[debug]
+  address = "{d}/debug.sock"
+  level = "debug"
+
+[metrics]
+  address = ""
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("c.sock").display(),
+            d = d.display(),
+        );
+        std::fs::write(d.join("config.toml"), config).unwrap();
+        let mut c = Self { dir, child: None };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("containerd.log"))
+            .unwrap();
+        let path = format!(
+            "{}:{}",
+            bin_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.ctr(&["version"]).status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops containerd (SIGTERM), leaving shims and containers running.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(self.sock())
+            .arg("-n")
+            .arg(NAMESPACE)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs ctr, asserts success, returns stdout.
+    fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed ({}): {}\n--- containerd log tail ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 4000)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn import(&self, image: &Path) {
+        self.ctr_ok(&["images", "import", image.to_str().unwrap()]);
+    }
+
+    /// The bundle containerd made for `id`.
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(NAMESPACE)
+            .join(id)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let tasks =
+                String::from_utf8_lossy(&self.ctr(&["tasks", "ls", "-q"]).stdout).into_owned();
+            for id in tasks.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
+                let _ = self.ctr(&["tasks", "delete", "-f", id]);
+            }
+            let containers =
+                String::from_utf8_lossy(&self.ctr(&["containers", "ls", "-q"]).stdout).into_owned();
+            for id in containers.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                let _ = self.ctr(&["containers", "delete", id]);
+            }
+        }
+        self.stop();
+        // Unmount whatever is left under the temp dir (snapshots), deepest first.
+        let root = self.dir.path().display().to_string();
+        let mut mounts: Vec<String> = mount_points()
+            .into_iter()
+            .filter(|m| m.starts_with(&root))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
+fn tail(text: &str, n: usize) -> &str {
+    let start = text.len().saturating_sub(n);
+    let start = (start..text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    &text[start..]
+}
+
+fn mount_points() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .collect()
+}
+
+fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn pid_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    !stat
+        .rsplit_once(')')
+        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a skiff container leaves on the host, read from its bundle.
+#[derive(Debug)]
+struct Footprint {
+    shim_pid: i32,
+    agent_pid: i32,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    rootfs: PathBuf,
+}
+
+impl Footprint {
+    fn read(bundle: &Path) -> Self {
+        let read = |name: &str| {
+            std::fs::read_to_string(bundle.join(name))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let state_dir = PathBuf::from(read("skiff-state"));
+        let agent_pid = std::fs::read_to_string(state_dir.join("agent.pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Self {
+            shim_pid: read("shim.pid").parse().unwrap(),
+            agent_pid,
+            socket: PathBuf::from(read("address").trim_start_matches("unix://")),
+            state_dir,
+            rootfs: bundle.join("rootfs"),
+        }
+    }
+
+    fn assert_gone(&self) {
+        wait_until("the shim to exit", Duration::from_secs(10), || {
+            !pid_alive(self.shim_pid)
+        });
+        wait_until("the agent to exit", Duration::from_secs(10), || {
+            !pid_alive(self.agent_pid)
+        });
+        wait_until("the shim socket to go", Duration::from_secs(5), || {
+            !self.socket.exists()
+        });
+        assert!(
+            !self.state_dir.exists(),
+            "state dir left: {}",
+            self.state_dir.display()
+        );
+        let rootfs = self.rootfs.display().to_string();
+        assert!(
+            !mount_points().contains(&rootfs),
+            "rootfs still mounted: {rootfs}"
+        );
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(needle) && pid_alive(pid) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn run_rm(ctrd: &Containerd, runtime: &str, id: &str, cmd: &[&str]) -> Output {
+    let mut args = vec!["run", "--rm", "--runtime", runtime, IMAGE, id];
+    args.extend_from_slice(cmd);
+    ctrd.ctr(&args)
+}
+
+#[test]
+fn harness_works_with_the_runc_shim() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    ctrd.import(&image);
+    let out = run_rm(&ctrd, RUNC, &unique("runc"), &["echo", "hello from runc"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctrd.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from runc\n");
+}
+
+#[test]
+fn run_rm_echo_and_exit_codes() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    ctrd.import(&image);
+
+    let id = unique("echo");
+    let out = run_rm(&ctrd, SKIFF, &id, &["echo", "hi"]);
+    assert!(
+        out.status.success(),
+        "{}\n--- containerd log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&ctrd.log(), 6000)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+
+    let out = run_rm(
+        &ctrd,
+        SKIFF,
+        &unique("exit3"),
+        &["sh", "-c", "echo out; echo err >&2; exit 3"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err\n"));
+
+    let out = run_rm(&ctrd, SKIFF, &unique("false"), &["false"]);
+    assert_eq!(out.status.code(), Some(1));
+    // Exit statuses match runc's, signal deaths included (PID 1 of a pid
+    // namespace ignores its own SIGKILL, so both report 0 for that).
+    for cmd in ["kill -9 $$", "sleep 100 & kill -9 $!; wait $!", "exit 255"] {
+        let skiff = run_rm(&ctrd, SKIFF, &unique("code"), &["sh", "-c", cmd]);
+        let runc = run_rm(&ctrd, RUNC, &unique("code"), &["sh", "-c", cmd]);
+        assert_eq!(skiff.status.code(), runc.status.code(), "{cmd}");
+    }
+
+    // A binary that does not exist is an error ctr shows.
+    let out = run_rm(&ctrd, SKIFF, &unique("nobin"), &["/bin/no-such-binary"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-binary"), "{err}");
+
+    // Nothing left: shims, agents, mounts, sockets.
+    wait_until("shims to exit", Duration::from_secs(10), || {
+        processes_mentioning(&ctrd.sock().display().to_string())
+            .into_iter()
+            .filter(|p| Some(*p as u32) != ctrd.child.as_ref().map(Child::id))
+            .count()
+            == 0
+    });
+    // (Global mount counts race with the other tests; this containerd's
+    // mounts are ours alone.)
+    let root = ctrd.dir.path().display().to_string();
+    let left: Vec<String> = mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(&root))
+        .collect();
+    assert!(left.is_empty(), "mounts left: {left:?}");
+    let ls = ctrd.ctr_ok(&["containers", "ls", "-q"]);
+    assert!(ls.trim().is_empty(), "containers left: {ls}");
+}
+
+#[test]
+fn detached_exec_ps_pause_resume_kill_delete() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    ctrd.import(&image);
+    let id = unique("detached");
+    ctrd.ctr_ok(&["run", "-d", "--runtime", SKIFF, IMAGE, &id, "sleep", "1000"]);
+    let fp = Footprint::read(&ctrd.bundle(&id));
+    assert!(pid_alive(fp.shim_pid) && pid_alive(fp.agent_pid));
+    assert!(mount_points().contains(&fp.rootfs.display().to_string()));
+
+    let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+    assert!(
+        ls.lines().any(|l| l.contains(&id) && l.contains("RUNNING")),
+        "{ls}"
+    );
+
+    let out = ctrd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo from exec; ps | wc -l",
+    ]);
+    assert!(out.starts_with("from exec\n"), "{out}");
+    let out = ctrd.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e2",
+        &id,
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+
+    let ps = ctrd.ctr_ok(&["tasks", "ps", &id]);
+    let pids: Vec<&str> = ps.lines().skip(1).collect();
+    assert!(!pids.is_empty(), "{ps}");
+
+    ctrd.ctr_ok(&["tasks", "pause", &id]);
+    let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+    assert!(
+        ls.lines().any(|l| l.contains(&id) && l.contains("PAUSED")),
+        "{ls}"
+    );
+    ctrd.ctr_ok(&["tasks", "resume", &id]);
+    let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+    assert!(
+        ls.lines().any(|l| l.contains(&id) && l.contains("RUNNING")),
+        "{ls}"
+    );
+
+    // Stats come back as cgroups v1 metrics.
+    let metrics = ctrd.ctr_ok(&["tasks", "metrics", &id]);
+    assert!(
+        metrics.contains("memory") || metrics.contains("METRIC"),
+        "{metrics}"
+    );
+
+    ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id]);
+    wait_until("the task to stop", Duration::from_secs(10), || {
+        ctrd.ctr_ok(&["tasks", "ls"])
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("STOPPED"))
+    });
+    ctrd.ctr_ok(&["tasks", "delete", &id]);
+    ctrd.ctr_ok(&["containers", "delete", &id]);
+    fp.assert_gone();
+}
+
+#[test]
+fn large_output_is_intact() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    ctrd.import(&image);
+    // ~17 MB of distinct lines (no pipeline: a writer that outlives its
+    // reader would depend on SIGPIPE, see TASK-PROGRESS.md).
+    const LAST: u32 = 2_300_000;
+    let out = run_rm(
+        &ctrd,
+        SKIFF,
+        &unique("large"),
+        &["seq", "1", &LAST.to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: String = (1..=LAST).map(|n| format!("{n}\n")).collect();
+    assert!(out.stdout.len() > 16 << 20);
+    assert_eq!(out.stdout.len(), expected.len());
+    assert_eq!(
+        Sha256::digest(&out.stdout),
+        Sha256::digest(expected.as_bytes()),
+        "output differs"
+    );
+}
+
+#[test]
+fn killed_shim_is_cleaned_up_by_delete() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    ctrd.import(&image);
+    let id = unique("killed");
+    ctrd.ctr_ok(&["run", "-d", "--runtime", SKIFF, IMAGE, &id, "sleep", "1000"]);
+    let fp = Footprint::read(&ctrd.bundle(&id));
+    let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+    let task_pid: i32 = ls
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {ls}"));
+    assert!(pid_alive(task_pid));
+    // SAFETY: kill(2) on the shim we just started.
+    unsafe { libc::kill(fp.shim_pid, libc::SIGKILL) };
+    wait_until("the shim to die", Duration::from_secs(5), || {
+        !pid_alive(fp.shim_pid)
+    });
+    // containerd notices the dead shim and runs `delete`; an explicit
+    // delete then finds the task gone or removes it.
+    wait_until("the task to stop", Duration::from_secs(20), || {
+        let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+        !ls.lines().any(|l| l.contains(&id) && l.contains("RUNNING"))
+    });
+    let _ = ctrd.ctr(&["tasks", "delete", &id]);
+    ctrd.ctr_ok(&["containers", "delete", &id]);
+    fp.assert_gone();
+    wait_until(
+        "the container process to go",
+        Duration::from_secs(10),
+        || !pid_alive(task_pid),
+    );
+}
+
+#[test]
+fn containerd_restart_keeps_the_container_managed() {
+    let Some(image) = prerequisites() else { return };
+    let mut ctrd = Containerd::start();
+    ctrd.import(&image);
+    let id = unique("restart");
+    ctrd.ctr_ok(&["run", "-d", "--runtime", SKIFF, IMAGE, &id, "sleep", "1000"]);
+    let fp = Footprint::read(&ctrd.bundle(&id));
+    ctrd.restart();
+    assert!(pid_alive(fp.shim_pid), "the shim died with containerd");
+    let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+    assert!(
+        ls.lines().any(|l| l.contains(&id) && l.contains("RUNNING")),
+        "{ls}"
+    );
+    let out = ctrd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "after",
+        &id,
+        "echo",
+        "still here",
+    ]);
+    assert_eq!(out, "still here\n");
+    ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id]);
+    wait_until("the task to stop", Duration::from_secs(10), || {
+        ctrd.ctr_ok(&["tasks", "ls"])
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("STOPPED"))
+    });
+    ctrd.ctr_ok(&["tasks", "delete", &id]);
+    ctrd.ctr_ok(&["containers", "delete", &id]);
+    fp.assert_gone();
+}
+
+#[test]
+fn config_errors_show_up_in_ctr() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    ctrd.import(&image);
+    let dir = ctrd.dir.path();
+    let cases = [
+        ("vcpu = 2\n", "unknown field `vcpu`"),
+        ("memory_mib = 1\n", "memory_mib = 1 is out of range"),
+        (
+            "agent_path = \"/nonexistent/skiff-agent\"\n",
+            "skiff-agent binary was not found",
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad-{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let id = unique("badcfg");
+        let out = ctrd.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            SKIFF,
+            "--runtime-config-path",
+            path.to_str().unwrap(),
+            IMAGE,
+            &id,
+            "true",
+        ]);
+        assert!(!out.status.success(), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{text}: {err}");
+        let _ = ctrd.ctr(&["containers", "delete", &id]);
+    }
+    // A good config file works.
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "handler = \"linux\"\nlog_level = \"debug\"\n").unwrap();
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        SKIFF,
+        "--runtime-config-path",
+        good.to_str().unwrap(),
+        IMAGE,
+        &unique("goodcfg"),
+        "echo",
+        "configured",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "configured\n");
+}
