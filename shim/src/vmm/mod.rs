@@ -214,7 +214,9 @@ impl Vm {
             VmmError::Config(format!("{} MiB is too much memory", config.mem_mib))
         })?;
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        log::debug!("start: /dev/kvm open at {:?}", config.epoch.elapsed());
         let mem = platform::create_guest_memory(mem_size)?;
+        log::debug!("start: guest memory mapped at {:?}", config.epoch.elapsed());
         let boot = match &config.boot {
             BootSource::Kernel(spec) => {
                 // Tell the guest where its virtio-mmio devices are.
@@ -249,9 +251,11 @@ impl Vm {
                 }
             }
         };
+        log::debug!("start: kernel loaded at {:?}", config.epoch.elapsed());
         // Always: it is how a guest without ACPI finds the IOAPIC and CPUs.
         platform::mptable::setup_mptable(&mem, config.vcpus)?;
         let vm = Arc::new(platform::create_vm(&kvm, &mem)?);
+        log::debug!("start: VM created at {:?}", config.epoch.elapsed());
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
@@ -261,6 +265,7 @@ impl Vm {
         });
         let ram = platform::GuestRam::new(mem.clone());
         let devices = Arc::new(devices::Devices::new(&vm, ram, &config, shared.clone())?);
+        log::debug!("start: devices ready at {:?}", config.epoch.elapsed());
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
