@@ -7,17 +7,8 @@ fn skiff() -> Command {
     Command::new(env!("CARGO_BIN_EXE_skiff"))
 }
 
-fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("skipped: /dev/kvm is not available on this host");
-    }
-    ok
-}
+mod common;
+use common::kvm_available;
 
 struct TempDir(PathBuf);
 

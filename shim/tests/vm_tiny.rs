@@ -8,18 +8,8 @@ use std::time::Instant;
 
 use shim::vmm::{self, BootProtocol, BootSource, CpuTemplate, ExitReason, SerialOutput, VmConfig};
 
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    eprintln!("skipped: /dev/kvm is not available on this host");
-    false
-}
+mod common;
+use common::kvm_available;
 
 fn config(
     image: Vec<u8>,

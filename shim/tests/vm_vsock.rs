@@ -13,18 +13,8 @@ use std::time::{Duration, Instant};
 
 use shim::vmm::{self, BootProtocol, BootSource, ExitReason, SerialOutput, VmConfig, VsockConfig};
 
-fn kvm_available() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    eprintln!("skipped: /dev/kvm is not available on this host");
-    false
-}
+mod common;
+use common::kvm_available;
 
 /// CPU ticks (user + system) the thread named `name` has used.
 fn thread_ticks(name: &str) -> Option<u64> {
