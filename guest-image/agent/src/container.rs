@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use libcontainer::container::{Container as LcContainer, ContainerStatus};
 use libcontainer::error::LibcontainerError;
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 
+use crate::mounts;
 use crate::reaper::{lock, ExitCell, Reaper};
 use crate::spawner::{SpawnKind, SpawnReply, SpawnRequest, Spawner};
 use crate::stdio::{self, OutputBuffer, StdioError};
@@ -61,9 +63,20 @@ pub enum ContainerError {
     /// The OCI spec is not valid JSON or does not match the runtime spec.
     #[error("the OCI spec is invalid: {0}")]
     InvalidSpec(String),
-    /// The rootfs path does not exist or is not a directory.
-    #[error("rootfs {0:?} does not exist or is not a directory")]
+    /// The rootfs path does not exist or is neither a directory nor a block device.
+    #[error("rootfs {0:?} does not exist or is neither a directory nor a block device")]
     RootfsMissing(PathBuf),
+    /// The rootfs block device could not be mounted.
+    #[error("cannot mount the rootfs block device {device:?} (ext4) on {target:?}")]
+    MountRootfs {
+        /// The block device.
+        device: PathBuf,
+        /// Where it was to be mounted.
+        target: PathBuf,
+        /// The mount error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The container is in a state that does not allow the operation.
     #[error("container {id:?} is {status}; cannot {operation} it")]
     WrongState {
@@ -150,6 +163,7 @@ impl ContainerError {
             Self::Runtime { .. }
             | Self::Cgroup { .. }
             | Self::Stdio(_)
+            | Self::MountRootfs { .. }
             | Self::Io { .. }
             | Self::ProcessIo(_) => ErrorKind::Internal,
         }
@@ -164,6 +178,10 @@ pub struct EngineConfig {
     pub state_dir: PathBuf,
     /// The cgroup parent path for containers whose spec has no cgroupsPath.
     pub cgroup_parent: PathBuf,
+    /// A rootfs given as a block device (e.g. `/dev/vda` in the micro-VM)
+    /// is mounted (ext4) at `<rootfs_mount_dir>/<id>` while the container
+    /// exists.
+    pub rootfs_mount_dir: PathBuf,
 }
 
 /// Stdio requested for a new process.
@@ -247,6 +265,8 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     bundle: PathBuf,
     cgroup_path: PathBuf,
+    /// Where the agent mounted the container's block-device rootfs.
+    rootfs_mount: Option<PathBuf>,
 }
 
 impl Container {
@@ -410,7 +430,8 @@ pub struct CreateRequest<'a> {
     pub id: &'a str,
     /// The OCI spec, JSON.
     pub spec_json: &'a [u8],
-    /// The rootfs directory.
+    /// The rootfs: a directory, or a block device holding an ext4 file
+    /// system whose root is the container's root.
     pub rootfs: &'a Path,
     /// Stdio of the init process.
     pub stdio: StdioRequest,
@@ -473,6 +494,15 @@ impl Engine {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
+        if let Ok(entries) = std::fs::read_dir(&self.config.rootfs_mount_dir) {
+            for entry in entries.flatten() {
+                log::warn!(
+                    "unmounting rootfs {:?} left by a previous agent",
+                    entry.path()
+                );
+                release_rootfs(&entry.path());
+            }
+        }
     }
 
     /// Validates the request, writes the bundle and creates the container
@@ -490,12 +520,19 @@ impl Engine {
                 req.rootfs
             )));
         }
-        let rootfs = req
+        let source = req
             .rootfs
             .canonicalize()
             .ok()
-            .filter(|p| p.is_dir())
+            .and_then(|p| Some((std::fs::metadata(&p).ok()?.file_type(), p)))
             .ok_or_else(|| ContainerError::RootfsMissing(req.rootfs.to_owned()))?;
+        let (rootfs, device) = match source {
+            (kind, dir) if kind.is_dir() => (dir, None),
+            (kind, device) if kind.is_block_device() => {
+                (self.config.rootfs_mount_dir.join(req.id), Some(device))
+            }
+            _ => return Err(ContainerError::RootfsMissing(req.rootfs.to_owned())),
+        };
         let process = spec
             .process()
             .clone()
@@ -505,7 +542,7 @@ impl Engine {
         process.set_terminal(Some(req.stdio.terminal));
         spec.set_process(Some(process));
         let mut root = spec.root().clone().unwrap_or_default();
-        root.set_path(rootfs);
+        root.set_path(rootfs.clone());
         spec.set_root(Some(root));
         if spec.hostname().is_none() {
             if let Some(hostname) = req.default_hostname {
@@ -531,9 +568,16 @@ impl Engine {
         if container_dir.exists() || bundle.exists() {
             return Err(ContainerError::AlreadyExists(req.id.to_owned()));
         }
-        let result = self.create_in_bundle(req, &spec, &bundle, cgroup_path);
+        let rootfs_mount = match device {
+            Some(device) => Some(mount_rootfs(&device, &rootfs)?),
+            None => None,
+        };
+        let result = self.create_in_bundle(req, &spec, &bundle, cgroup_path, rootfs_mount.clone());
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&bundle);
+            if let Some(target) = &rootfs_mount {
+                release_rootfs(target);
+            }
         }
         result
     }
@@ -544,6 +588,7 @@ impl Engine {
         spec: &Spec,
         bundle: &Path,
         cgroup_path: PathBuf,
+        rootfs_mount: Option<PathBuf>,
     ) -> Result<Container, ContainerError> {
         std::fs::create_dir_all(bundle).map_err(|source| ContainerError::Io {
             path: bundle.to_owned(),
@@ -580,6 +625,7 @@ impl Engine {
             execs: Mutex::new(HashMap::new()),
             bundle: bundle.to_owned(),
             cgroup_path,
+            rootfs_mount,
         })
     }
 
@@ -788,6 +834,9 @@ impl Engine {
             let left = deadline.saturating_duration_since(Instant::now());
             process.exit.wait(Some(left));
         }
+        if let Some(target) = &container.rootfs_mount {
+            release_rootfs(target);
+        }
         std::fs::remove_dir_all(&container.bundle).map_err(|source| ContainerError::Io {
             path: container.bundle.clone(),
             source,
@@ -853,6 +902,50 @@ fn validate_process(process: &OciProcess) -> Result<(), ContainerError> {
         )));
     }
     Ok(())
+}
+
+/// Mounts the ext4 file system on `device` at `target` (created) and
+/// returns `target`.
+fn mount_rootfs(device: &Path, target: &Path) -> Result<PathBuf, ContainerError> {
+    let error = |source| ContainerError::MountRootfs {
+        device: device.to_owned(),
+        target: target.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(target).map_err(error)?;
+    if mounts::is_mountpoint(target).map_err(error)? {
+        // Left by a removal whose unmount failed: start afresh.
+        mounts::unmount(target).map_err(error)?;
+    }
+    nix::mount::mount(
+        Some(device),
+        target,
+        Some("ext4"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| {
+        let _ = std::fs::remove_dir(target);
+        error(e.into())
+    })?;
+    log::debug!("mounted rootfs {device:?} on {target:?}");
+    Ok(target.to_owned())
+}
+
+/// Unmounts a block-device rootfs and removes its mount point; failures
+/// are logged (the container is gone either way).
+fn release_rootfs(target: &Path) {
+    if mounts::is_mountpoint(target).unwrap_or(false) {
+        if let Err(err) = mounts::unmount(target) {
+            log::warn!("cannot unmount rootfs {target:?}: {err}");
+            return;
+        }
+    }
+    if let Err(err) = std::fs::remove_dir(target) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("cannot remove rootfs mount point {target:?}: {err}");
+        }
+    }
 }
 
 /// Accepts one connection on the console socket and receives the pty master.

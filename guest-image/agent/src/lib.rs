@@ -6,12 +6,16 @@
 //! real boundary: [`server`] (listening) → [`service`] (ttrpc requests, error
 //! → status mapping) → [`container`] (bundles, processes) → [`spawner`] (the
 //! single-threaded helper process that calls libcontainer to fork) and
-//! [`reaper`] / [`stdio`] / [`oom`] (threads that watch processes).
+//! [`reaper`] / [`stdio`] / [`oom`] (threads that watch processes). [`init`]
+//! is what PID 1 in the micro-VM does besides serving (mounts, `lo`, reset);
+//! [`mounts`] holds the mount helpers it shares with the engine.
 //!
 //! It must never depend on the VMM crates (`vmm-core`, `platform-*`) or the
 //! shim: the agent is what runs *inside* the VM.
 
 pub mod container;
+pub mod init;
+pub mod mounts;
 pub mod oom;
 pub mod proto;
 pub mod reaper;

@@ -1,6 +1,6 @@
 //! Listening: the address parser and the ttrpc server setup.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::container::{Engine, EngineConfig};
@@ -22,9 +22,6 @@ pub enum ServerError {
     /// The address has no scheme we know.
     #[error("listen address {0:?} is invalid: use unix:///path/to.sock or vsock://<port>")]
     BadAddress(String),
-    /// vsock listening is not implemented yet.
-    #[error("listening on vsock (port {0}) is not supported yet; use unix:///path/to.sock")]
-    VsockUnsupported(u32),
     /// The reaper could not start.
     #[error("cannot start the reaper")]
     Reaper(#[from] ReaperError),
@@ -69,11 +66,45 @@ impl std::str::FromStr for ListenAddr {
                 return Ok(Self::Unix(PathBuf::from(path)));
             }
         } else if let Some(port) = s.strip_prefix("vsock://") {
-            if let Ok(port) = port.trim_end_matches('/').parse() {
-                return Ok(Self::Vsock(port));
+            // Decimal only: no sign, no `cid:` prefix (the agent always
+            // listens on VMADDR_CID_ANY).
+            let port = port.trim_end_matches('/');
+            if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+                if let Ok(port) = port.parse() {
+                    return Ok(Self::Vsock(port));
+                }
             }
         }
         Err(ServerError::BadAddress(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(path) => write!(f, "unix://{}", path.display()),
+            Self::Vsock(port) => write!(f, "vsock://{port}"),
+        }
+    }
+}
+
+/// Options beyond the address and the engine's files.
+#[derive(Default)]
+pub struct ServerOptions {
+    /// Called (on the request's thread) after DestroySandbox has removed every
+    /// container and before its reply is sent; the guest init uses it to
+    /// schedule the VM's reset.
+    pub on_sandbox_destroyed: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field(
+                "on_sandbox_destroyed",
+                &self.on_sandbox_destroyed.as_ref().map(|_| "Fn"),
+            )
+            .finish()
     }
 }
 
@@ -96,19 +127,58 @@ impl AgentServer {
     /// forked here and refuses a multi-threaded parent); the reaper reaps
     /// every child of the process.
     pub fn start(addr: &ListenAddr, config: EngineConfig) -> Result<Self, ServerError> {
-        let path = match addr {
-            ListenAddr::Unix(path) => path,
-            ListenAddr::Vsock(port) => return Err(ServerError::VsockUnsupported(*port)),
-        };
+        Self::start_with(addr, config, ServerOptions::default())
+    }
+
+    /// [`AgentServer::start`] with options.
+    pub fn start_with(
+        addr: &ListenAddr,
+        config: EngineConfig,
+        options: ServerOptions,
+    ) -> Result<Self, ServerError> {
         // First, while the process has one thread.
         let spawner = Spawner::start()?;
         let reaper = Reaper::start()?;
         reaper.adopt(spawner.pid());
         let oom = OomWatcher::start()?;
         let engine = Engine::new(config, reaper, spawner)?;
-        let service = Arc::new(AgentService::new(engine, oom));
+        let mut service = AgentService::new(engine, oom);
+        if let Some(hook) = options.on_sandbox_destroyed {
+            service.set_on_sandbox_destroyed(hook);
+        }
+        let service = Arc::new(service);
+        let server = ttrpc::Server::new();
+        let server = match addr {
+            ListenAddr::Unix(path) => return Self::serve_unix(server, service, path),
+            // ttrpc's sync transport binds AF_VSOCK itself (`vsock://CID:PORT`,
+            // -1 = VMADDR_CID_ANY); connections are accepted from any CID.
+            ListenAddr::Vsock(port) => server
+                .bind(&format!("vsock://-1:{port}"))
+                .map_err(|e| ServerError::Ttrpc(e.to_string()))?,
+        };
+        let mut server = Self::configure(server, service);
+        server
+            .start()
+            .map_err(|e| ServerError::Ttrpc(e.to_string()))?;
+        Ok(Self { server })
+    }
+
+    fn configure(server: ttrpc::Server, service: Arc<AgentService>) -> ttrpc::Server {
+        server
+            .register_service(create_agent(service))
+            .set_thread_count_min(IDLE_THREADS_MIN)
+            .set_thread_count_default(IDLE_THREADS_DEFAULT)
+            .set_thread_count_max(IDLE_THREADS_MAX)
+    }
+
+    fn serve_unix(
+        server: ttrpc::Server,
+        service: Arc<AgentService>,
+        path: &Path,
+    ) -> Result<Self, ServerError> {
+        let path = path.to_owned();
         if path.exists() {
-            std::fs::remove_file(path).map_err(|source| ServerError::StaleSocket {
+            std::fs::remove_file(&path).map_err(|source| ServerError::StaleSocket {
                 path: path.clone(),
                 source,
             })?;
@@ -119,17 +189,14 @@ impl AgentServer {
         starting.push(".starting");
         let starting = PathBuf::from(starting);
         let _ = std::fs::remove_file(&starting);
-        let mut server = ttrpc::Server::new()
+        let server = server
             .bind(&format!("unix://{}", starting.display()))
-            .map_err(|e| ServerError::Ttrpc(e.to_string()))?
-            .register_service(create_agent(service))
-            .set_thread_count_min(IDLE_THREADS_MIN)
-            .set_thread_count_default(IDLE_THREADS_DEFAULT)
-            .set_thread_count_max(IDLE_THREADS_MAX);
+            .map_err(|e| ServerError::Ttrpc(e.to_string()))?;
+        let mut server = Self::configure(server, service);
         server
             .start()
             .map_err(|e| ServerError::Ttrpc(e.to_string()))?;
-        std::fs::rename(&starting, path).map_err(|source| ServerError::StaleSocket {
+        std::fs::rename(&starting, &path).map_err(|source| ServerError::StaleSocket {
             path: path.clone(),
             source,
         })?;
@@ -167,13 +234,33 @@ mod tests {
     }
 
     #[test]
-    fn vsock_is_not_supported_yet() {
-        let config = EngineConfig {
-            state_dir: "/nonexistent".into(),
-            cgroup_parent: "/skiff".into(),
-        };
-        let err = AgentServer::start(&ListenAddr::Vsock(1024), config).unwrap_err();
-        assert!(matches!(err, ServerError::VsockUnsupported(1024)));
-        assert!(err.to_string().contains("not supported yet"));
+    fn vsock_addresses() {
+        assert_eq!(
+            "vsock://0".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock(0)
+        );
+        assert_eq!(
+            "vsock://1024/".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock(1024)
+        );
+        assert_eq!(
+            "vsock://4294967295".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Vsock(u32::MAX)
+        );
+        for bad in [
+            "vsock://",
+            "vsock://4294967296",
+            "vsock://+1024",
+            "vsock://-1",
+            "vsock://3:1024",
+            "vsock:1024",
+            "vsock:///run/a.sock",
+        ] {
+            let err = bad.parse::<ListenAddr>().unwrap_err();
+            assert!(err.to_string().contains("vsock://<port>"), "{bad}: {err}");
+        }
+        for addr in ["vsock://1024", "unix:///run/a.sock"] {
+            assert_eq!(addr.parse::<ListenAddr>().unwrap().to_string(), addr);
+        }
     }
 }

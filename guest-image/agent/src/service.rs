@@ -81,8 +81,10 @@ struct Sandbox {
     shared_mounts: Vec<String>,
 }
 
+/// Called after DestroySandbox removed every container.
+pub type SandboxDestroyedHook = Box<dyn Fn() + Send + Sync>;
+
 /// The agent's state behind the ttrpc service.
-#[derive(Debug)]
 pub struct AgentService {
     engine: Engine,
     oom: Arc<OomWatcher>,
@@ -91,6 +93,17 @@ pub struct AgentService {
     /// same id cannot race in libcontainer.
     busy: Mutex<HashSet<String>>,
     sandbox: Mutex<Option<Sandbox>>,
+    on_sandbox_destroyed: Option<SandboxDestroyedHook>,
+}
+
+impl std::fmt::Debug for AgentService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentService")
+            .field("engine", &self.engine)
+            .field("containers", &self.containers)
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Releases a reserved id when dropped.
@@ -123,7 +136,14 @@ impl AgentService {
             containers: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             sandbox: Mutex::new(None),
+            on_sandbox_destroyed: None,
         }
+    }
+
+    /// Runs `hook` once DestroySandbox has removed every container (before
+    /// the reply goes out). The guest init schedules the VM's reset here.
+    pub fn set_on_sandbox_destroyed(&mut self, hook: SandboxDestroyedHook) {
+        self.on_sandbox_destroyed = Some(hook);
     }
 
     fn container(&self, id: &str) -> AgentResult<Arc<Container>> {
@@ -252,11 +272,25 @@ impl Agent for AgentService {
 
     fn destroy_sandbox(&self, _ctx: &TtrpcContext, _: pb::Empty) -> ttrpc::Result<pb::Empty> {
         let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
+        // Try every container; report the first failure after the rest.
+        let mut first_error = None;
         for id in ids {
-            self.remove_container(&id)?;
+            if let Err(err) = self.remove_container(&id) {
+                log::warn!(
+                    "DestroySandbox: cannot remove {id:?}: {}",
+                    error_chain(&err)
+                );
+                first_error.get_or_insert(err);
+            }
         }
         *lock(&self.sandbox) = None;
-        Ok(pb::Empty::new())
+        if let Some(hook) = &self.on_sandbox_destroyed {
+            hook();
+        }
+        match first_error {
+            Some(err) => Err(err.into()),
+            None => Ok(pb::Empty::new()),
+        }
     }
 
     fn create_container(

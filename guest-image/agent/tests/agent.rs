@@ -421,7 +421,8 @@ fn bad_input_is_typed_and_leaves_nothing_behind() {
     }
     let rootfs = Rootfs::new();
     let agent = Agent::start();
-    let mounts = common::mount_count();
+    let roots = [rootfs.path(), agent.dir.path()];
+    let mounts = common::mounts_under(&roots);
     let cgroups = agent.cgroup_dirs();
     let children = agent.children();
     let state_entries = || {
@@ -524,7 +525,7 @@ fn bad_input_is_typed_and_leaves_nothing_behind() {
 
     // Nothing leaked.
     std::thread::sleep(std::time::Duration::from_millis(100));
-    assert_eq!(common::mount_count(), mounts, "mounts leaked");
+    assert_eq!(common::mounts_under(&roots), mounts, "mounts leaked");
     assert_eq!(agent.cgroup_dirs(), cgroups, "cgroups leaked");
     assert_eq!(agent.children(), children, "processes leaked");
     assert_eq!(state_entries(), 0, "bundles or state leaked");

@@ -106,6 +106,14 @@ pub fn spec_json(spec: &Spec) -> Vec<u8> {
     serde_json::to_vec(spec).unwrap()
 }
 
+/// The agent binary under test: cargo's, or `$SKIFF_AGENT_BIN` (e.g. the
+/// static build that goes into the guest initramfs).
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("SKIFF_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_skiff-agent")))
+}
+
 /// A running agent process with its own state dir and cgroup parent.
 pub struct Agent {
     child: Child,
@@ -161,13 +169,15 @@ impl Agent {
                 dir.path().file_name().unwrap().to_string_lossy()
             )
         });
-        let child = Command::new(env!("CARGO_BIN_EXE_skiff-agent"))
+        let child = Command::new(agent_binary())
             .arg("--listen")
             .arg(format!("unix://{}", socket.display()))
             .arg("--state-dir")
             .arg(state)
             .arg("--cgroup-parent")
             .arg(&cgroup_parent)
+            .arg("--rootfs-mount-dir")
+            .arg(dir.path().join("rootfs-mounts"))
             .arg("--log-level")
             .arg(std::env::var("SKIFF_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -193,6 +203,11 @@ impl Agent {
             client,
             killed: false,
         }
+    }
+
+    /// Where this agent mounts block-device rootfs.
+    pub fn rootfs_mount_dir(&self) -> PathBuf {
+        self.dir.path().join("rootfs-mounts")
     }
 
     pub fn pid(&self) -> u32 {
@@ -357,9 +372,13 @@ pub fn code_of(err: &ttrpc::Error) -> ttrpc::Code {
     }
 }
 
-pub fn mount_count() -> usize {
+/// Mounts whose mount point lies under one of `roots` — what one test can
+/// leak, unaffected by tests running in parallel elsewhere.
+pub fn mounts_under(roots: &[&Path]) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
-        .count()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| roots.iter().any(|r| Path::new(m).starts_with(r)))
+        .collect()
 }
