@@ -16,12 +16,14 @@ use containerd_shim_protos::topics;
 use containerd_shim_protos::EventsClient;
 use protobuf::well_known_types::any::Any;
 use protobuf::well_known_types::timestamp::Timestamp;
-use protobuf::MessageFull;
+use protobuf::Message;
 
 /// How long one Forward may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an event is retried (containerd restarting) before it is dropped.
 const RETRY_FOR: Duration = Duration::from_secs(120);
+/// How long the connection to containerd stays open with no event to send.
+const IDLE_DISCONNECT: Duration = Duration::from_secs(1);
 
 /// A task event.
 #[derive(Debug, Clone)]
@@ -47,10 +49,13 @@ pub enum Event {
 }
 
 /// containerd's `typeurl` name for a message: its full protobuf name, no
-/// `type.googleapis.com/` prefix.
-fn pack<M: MessageFull>(msg: &M) -> Any {
+/// `type.googleapis.com/` prefix. Spelled out rather than read from
+/// `MessageFull::descriptor()`, which builds the protobuf reflection tables
+/// of the whole events file on first use: heap the shim would keep for its
+/// whole life (the tests check the names against the descriptors).
+fn pack<M: Message>(type_url: &str, msg: &M) -> Any {
     Any {
-        type_url: M::descriptor().full_name().to_owned(),
+        type_url: type_url.to_owned(),
         value: msg.write_to_bytes().unwrap_or_default(),
         ..Default::default()
     }
@@ -60,18 +65,34 @@ impl Event {
     /// The topic and the packed event.
     pub fn topic_and_any(&self) -> (&'static str, Any) {
         match self {
-            Self::Create(e) => (topics::TASK_CREATE_EVENT_TOPIC, pack(e)),
-            Self::Start(e) => (topics::TASK_START_EVENT_TOPIC, pack(e)),
-            Self::Exit(e) => (topics::TASK_EXIT_EVENT_TOPIC, pack(e)),
-            Self::Delete(e) => (topics::TASK_DELETE_EVENT_TOPIC, pack(e)),
-            Self::ExecAdded(e) => (topics::TASK_EXEC_ADDED_EVENT_TOPIC, pack(e)),
-            Self::ExecStarted(e) => (topics::TASK_EXEC_STARTED_EVENT_TOPIC, pack(e)),
-            Self::Paused(e) => (topics::TASK_PAUSED_EVENT_TOPIC, pack(e)),
-            Self::Resumed(e) => (topics::TASK_RESUMED_EVENT_TOPIC, pack(e)),
-            Self::Oom(e) => (topics::TASK_OOM_EVENT_TOPIC, pack(e)),
+            Self::Create(e) => (topics::TASK_CREATE_EVENT_TOPIC, pack(TYPE_CREATE, e)),
+            Self::Start(e) => (topics::TASK_START_EVENT_TOPIC, pack(TYPE_START, e)),
+            Self::Exit(e) => (topics::TASK_EXIT_EVENT_TOPIC, pack(TYPE_EXIT, e)),
+            Self::Delete(e) => (topics::TASK_DELETE_EVENT_TOPIC, pack(TYPE_DELETE, e)),
+            Self::ExecAdded(e) => (
+                topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+                pack(TYPE_EXEC_ADDED, e),
+            ),
+            Self::ExecStarted(e) => (
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                pack(TYPE_EXEC_STARTED, e),
+            ),
+            Self::Paused(e) => (topics::TASK_PAUSED_EVENT_TOPIC, pack(TYPE_PAUSED, e)),
+            Self::Resumed(e) => (topics::TASK_RESUMED_EVENT_TOPIC, pack(TYPE_RESUMED, e)),
+            Self::Oom(e) => (topics::TASK_OOM_EVENT_TOPIC, pack(TYPE_OOM, e)),
         }
     }
 }
+
+const TYPE_CREATE: &str = "containerd.events.TaskCreate";
+const TYPE_START: &str = "containerd.events.TaskStart";
+const TYPE_EXIT: &str = "containerd.events.TaskExit";
+const TYPE_DELETE: &str = "containerd.events.TaskDelete";
+const TYPE_EXEC_ADDED: &str = "containerd.events.TaskExecAdded";
+const TYPE_EXEC_STARTED: &str = "containerd.events.TaskExecStarted";
+const TYPE_PAUSED: &str = "containerd.events.TaskPaused";
+const TYPE_RESUMED: &str = "containerd.events.TaskResumed";
+const TYPE_OOM: &str = "containerd.events.TaskOOM";
 
 /// A protobuf timestamp of `t`.
 pub fn timestamp(t: SystemTime) -> Timestamp {
@@ -110,6 +131,7 @@ impl Publisher {
         let (tx, rx) = mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("events".into())
+            .stack_size(crate::task::THREAD_STACK_SIZE)
             .spawn(move || forward_loop(&address, &namespace, rx));
         match spawned {
             Ok(_) => Self { tx: Some(tx) },
@@ -136,7 +158,25 @@ impl Publisher {
 
 fn forward_loop(address: &str, namespace: &str, rx: mpsc::Receiver<(Timestamp, Event)>) {
     let mut client: Option<EventsClient> = None;
-    for (stamp, event) in rx {
+    loop {
+        // An idle connection costs two ttrpc client threads for as long as
+        // the container sleeps: drop it, reconnect on the next event.
+        let next = if client.is_some() {
+            match rx.recv_timeout(IDLE_DISCONNECT) {
+                Ok(next) => next,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    client = None;
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(next) => next,
+                Err(_) => return,
+            }
+        };
+        let (stamp, event) = next;
         let (topic, any) = event.topic_and_any();
         let req = ForwardRequest {
             envelope: protobuf::MessageField::some(Envelope {
@@ -179,7 +219,7 @@ fn forward_loop(address: &str, namespace: &str, rx: mpsc::Receiver<(Timestamp, E
 
 #[cfg(test)]
 mod tests {
-    use protobuf::Message;
+    use protobuf::MessageFull;
 
     use super::*;
 
@@ -201,6 +241,36 @@ mod tests {
         assert_eq!(any.type_url, "containerd.events.TaskOOM");
         let (topic, _) = Event::ExecStarted(Default::default()).topic_and_any();
         assert_eq!(topic, "/tasks/exec-started");
+    }
+
+    #[test]
+    fn type_names_match_the_protobuf_descriptors() {
+        fn name<M: MessageFull>() -> String {
+            M::descriptor().full_name().to_owned()
+        }
+        let events = [
+            (Event::Create(Default::default()), name::<ev::TaskCreate>()),
+            (Event::Start(Default::default()), name::<ev::TaskStart>()),
+            (Event::Exit(Default::default()), name::<ev::TaskExit>()),
+            (Event::Delete(Default::default()), name::<ev::TaskDelete>()),
+            (
+                Event::ExecAdded(Default::default()),
+                name::<ev::TaskExecAdded>(),
+            ),
+            (
+                Event::ExecStarted(Default::default()),
+                name::<ev::TaskExecStarted>(),
+            ),
+            (Event::Paused(Default::default()), name::<ev::TaskPaused>()),
+            (
+                Event::Resumed(Default::default()),
+                name::<ev::TaskResumed>(),
+            ),
+            (Event::Oom(Default::default()), name::<ev::TaskOOM>()),
+        ];
+        for (event, full_name) in events {
+            assert_eq!(event.topic_and_any().1.type_url, full_name);
+        }
     }
 
     #[test]

@@ -300,7 +300,7 @@ impl Sandbox for LinuxSandbox {
         Ok(host.display().to_string())
     }
 
-    fn stop(&self, timeout: Duration) -> Result<(), SandboxError> {
+    fn stop(&self, _timeout: Duration) -> Result<(), SandboxError> {
         let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(mut child) = child else {
             return Ok(());
@@ -308,7 +308,11 @@ impl Sandbox for LinuxSandbox {
         if let Err(err) = self.client.destroy_sandbox() {
             log::warn!("agent DestroySandbox failed: {err}");
         }
-        kill_and_wait(child.id() as i32, timeout);
+        // Our own child: SIGKILL and a blocking waitpid, no /proc polling.
+        // SIGKILL cannot be caught, so the wait ends unless the agent is
+        // stuck in the kernel, which no timeout here would fix (the old
+        // poll-then-wait blocked in that case too).
+        let _ = child.kill();
         let _ = child.wait();
         std::fs::remove_dir_all(&self.state_dir)
             .map_err(|e| SandboxError::io(format!("cannot remove {}", self.state_dir.display()), e))

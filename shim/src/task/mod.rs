@@ -17,6 +17,11 @@
 //! This module must never depend on the VMM internals directly; the `vm`
 //! handler is the only place that will.
 
+/// Stack size of the shim's own threads (waiters, stdio copiers, OOM
+/// watcher, event forwarder): each runs one loop of agent calls and small
+/// writes, far from std's 2 MiB default.
+pub const THREAD_STACK_SIZE: usize = 128 * 1024;
+
 pub mod binary;
 pub mod config;
 pub mod error;

@@ -257,6 +257,7 @@ impl TaskService {
         let publisher = self.publisher.clone();
         let _ = std::thread::Builder::new()
             .name("oom".into())
+            .stack_size(crate::task::THREAD_STACK_SIZE)
             .spawn(move || {
                 let mut failures = 0;
                 while failures < 10 {
@@ -317,6 +318,7 @@ impl TaskService {
         let publisher = self.publisher.clone();
         let spawned = std::thread::Builder::new()
             .name("waiter".into())
+            .stack_size(crate::task::THREAD_STACK_SIZE)
             .spawn(move || {
                 let (status, exited_at) = wait_in_agent(&agent, &proc);
                 if !copiers.wait(OUTPUT_DRAIN_TIMEOUT) {

@@ -101,6 +101,7 @@ impl CopierSet {
         let name = if stderr { "stderr" } else { "stdout" };
         std::thread::Builder::new()
             .name(format!("{name}-copy"))
+            .stack_size(crate::task::THREAD_STACK_SIZE)
             .spawn(move || {
                 copy_output(&agent, &id, &exec_id, stderr, sink);
                 let _ = done.send(());
@@ -179,6 +180,7 @@ impl StdinBridge {
         let thread_path = fifo.clone();
         std::thread::Builder::new()
             .name("stdin-copy".into())
+            .stack_size(crate::task::THREAD_STACK_SIZE)
             .spawn(move || copy_input(&agent, &id, &exec_id, &thread_path))
             .map_err(|e| TaskError::io("cannot start the stdin thread", e))?;
         Ok(Self { path: fifo })
