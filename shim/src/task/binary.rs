@@ -424,14 +424,7 @@ fn process_alive(pid: i32, name: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true);
-    !zombie
+    !super::linux::has_exited(pid)
         && cmdline
             .split(|b| *b == 0)
             .next()

@@ -86,20 +86,9 @@ impl TaskError {
     }
 }
 
-/// The message with every `source` appended once.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        source = inner.source();
-    }
-    text
-}
+/// The message with every `source` appended once (shared with the agent, so
+/// both sides of the protocol word errors alike).
+pub use skiff_agent::container::error_chain;
 
 impl From<TaskError> for ttrpc::Error {
     fn from(err: TaskError) -> Self {

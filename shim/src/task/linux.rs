@@ -176,12 +176,19 @@ fn live_agent_pid(state_dir: &Path) -> Option<i32> {
         .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let argv0 = cmdline.split(|b| *b == 0).next()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // A zombie is as good as gone.
-    let zombie = stat
-        .rsplit_once(')')
-        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-    (argv0.ends_with(AGENT_BINARY.as_bytes()) && !zombie).then_some(pid)
+    (argv0.ends_with(AGENT_BINARY.as_bytes()) && !has_exited(pid)).then_some(pid)
+}
+
+/// Whether `pid` is gone or a zombie (exited, not yet reaped: as good as
+/// gone).
+pub(crate) fn has_exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }
 
 fn kill_and_wait(pid: i32, timeout: Duration) {
@@ -191,14 +198,7 @@ fn kill_and_wait(pid: i32, timeout: Duration) {
     while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
         // Not our child (its shim died), so init reaps it; or our child,
         // reaped by the caller's `Child::wait`.
-        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .map(|(_, r)| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        if zombie {
+        if has_exited(pid) {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
