@@ -144,6 +144,22 @@ impl AgentClient {
         }
     }
 
+    /// Wraps an already connected stream (e.g. a hybrid vsock connection
+    /// after its `CONNECT`/`OK` handshake) and checks that the agent
+    /// answers Health within `timeout`. The client owns the stream.
+    pub fn from_stream(
+        stream: std::os::unix::net::UnixStream,
+        timeout: Duration,
+    ) -> CallResult<Self> {
+        use std::os::fd::IntoRawFd;
+        let client = ttrpc::Client::new(stream.into_raw_fd())?;
+        let agent = Self {
+            inner: agent_ttrpc::AgentClient::new(client),
+        };
+        agent.health(timeout)?;
+        Ok(agent)
+    }
+
     /// Health check.
     pub fn health(&self, timeout: Duration) -> CallResult<()> {
         self.inner.health(ctx(timeout), &pb::Empty::new())?;

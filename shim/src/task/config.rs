@@ -10,6 +10,7 @@
 //! initrd = "/usr/share/skiff/initramfs.cpio"
 //! log_level = "info"     # off, error, warn, info, debug, trace
 //! agent_path = "/usr/local/bin/skiff-agent"
+//! vm_ready_timeout_secs = 300  # `vm`: bound on boot + agent's first answer
 //! ```
 //!
 //! Unknown keys and bad values are errors; `start` reports them, so
@@ -131,6 +132,9 @@ pub struct Config {
     /// The agent binary; default: `skiff-agent` next to the shim binary,
     /// then on `PATH`.
     pub agent_path: Option<PathBuf>,
+    /// Bound, in seconds, on booting the VM and reaching its agent (`vm`
+    /// handler); default [`DEFAULT_VM_READY_TIMEOUT_SECS`].
+    pub vm_ready_timeout_secs: Option<u64>,
 }
 
 impl Default for Config {
@@ -143,9 +147,14 @@ impl Default for Config {
             initrd: None,
             log_level: LogLevel::Info,
             agent_path: None,
+            vm_ready_timeout_secs: None,
         }
     }
 }
+
+/// Default bound on a VM's boot and its agent's first answer: guest boots
+/// take 60 to 120 s on a PVM host.
+pub const DEFAULT_VM_READY_TIMEOUT_SECS: u64 = 300;
 
 /// Most vCPUs a sandbox may have.
 pub const MAX_VCPUS: u32 = 64;
@@ -196,6 +205,9 @@ impl Config {
                 }
             }
         }
+        if self.vm_ready_timeout_secs == Some(0) {
+            return Err(invalid("vm_ready_timeout_secs must be at least 1".into()));
+        }
         if self.handler == HandlerKind::Vm {
             return Err(invalid(
                 "handler = \"vm\" is not available in this build yet; use handler = \"linux\""
@@ -203,6 +215,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The bound on a VM's boot and its agent's first answer.
+    pub fn vm_ready_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.vm_ready_timeout_secs
+                .unwrap_or(DEFAULT_VM_READY_TIMEOUT_SECS),
+        )
     }
 
     /// Loads `path`; a missing file is an error.
@@ -331,6 +351,23 @@ mod tests {
         assert!(e.contains("invalid type"), "{e}");
         let e = parse("handler = \"vm\"\n").unwrap_err().to_string();
         assert!(e.contains("not available"), "{e}");
+        let e = parse("vm_ready_timeout_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vm_ready_timeout_secs must be at least 1"),
+            "{e}"
+        );
+        assert_eq!(
+            Config::default().vm_ready_timeout(),
+            std::time::Duration::from_secs(DEFAULT_VM_READY_TIMEOUT_SECS)
+        );
+        assert_eq!(
+            parse("vm_ready_timeout_secs = 9\n")
+                .unwrap()
+                .vm_ready_timeout(),
+            std::time::Duration::from_secs(9)
+        );
     }
 
     #[test]

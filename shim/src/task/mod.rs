@@ -32,3 +32,4 @@ pub mod rootfs;
 pub mod sandbox;
 pub mod service;
 pub mod stdio;
+pub mod vm;

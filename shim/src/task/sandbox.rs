@@ -3,11 +3,12 @@
 //! A [`SandboxHandler`] starts one [`Sandbox`] per shim (per pod) and gives
 //! the TaskService an [`AgentClient`]; everything after that is agent
 //! requests. Two implementations fit this trait: [`linux`] (the agent as a
-//! sandboxed host process, here) and `vm` (the agent as PID 1 of a skiff
-//! micro-VM, reached over vsock; a later change). The calls are direct and
+//! sandboxed host process, here) and [`vm`] (the agent as PID 1 of a skiff
+//! micro-VM in this process, reached over vsock). The calls are direct and
 //! synchronous; timeouts are [`Duration`]s.
 //!
 //! [`linux`]: crate::task::linux
+//! [`vm`]: crate::task::vm
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use crate::agent_client::{AgentCallError, AgentClient};
 use crate::task::config::{Config, HandlerKind};
 use crate::task::linux::LinuxHandler;
+use crate::task::vm::VmHandler;
 
 /// Errors starting, reaching or stopping a sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,9 @@ pub enum SandboxError {
     /// The agent's first requests failed.
     #[error("the agent failed to set up the sandbox")]
     Agent(#[source] AgentCallError),
+    /// The `vm` handler failed (artifacts, rootfs image, VM start).
+    #[error(transparent)]
+    Vm(crate::task::vm::VmSandboxError),
     /// Host I/O for the sandbox's state failed.
     #[error("{context}")]
     Io {
@@ -109,8 +114,10 @@ pub trait Sandbox: Send + Sync + std::fmt::Debug {
 /// The handler `kind` names.
 pub fn handler_for(kind: HandlerKind) -> Box<dyn SandboxHandler> {
     match kind {
-        // `Config` refuses "vm" until the VM handler lands; the linux
-        // handler is the only implementation today.
-        HandlerKind::Linux | HandlerKind::Vm => Box::new(LinuxHandler),
+        HandlerKind::Linux => Box::new(LinuxHandler),
+        // `Config` still refuses "vm": this handler needs the rootfs before
+        // boot, and the TaskService starts its sandbox before it has one.
+        // It serves `cleanup` and direct callers ([`VmHandler::with_rootfs`]).
+        HandlerKind::Vm => Box::new(VmHandler::default()),
     }
 }

@@ -1,0 +1,541 @@
+//! The `vm` sandbox handler: `skiff-agent` as PID 1 of a skiff micro-VM
+//! that runs in the shim's own process.
+//!
+//! Start: the container's rootfs directory becomes an ext4 image
+//! (`mkfs.ext4 -d`) in the sandbox's state dir, attached as the guest's
+//! `/dev/vda`; the VM boots the configured kernel and agent initramfs with
+//! a hybrid vsock device whose unix socket is in the state dir; the handler
+//! then retries the `CONNECT 1024` handshake until the agent answers Health
+//! or the bound from the config runs out, and wraps the connected stream in
+//! an [`AgentClient`]. Stop: DestroySandbox (the agent resets the VM), wait
+//! for the VM to end, force it off if it doesn't.
+//!
+//! Virtio-blk disks are fixed at boot, so the rootfs must be known before
+//! the sandbox starts: one container per VM for now
+//! ([`VmHandler::with_rootfs`]). The TaskService starts its sandbox before
+//! it knows a rootfs, which is why `Config` still refuses `handler = "vm"`.
+//!
+//! This is the only module of `task` that depends on the VMM.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::agent_client::AgentClient;
+use crate::task::config::Config;
+use crate::task::sandbox::{Sandbox, SandboxError, SandboxHandler, SandboxRequest};
+use crate::vmm::{
+    self, BootSource, DiskConfig, ExitReason, KernelSpec, RunningVm, SerialOutput, VmConfig,
+    VmReport, VsockConfig,
+};
+
+/// The agent's vsock port.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Where the agent finds the container's rootfs: the first virtio-blk disk.
+pub const GUEST_ROOTFS: &str = "/dev/vda";
+/// The guest's vsock CID.
+const GUEST_CID: u64 = 3;
+const IMAGE_NAME: &str = "rootfs.ext4";
+const VSOCK_NAME: &str = "vsock.sock";
+const SERIAL_NAME: &str = "serial.log";
+/// Smallest rootfs image.
+const MIN_IMAGE_BYTES: u64 = 16 << 20;
+/// Free space added to the rootfs's size (plus a quarter of it).
+const IMAGE_MARGIN_BYTES: u64 = 16 << 20;
+/// Bound on one handshake's answer; the muxer stays silent while the guest
+/// does not listen yet.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between handshake attempts.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Bound on the agent's first Health answer over a connected stream.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the `vm` handler.
+#[derive(Debug, thiserror::Error)]
+pub enum VmSandboxError {
+    /// The config lacks the guest kernel or initramfs.
+    #[error("handler = \"vm\" needs `{key}` in the skiff config (build it with {hint})")]
+    MissingArtifact {
+        /// `kernel` or `initrd`.
+        key: &'static str,
+        /// The script that builds it.
+        hint: &'static str,
+    },
+    /// A configured guest artifact does not exist.
+    #[error("the configured {key} {path} does not exist")]
+    ArtifactNotFound {
+        /// `kernel` or `initrd`.
+        key: &'static str,
+        /// The configured path.
+        path: PathBuf,
+    },
+    /// No rootfs was given before boot.
+    #[error("the vm handler needs the container's rootfs before boot (no disk hotplug yet)")]
+    NoRootfs,
+    /// `mkfs.ext4` is not installed.
+    #[error("mkfs.ext4 was not found (looked in $PATH, /sbin, /usr/sbin); install e2fsprogs")]
+    NoMkfs,
+    /// Building the rootfs image failed.
+    #[error("cannot build the rootfs image {image} from {rootfs}: {detail}")]
+    Image {
+        /// The source directory.
+        rootfs: PathBuf,
+        /// The image.
+        image: PathBuf,
+        /// What failed (command output).
+        detail: String,
+    },
+    /// The VMM refused to start the VM.
+    #[error("cannot start the VM")]
+    Start(#[source] vmm::VmmError),
+    /// The VM ended before the agent answered.
+    #[error("the VM ended ({exit:?}) after {elapsed:?}, before its agent answered; serial log: {serial}")]
+    EndedEarly {
+        /// Why it ended.
+        exit: ExitReason,
+        /// Time since boot.
+        elapsed: Duration,
+        /// The serial log's tail.
+        serial: String,
+    },
+    /// A path that is not the sandbox's rootfs was to be shared.
+    #[error(
+        "{path} cannot be shared into the VM: only its rootfs {rootfs} is (as {GUEST_ROOTFS})"
+    )]
+    NotShareable {
+        /// The requested path.
+        path: PathBuf,
+        /// The rootfs the VM was booted with.
+        rootfs: PathBuf,
+    },
+}
+
+impl From<VmSandboxError> for SandboxError {
+    fn from(err: VmSandboxError) -> Self {
+        SandboxError::Vm(err)
+    }
+}
+
+/// Boots one micro-VM per sandbox, with one container rootfs as its disk.
+#[derive(Debug, Default, Clone)]
+pub struct VmHandler {
+    rootfs: Option<PathBuf>,
+}
+
+impl VmHandler {
+    /// A handler whose sandboxes get `rootfs` (a directory) as `/dev/vda`.
+    pub fn with_rootfs(rootfs: impl Into<PathBuf>) -> Self {
+        Self {
+            rootfs: Some(rootfs.into()),
+        }
+    }
+
+    /// Starts a sandbox (see the module docs); the concrete type, for
+    /// callers that want the VM's report on stop. The bound on boot plus
+    /// the agent's first answer is the config's `vm_ready_timeout_secs`
+    /// (default 300 s), not `req.ready_timeout`, which is sized for a host
+    /// process.
+    pub fn start_vm(&self, req: &SandboxRequest<'_>) -> Result<VmSandbox, SandboxError> {
+        let rootfs = self.rootfs.clone().ok_or(VmSandboxError::NoRootfs)?;
+        let (kernel, initrd) = artifacts(req.config)?;
+        std::fs::create_dir_all(req.state_dir).map_err(|e| {
+            SandboxError::io(
+                format!(
+                    "cannot create the sandbox state dir {}",
+                    req.state_dir.display()
+                ),
+                e,
+            )
+        })?;
+        let image = req.state_dir.join(IMAGE_NAME);
+        let t = Instant::now();
+        let image_bytes = build_image(&rootfs, &image)?;
+        log::info!(
+            "sandbox {}: rootfs image {} ({} MiB) built in {:?}",
+            req.id,
+            image.display(),
+            image_bytes >> 20,
+            t.elapsed()
+        );
+
+        let uds = req.state_dir.join(VSOCK_NAME);
+        let serial = req.state_dir.join(SERIAL_NAME);
+        let _ = std::fs::remove_file(&uds);
+        let host = crate::check::detect();
+        let cmdline = host.cmdline();
+        let config = VmConfig {
+            vcpus: u8::try_from(req.config.vcpus).unwrap_or(u8::MAX),
+            mem_mib: u64::from(req.config.memory_mib),
+            boot: BootSource::Kernel(KernelSpec {
+                kernel,
+                initrd: Some(initrd),
+                cmdline,
+            }),
+            disks: vec![DiskConfig {
+                path: image.clone(),
+                read_only: false,
+            }],
+            vsock: Some(VsockConfig {
+                guest_cid: GUEST_CID,
+                uds_path: uds.clone(),
+            }),
+            cpu_template: host.template,
+            serial: SerialOutput::File(serial.clone()),
+            epoch: Instant::now(),
+        };
+        let booted = Instant::now();
+        let vm = vmm::Vm::start(config).map_err(VmSandboxError::Start)?;
+        let timeout = req.config.vm_ready_timeout();
+        let client = match connect_agent(&vm, &uds, &serial, timeout) {
+            Ok(client) => client,
+            Err(err) => {
+                vm.stop();
+                let _ = vm.wait();
+                return Err(err);
+            }
+        };
+        let ready_after = booted.elapsed();
+        log::info!(
+            "sandbox {}: VM agent answered {:?} after boot (bound {:?})",
+            req.id,
+            ready_after,
+            timeout
+        );
+        let sandbox = VmSandbox {
+            state_dir: req.state_dir.to_owned(),
+            rootfs,
+            client,
+            vm: Mutex::new(Some(vm)),
+            ready_after,
+        };
+        if let Err(err) = sandbox.client.create_sandbox(req.hostname) {
+            let _ = sandbox.stop_vm(Duration::from_secs(5));
+            return Err(SandboxError::Agent(err));
+        }
+        Ok(sandbox)
+    }
+}
+
+/// The guest kernel and initramfs from the config.
+fn artifacts(config: &Config) -> Result<(PathBuf, PathBuf), VmSandboxError> {
+    let kernel = config
+        .kernel
+        .clone()
+        .ok_or(VmSandboxError::MissingArtifact {
+            key: "kernel",
+            hint: "guest-image/kernel/build.sh",
+        })?;
+    let initrd = config
+        .initrd
+        .clone()
+        .ok_or(VmSandboxError::MissingArtifact {
+            key: "initrd",
+            hint: "guest-image/initramfs/agent-build.sh",
+        })?;
+    for (key, path) in [("kernel", &kernel), ("initrd", &initrd)] {
+        if !path.is_file() {
+            return Err(VmSandboxError::ArtifactNotFound {
+                key,
+                path: path.clone(),
+            });
+        }
+    }
+    Ok((kernel, initrd))
+}
+
+fn find_mkfs() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/sbin"), PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("mkfs.ext4"))
+        .find(|p| p.is_file())
+}
+
+/// The image size for a rootfs of `used` bytes.
+fn image_size(used: u64) -> u64 {
+    let size = used + used / 4 + IMAGE_MARGIN_BYTES;
+    // mkfs.ext4 sizes in whole 1 KiB blocks; round up to a MiB.
+    size.max(MIN_IMAGE_BYTES).div_ceil(1 << 20) << 20
+}
+
+/// Builds `image` (ext4) from the directory `rootfs`; returns its size.
+fn build_image(rootfs: &Path, image: &Path) -> Result<u64, VmSandboxError> {
+    let fail = |detail: String| VmSandboxError::Image {
+        rootfs: rootfs.to_owned(),
+        image: image.to_owned(),
+        detail,
+    };
+    if !rootfs.is_dir() {
+        return Err(fail("the rootfs is not a directory".into()));
+    }
+    let mkfs = find_mkfs().ok_or(VmSandboxError::NoMkfs)?;
+    let du = Command::new("du")
+        .args(["-s", "--block-size=1"])
+        .arg(rootfs)
+        .output()
+        .map_err(|e| fail(format!("cannot run du: {e}")))?;
+    if !du.status.success() {
+        return Err(fail(format!(
+            "du failed: {}",
+            String::from_utf8_lossy(&du.stderr).trim()
+        )));
+    }
+    let used: u64 = String::from_utf8_lossy(&du.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| fail("cannot parse du's output".into()))?;
+    let size = image_size(used);
+    let _ = std::fs::remove_file(image);
+    let out = Command::new(&mkfs)
+        .args(["-q", "-F", "-d"])
+        .arg(rootfs)
+        .arg(image)
+        .arg(format!("{}k", size >> 10))
+        .output()
+        .map_err(|e| fail(format!("cannot run {}: {e}", mkfs.display())))?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "{} exited with {}: {}",
+            mkfs.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(size)
+}
+
+/// The last `max` bytes of a file, on one line.
+fn tail(path: &Path, max: u64) -> String {
+    let Ok(mut file) = File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).trim().replace('\n', " | ")
+}
+
+/// One hybrid vsock handshake: `CONNECT <port>\n` → `OK <host_port>\n`.
+fn handshake(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(uds)?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    // One byte at a time: what follows the newline is ttrpc's.
+    let mut reader = BufReader::with_capacity(1, &stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if !line.starts_with("OK ") {
+        return Err(std::io::Error::other(format!(
+            "the muxer answered {line:?}"
+        )));
+    }
+    stream.set_read_timeout(None)?;
+    Ok(stream)
+}
+
+/// Retries the handshake and a first Health until `timeout` has passed
+/// since the call, the agent answers, or the VM ends.
+fn connect_agent(
+    vm: &RunningVm,
+    uds: &Path,
+    serial: &Path,
+    timeout: Duration,
+) -> Result<AgentClient, SandboxError> {
+    let start = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        if vm.has_exited() {
+            return Err(VmSandboxError::EndedEarly {
+                exit: ExitReason::Stopped,
+                elapsed: start.elapsed(),
+                serial: tail(serial, 2048),
+            }
+            .into());
+        }
+        attempts += 1;
+        let last = match handshake(uds, AGENT_VSOCK_PORT) {
+            Ok(stream) => match AgentClient::from_stream(stream, HEALTH_TIMEOUT) {
+                Ok(client) => {
+                    log::debug!(
+                        "agent reached after {attempts} attempts, {:?}",
+                        start.elapsed()
+                    );
+                    return Ok(client);
+                }
+                Err(err) => format!("Health failed: {err}"),
+            },
+            Err(err) => format!("handshake: {err}"),
+        };
+        if start.elapsed() >= timeout {
+            return Err(SandboxError::NotReady {
+                timeout,
+                detail: format!(
+                    "{attempts} attempts in {:?}, last: {last}; serial log: {}",
+                    start.elapsed(),
+                    tail(serial, 2048)
+                ),
+            });
+        }
+        std::thread::sleep(RETRY_PAUSE);
+    }
+}
+
+impl SandboxHandler for VmHandler {
+    fn start(&self, req: &SandboxRequest<'_>) -> Result<Box<dyn Sandbox>, SandboxError> {
+        Ok(Box::new(self.start_vm(req)?))
+    }
+
+    fn cleanup(&self, state_dir: &Path, _config: &Config) -> Result<(), SandboxError> {
+        // The VM lived in the dead shim's process and died with it; only
+        // its files (image, socket, serial log) are left.
+        match std::fs::remove_dir_all(state_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(SandboxError::io(
+                format!("cannot remove {}", state_dir.display()),
+                e,
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A running micro-VM and its agent client.
+pub struct VmSandbox {
+    state_dir: PathBuf,
+    rootfs: PathBuf,
+    client: AgentClient,
+    vm: Mutex<Option<RunningVm>>,
+    ready_after: Duration,
+}
+
+impl std::fmt::Debug for VmSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmSandbox")
+            .field("state_dir", &self.state_dir)
+            .field("rootfs", &self.rootfs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmSandbox {
+    /// How long the VM took from start to the agent's first answer.
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// Stops the sandbox like [`Sandbox::stop`] and reports how the VM
+    /// ended (`None` if it was already stopped). A clean end is
+    /// [`ExitReason::Reset`]: the agent resets the VM after DestroySandbox.
+    pub fn stop_vm(&self, timeout: Duration) -> Result<Option<VmReport>, SandboxError> {
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(vm) = vm else {
+            return Ok(None);
+        };
+        if let Err(err) = self.client.destroy_sandbox() {
+            log::warn!("agent DestroySandbox failed: {err}");
+        }
+        let deadline = Instant::now() + timeout;
+        while !vm.has_exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !vm.has_exited() {
+            log::warn!("the VM did not end within {timeout:?} of DestroySandbox; stopping it");
+            vm.stop();
+        }
+        let report = vm.wait();
+        log::info!("VM ended: {:?}", report.exit);
+        std::fs::remove_dir_all(&self.state_dir).map_err(|e| {
+            SandboxError::io(format!("cannot remove {}", self.state_dir.display()), e)
+        })?;
+        Ok(Some(report))
+    }
+}
+
+impl Sandbox for VmSandbox {
+    fn agent(&self) -> &AgentClient {
+        &self.client
+    }
+
+    fn share_path(&self, host: &Path) -> Result<String, SandboxError> {
+        if host == self.rootfs {
+            Ok(GUEST_ROOTFS.to_owned())
+        } else {
+            Err(VmSandboxError::NotShareable {
+                path: host.to_owned(),
+                rootfs: self.rootfs.clone(),
+            }
+            .into())
+        }
+    }
+
+    fn stop(&self, timeout: Duration) -> Result<(), SandboxError> {
+        self.stop_vm(timeout).map(drop)
+    }
+}
+
+impl Drop for VmSandbox {
+    fn drop(&mut self) {
+        // RunningVm's own Drop stops and joins the VM's threads.
+        drop(self.vm.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_size_has_a_floor_and_a_margin() {
+        assert_eq!(image_size(0), 16 << 20);
+        assert_eq!(image_size(1 << 20), 18 << 20);
+        assert_eq!(image_size(100 << 20), 141 << 20);
+    }
+
+    #[test]
+    fn missing_artifacts_are_clear_errors() {
+        let err = artifacts(&Config::default()).unwrap_err().to_string();
+        assert!(err.contains("needs `kernel`"), "{err}");
+        let config = Config {
+            kernel: Some("/nonexistent/vmlinux".into()),
+            initrd: Some("/nonexistent/initramfs.cpio".into()),
+            ..Config::default()
+        };
+        let err = artifacts(&config).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/vmlinux does not exist"), "{err}");
+        let err = VmHandler::default()
+            .start(&SandboxRequest {
+                id: "x",
+                state_dir: Path::new("/nonexistent"),
+                hostname: "",
+                config: &config,
+                ready_timeout: Duration::from_secs(1),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs the container's rootfs"), "{err}");
+    }
+
+    #[test]
+    fn image_from_a_directory() {
+        if find_mkfs().is_none() {
+            eprintln!("skipped: mkfs.ext4 missing (apt-get install e2fsprogs)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/hello"), b"hi").unwrap();
+        let image = dir.path().join("img");
+        let size = build_image(&root, &image).unwrap();
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), size);
+        let err = build_image(&dir.path().join("nope"), &image)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a directory"), "{err}");
+    }
+}
