@@ -7,6 +7,8 @@
 //! - [`task`]: the containerd shim v2 TaskService
 //!   (`containerd-shim-skiff-v2`) and its sandbox handlers.
 //! - [`agent_client`]: the typed client of the skiff agent.
+//! - [`run`]: `skiff run`, one container in a fresh sandbox without
+//!   containerd.
 //!
 //! This crate turns `vmm-core`'s
 //! allocation-free state machines into running devices; it must never be a
@@ -14,5 +16,6 @@
 
 pub mod agent_client;
 pub mod check;
+pub mod run;
 pub mod task;
 pub mod vmm;

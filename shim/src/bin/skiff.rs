@@ -7,6 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use shim::check;
+use shim::run::{self as skiff_run, RunRequest};
+use shim::task::config::{Config, HandlerKind};
 use shim::vmm::{
     self, BootSource, CpuTemplate, DiskConfig, ExitReason, KernelSpec, VmConfig, VsockConfig,
 };
@@ -23,9 +25,45 @@ enum Command {
     /// Report what this host can run (hardware KVM, PVM, or no KVM) and the
     /// CPU template and kernel parameters skiff picks for it.
     Check,
+    /// Run one container in a fresh sandbox (no containerd), streaming its
+    /// output; exits with the container's exit status.
+    Run(RunArgs),
     /// Micro-VM commands.
     #[command(subcommand)]
     Vm(VmCommand),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Sandbox handler: `vm` (a micro-VM) or `linux` (a sandboxed host
+    /// process). Default: the config's.
+    #[arg(long, value_parser = ["vm", "linux"])]
+    handler: Option<String>,
+    /// The skiff config (default: $SKIFF_CONFIG, else
+    /// /etc/skiff/config.toml if present, else built-in defaults).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The container's root filesystem (a directory).
+    #[arg(long, value_name = "DIR")]
+    rootfs: PathBuf,
+    /// Guest kernel (`vm`; overrides the config's).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs with the agent (`vm`; overrides the config's).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Guest memory in MiB (`vm`; overrides the config's).
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// An environment entry NAME=value. Repeatable.
+    #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// The container's hostname.
+    #[arg(long, default_value = "skiff")]
+    hostname: String,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -144,8 +182,47 @@ fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Run(a) => run_container(a),
         Command::Vm(VmCommand::Boot(a)) => boot(a, epoch),
     }
+}
+
+fn run_container(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let (mut config, _) = Config::resolve(a.config.as_deref())?;
+    if let Some(handler) = a.handler.as_deref() {
+        config.handler = if handler == "vm" {
+            HandlerKind::Vm
+        } else {
+            HandlerKind::Linux
+        };
+    }
+    config.kernel = a.kernel.or(config.kernel);
+    config.initrd = a.initrd.or(config.initrd);
+    if let Some(mib) = a.memory_mib {
+        config.memory_mib = mib;
+    }
+    for entry in &a.env {
+        if !entry.contains('=') {
+            bail!("--env {entry:?} is not NAME=value");
+        }
+    }
+    let req = RunRequest {
+        config: &config,
+        rootfs: &a.rootfs,
+        args: &a.command,
+        env: &a.env,
+        hostname: &a.hostname,
+    };
+    let outcome = skiff_run::run(&req, &mut std::io::stdout(), &mut std::io::stderr())?;
+    log::info!(
+        "sandbox ready in {:?}; container ran {:?}; exit status {}",
+        outcome.sandbox_ready,
+        outcome.container,
+        outcome.status
+    );
+    Ok(ExitCode::from(
+        u8::try_from(outcome.status).unwrap_or(u8::MAX),
+    ))
 }
 
 fn boot(a: BootArgs, epoch: Instant) -> anyhow::Result<ExitCode> {

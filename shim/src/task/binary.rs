@@ -361,7 +361,6 @@ fn serve(args: &Args) -> Result<(), String> {
     let service = Arc::new(TaskService::new(
         info,
         config.clone(),
-        handler_for(config.handler),
         publisher,
         shutdown_tx,
     ));
@@ -622,7 +621,6 @@ mod tests {
                 state_dir: "/nonexistent".into(),
             },
             Config::default(),
-            handler_for(crate::task::config::HandlerKind::Linux),
             Publisher::discard(),
             tx,
         ));

@@ -208,12 +208,6 @@ impl Config {
         if self.vm_ready_timeout_secs == Some(0) {
             return Err(invalid("vm_ready_timeout_secs must be at least 1".into()));
         }
-        if self.handler == HandlerKind::Vm {
-            return Err(invalid(
-                "handler = \"vm\" is not available in this build yet; use handler = \"linux\""
-                    .into(),
-            ));
-        }
         Ok(())
     }
 
@@ -349,8 +343,10 @@ mod tests {
         assert!(e.contains("must be an absolute path"), "{e}");
         let e = parse("vcpus = \"two\"\n").unwrap_err().to_string();
         assert!(e.contains("invalid type"), "{e}");
-        let e = parse("handler = \"vm\"\n").unwrap_err().to_string();
-        assert!(e.contains("not available"), "{e}");
+        assert_eq!(
+            parse("handler = \"vm\"\n").unwrap().handler,
+            HandlerKind::Vm
+        );
         let e = parse("vm_ready_timeout_secs = 0\n")
             .unwrap_err()
             .to_string();

@@ -81,6 +81,9 @@ pub struct SandboxRequest<'a> {
     pub state_dir: &'a Path,
     /// The hostname containers without their own get.
     pub hostname: &'a str,
+    /// The first container's root filesystem on the host (mounted). The
+    /// `vm` handler builds the guest's disk from it before boot.
+    pub rootfs: &'a Path,
     /// The shim's configuration.
     pub config: &'a Config,
     /// How long to wait for the agent's first Health answer.
@@ -115,9 +118,6 @@ pub trait Sandbox: Send + Sync + std::fmt::Debug {
 pub fn handler_for(kind: HandlerKind) -> Box<dyn SandboxHandler> {
     match kind {
         HandlerKind::Linux => Box::new(LinuxHandler),
-        // `Config` still refuses "vm": this handler needs the rootfs before
-        // boot, and the TaskService starts its sandbox before it has one.
-        // It serves `cleanup` and direct callers ([`VmHandler::with_rootfs`]).
-        HandlerKind::Vm => Box::new(VmHandler::default()),
+        HandlerKind::Vm => Box::new(VmHandler),
     }
 }

@@ -29,7 +29,7 @@ use crate::task::config::{config_path_from_any, Config};
 use crate::task::error::TaskError;
 use crate::task::events::{timestamp, timestamp_ms, Event, Publisher};
 use crate::task::rootfs::{self, MountSpec};
-use crate::task::sandbox::{Sandbox, SandboxHandler, SandboxRequest};
+use crate::task::sandbox::{handler_for, Sandbox, SandboxRequest};
 use crate::task::stdio::{open_output, CopierSet, StdinBridge};
 
 /// How long the agent gets to answer its first Health.
@@ -182,7 +182,6 @@ impl Container {
 pub struct TaskService {
     info: ShimInfo,
     config: Mutex<Config>,
-    handler: Box<dyn SandboxHandler>,
     publisher: Publisher,
     sandbox: Mutex<Option<Arc<dyn Sandbox>>>,
     /// Serializes sandbox start-up (first Create) only.
@@ -197,14 +196,12 @@ impl TaskService {
     pub fn new(
         info: ShimInfo,
         config: Config,
-        handler: Box<dyn SandboxHandler>,
         publisher: Publisher,
         shutdown_tx: mpsc::Sender<()>,
     ) -> Self {
         Self {
             info,
             config: Mutex::new(config),
-            handler,
             publisher,
             sandbox: Mutex::new(None),
             sandbox_start: Mutex::new(()),
@@ -231,8 +228,9 @@ impl TaskService {
             .ok_or_else(|| TaskError::FailedPrecondition("the sandbox is not running".into()))
     }
 
-    /// The running sandbox, started on first use.
-    fn ensure_sandbox(&self, hostname: &str) -> TaskResult<Arc<dyn Sandbox>> {
+    /// The running sandbox, started on first use (by the handler the
+    /// config names then) with `rootfs`, the first container's root.
+    fn ensure_sandbox(&self, hostname: &str, rootfs: &Path) -> TaskResult<Arc<dyn Sandbox>> {
         if let Some(s) = lock(&self.sandbox).as_ref() {
             return Ok(Arc::clone(s));
         }
@@ -241,13 +239,15 @@ impl TaskService {
             return Ok(Arc::clone(s));
         }
         let config = lock(&self.config).clone();
-        let sandbox: Arc<dyn Sandbox> = Arc::from(self.handler.start(&SandboxRequest {
-            id: &self.info.sandbox_id,
-            state_dir: &self.info.state_dir,
-            hostname,
-            config: &config,
-            ready_timeout: SANDBOX_READY_TIMEOUT,
-        })?);
+        let sandbox: Arc<dyn Sandbox> =
+            Arc::from(handler_for(config.handler).start(&SandboxRequest {
+                id: &self.info.sandbox_id,
+                state_dir: &self.info.state_dir,
+                hostname,
+                rootfs,
+                config: &config,
+                ready_timeout: SANDBOX_READY_TIMEOUT,
+            })?);
         self.spawn_oom_watcher(sandbox.agent().clone());
         *lock(&self.sandbox) = Some(Arc::clone(&sandbox));
         Ok(sandbox)
@@ -375,8 +375,6 @@ impl TaskService {
             }
         }
         let hostname = spec["hostname"].as_str().unwrap_or_default().to_owned();
-        let sandbox = self.ensure_sandbox(&hostname)?;
-        let agent = sandbox.agent().clone();
 
         // The root filesystem: the snapshot's mount, or the bundle's dir.
         let mounts: Vec<MountSpec> = req
@@ -407,11 +405,15 @@ impl TaskService {
                 }
             }
         };
-        let agent_rootfs = match sandbox.share_path(&rootfs) {
-            Ok(p) => p,
+        let shared = self.ensure_sandbox(&hostname, &rootfs).and_then(|sandbox| {
+            let path = sandbox.share_path(&rootfs)?;
+            Ok((sandbox.agent().clone(), path))
+        });
+        let (agent, agent_rootfs) = match shared {
+            Ok(v) => v,
             Err(err) => {
                 undo_mount();
-                return Err(err.into());
+                return Err(err);
             }
         };
         let stdio = StdioPaths {

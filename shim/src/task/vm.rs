@@ -10,16 +10,14 @@
 //! an [`AgentClient`]. Stop: DestroySandbox (the agent resets the VM), wait
 //! for the VM to end, force it off if it doesn't.
 //!
-//! Virtio-blk disks are fixed at boot, so the rootfs must be known before
-//! the sandbox starts: one container per VM for now
-//! ([`VmHandler::with_rootfs`]). The TaskService starts its sandbox before
-//! it knows a rootfs, which is why `Config` still refuses `handler = "vm"`.
+//! Virtio-blk disks are fixed at boot, so the sandbox is started with its
+//! first container's rootfs ([`SandboxRequest::rootfs`]), and only that
+//! rootfs can be shared into it: one container per VM for now.
 //!
 //! This is the only module of `task` that depends on the VMM.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -73,9 +71,6 @@ pub enum VmSandboxError {
         /// The configured path.
         path: PathBuf,
     },
-    /// No rootfs was given before boot.
-    #[error("the vm handler needs the container's rootfs before boot (no disk hotplug yet)")]
-    NoRootfs,
     /// `mkfs.ext4` is not installed.
     #[error("mkfs.ext4 was not found (looked in $PATH, /sbin, /usr/sbin); install e2fsprogs")]
     NoMkfs,
@@ -102,9 +97,10 @@ pub enum VmSandboxError {
         /// The serial log's tail.
         serial: String,
     },
-    /// A path that is not the sandbox's rootfs was to be shared.
+    /// A path that is not the sandbox's rootfs was to be shared (a second
+    /// container in the same pod).
     #[error(
-        "{path} cannot be shared into the VM: only its rootfs {rootfs} is (as {GUEST_ROOTFS})"
+        "{path} cannot be shared into the VM: only the first container's rootfs {rootfs} is (as {GUEST_ROOTFS}); one container per VM sandbox for now"
     )]
     NotShareable {
         /// The requested path.
@@ -120,27 +116,19 @@ impl From<VmSandboxError> for SandboxError {
     }
 }
 
-/// Boots one micro-VM per sandbox, with one container rootfs as its disk.
-#[derive(Debug, Default, Clone)]
-pub struct VmHandler {
-    rootfs: Option<PathBuf>,
-}
+/// Boots one micro-VM per sandbox, with the first container's rootfs as
+/// its disk.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VmHandler;
 
 impl VmHandler {
-    /// A handler whose sandboxes get `rootfs` (a directory) as `/dev/vda`.
-    pub fn with_rootfs(rootfs: impl Into<PathBuf>) -> Self {
-        Self {
-            rootfs: Some(rootfs.into()),
-        }
-    }
-
     /// Starts a sandbox (see the module docs); the concrete type, for
     /// callers that want the VM's report on stop. The bound on boot plus
     /// the agent's first answer is the config's `vm_ready_timeout_secs`
     /// (default 300 s), not `req.ready_timeout`, which is sized for a host
     /// process.
     pub fn start_vm(&self, req: &SandboxRequest<'_>) -> Result<VmSandbox, SandboxError> {
-        let rootfs = self.rootfs.clone().ok_or(VmSandboxError::NoRootfs)?;
+        let rootfs = req.rootfs.to_owned();
         let (kernel, initrd) = artifacts(req.config)?;
         std::fs::create_dir_all(req.state_dir).map_err(|e| {
             SandboxError::io(
@@ -321,24 +309,6 @@ fn tail(path: &Path, max: u64) -> String {
     String::from_utf8_lossy(&bytes).trim().replace('\n', " | ")
 }
 
-/// One hybrid vsock handshake: `CONNECT <port>\n` → `OK <host_port>\n`.
-fn handshake(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(uds)?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    // One byte at a time: what follows the newline is ttrpc's.
-    let mut reader = BufReader::with_capacity(1, &stream);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    if !line.starts_with("OK ") {
-        return Err(std::io::Error::other(format!(
-            "the muxer answered {line:?}"
-        )));
-    }
-    stream.set_read_timeout(None)?;
-    Ok(stream)
-}
-
 /// Retries the handshake and a first Health until `timeout` has passed
 /// since the call, the agent answers, or the VM ends.
 fn connect_agent(
@@ -359,7 +329,7 @@ fn connect_agent(
             .into());
         }
         attempts += 1;
-        let last = match handshake(uds, AGENT_VSOCK_PORT) {
+        let last = match vmm::vsock_connect(uds, AGENT_VSOCK_PORT, HANDSHAKE_TIMEOUT) {
             Ok(stream) => match AgentClient::from_stream(stream, HEALTH_TIMEOUT) {
                 Ok(client) => {
                     log::debug!(
@@ -507,17 +477,18 @@ mod tests {
         };
         let err = artifacts(&config).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/vmlinux does not exist"), "{err}");
-        let err = VmHandler::default()
+        let err = VmHandler
             .start(&SandboxRequest {
                 id: "x",
                 state_dir: Path::new("/nonexistent"),
                 hostname: "",
+                rootfs: Path::new("/nonexistent/rootfs"),
                 config: &config,
                 ready_timeout: Duration::from_secs(1),
             })
             .unwrap_err()
             .to_string();
-        assert!(err.contains("needs the container's rootfs"), "{err}");
+        assert!(err.contains("/nonexistent/vmlinux does not exist"), "{err}");
     }
 
     #[test]

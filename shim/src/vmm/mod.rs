@@ -29,6 +29,7 @@ pub use platform::cpuid::CpuTemplate;
 pub(crate) use platform_x86_64 as platform;
 
 pub use devices::SerialOutput;
+pub use vsock::connect as vsock_connect;
 
 /// How the guest starts.
 #[derive(Clone, Debug)]

@@ -9,7 +9,11 @@
 
 mod muxer;
 
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
 
 use vmm_core::devices::vsock::{ReservedCidError, Vsock};
 use vmm_core::mmio::MmioTransport;
@@ -39,6 +43,27 @@ pub enum VsockSetupError {
     /// The transport could not be built.
     #[error("cannot build the vsock transport")]
     Transport(#[from] vmm_core::mmio::MmioError),
+}
+
+/// Connects a host process to guest port `port` through the VM's hybrid
+/// vsock socket `uds`: `CONNECT <port>\n`, then `OK <host_port>\n` within
+/// `timeout` (the muxer stays silent while nothing in the guest listens).
+/// The returned stream carries the connection's bytes, in blocking mode.
+pub fn connect(uds: &Path, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(uds)?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    stream.set_read_timeout(Some(timeout))?;
+    // One byte at a time: what follows the newline is the connection's.
+    let mut reader = BufReader::with_capacity(1, &stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if !line.starts_with("OK ") {
+        return Err(std::io::Error::other(format!(
+            "the vsock muxer answered {line:?} to CONNECT {port}"
+        )));
+    }
+    stream.set_read_timeout(None)?;
+    Ok(stream)
 }
 
 /// The vsock device behind its transport, as the device thread sees it.

@@ -1,0 +1,259 @@
+//! `skiff run`: one container in a fresh sandbox, from the command line.
+//!
+//! The `linux` handler case runs everywhere the agent can (root); the `vm`
+//! case boots a micro-VM (one to two minutes under PVM) with the kernel and
+//! agent initramfs from `SKIFF_TEST_KERNEL` / `SKIFF_TEST_AGENT_INITRD`
+//! (scripts/test sets both; CI must have them).
+
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use std::time::Instant;
+
+fn skiff() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_skiff"))
+}
+
+fn ci() -> bool {
+    std::env::var("CI").as_deref() == Ok("true")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Builds `skiff-agent` next to the `skiff` binary (the `linux` handler
+/// looks for it there).
+fn build_agent() {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_skiff"));
+    let dir = bin.parent().unwrap();
+    let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-q", "-p", "skiff-agent", "--bin", "skiff-agent"])
+        .env("CARGO_TARGET_DIR", dir.parent().unwrap())
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    if profile == "release" {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "cannot build skiff-agent: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn busybox_rootfs(root: &Path) {
+    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "cat", "cut", "hostname", "true"] {
+        symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Skips (or fails under CI) unless root and busybox-static are there.
+fn can_run_containers() -> bool {
+    let missing = if !is_root() {
+        Some("not root")
+    } else if !Path::new("/bin/busybox").exists() {
+        Some("/bin/busybox missing (apt-get install busybox-static)")
+    } else {
+        None
+    };
+    match missing {
+        Some(why) => {
+            assert!(!ci(), "CI runs as root with busybox-static: {why}");
+            eprintln!("skipped: {why}");
+            false
+        }
+        None => true,
+    }
+}
+
+const SCRIPT: &str = "echo out $FOO $(hostname); echo err >&2; exit 3";
+
+fn run(args: &[&str]) -> Output {
+    skiff().args(args).output().unwrap()
+}
+
+#[test]
+fn run_with_the_linux_handler() {
+    if !can_run_containers() {
+        return;
+    }
+    build_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    busybox_rootfs(&root);
+    let root = root.to_str().unwrap();
+    let out = run(&[
+        "run",
+        "--handler",
+        "linux",
+        "--rootfs",
+        root,
+        "-e",
+        "FOO=bar",
+        "--hostname",
+        "box",
+        "--",
+        "sh",
+        "-c",
+        SCRIPT,
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "out bar box\n");
+    assert!(text(&out.stderr).contains("err\n"), "{}", text(&out.stderr));
+
+    // The sandbox's state is gone afterwards.
+    let id = sandbox_id(&text(&out.stderr));
+    assert!(
+        !Path::new(shim::run::RUN_STATE_ROOT).join(&id).exists(),
+        "{id} left"
+    );
+
+    // A missing binary is the agent's clear error, and a failure.
+    let out = run(&[
+        "run",
+        "--handler",
+        "linux",
+        "--rootfs",
+        root,
+        "--",
+        "/no/such",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("/no/such"),
+        "{}",
+        text(&out.stderr)
+    );
+    let id = sandbox_id(&text(&out.stderr));
+    assert!(
+        !Path::new(shim::run::RUN_STATE_ROOT).join(&id).exists(),
+        "{id} left"
+    );
+}
+
+/// The sandbox id `skiff run` logged (`sandbox <id> started…`).
+fn sandbox_id(stderr: &str) -> String {
+    let id = stderr
+        .split("sandbox ")
+        .nth(1)
+        .and_then(|s| s.split([' ', ':']).next())
+        .unwrap_or_default();
+    assert!(!id.is_empty(), "no sandbox id in {stderr}");
+    id.to_owned()
+}
+
+#[test]
+fn run_bad_input_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["run", "--rootfs", "/nonexistent/rootfs", "--", "true"],
+            "/nonexistent/rootfs is not a directory",
+        ),
+        (&["run", "--rootfs", "/"], "CMD"),
+        (
+            &["run", "--handler", "qemu", "--rootfs", "/", "--", "true"],
+            "qemu",
+        ),
+        (
+            &["run", "-e", "NOEQUALS", "--rootfs", "/", "--", "true"],
+            "NAME=value",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // The vm handler without a kernel says which key is missing.
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "handler = \"vm\"\n").unwrap();
+    let out = run(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--rootfs",
+        "/",
+        "--",
+        "true",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("needs `kernel`"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn run_with_the_vm_handler() {
+    let (Some(kernel), Some(initrd)) = (
+        std::env::var_os("SKIFF_TEST_KERNEL"),
+        std::env::var_os("SKIFF_TEST_AGENT_INITRD"),
+    ) else {
+        assert!(
+            !ci(),
+            "CI must set SKIFF_TEST_KERNEL and SKIFF_TEST_AGENT_INITRD"
+        );
+        eprintln!(
+            "skipped: SKIFF_TEST_KERNEL / SKIFF_TEST_AGENT_INITRD not set (run scripts/test)"
+        );
+        return;
+    };
+    if !can_run_containers() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    busybox_rootfs(&root);
+    let t = Instant::now();
+    let out = skiff()
+        .args(["run", "--handler", "vm", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--rootfs")
+        .arg(&root)
+        .args(["-e", "FOO=vm", "--hostname", "guest", "--", "sh", "-c"])
+        .arg(format!(
+            "echo kernel $(cut -c1-5 /proc/sys/kernel/osrelease); {SCRIPT}"
+        ))
+        .env("SKIFF_LOG", "debug")
+        .output()
+        .unwrap();
+    eprintln!(
+        "skiff run --handler vm took {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    // The guest kernel (6.12), not the host's, ran it.
+    assert_eq!(
+        text(&out.stdout),
+        "kernel 6.12.\nout vm guest\n",
+        "{stderr}"
+    );
+    assert!(!std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap()
+        .starts_with("6.12."));
+    assert!(stderr.contains("err\n"), "{stderr}");
+    assert!(stderr.contains("VM agent answered"), "{stderr}");
+    assert!(stderr.contains("VM ended: Reset"), "{stderr}");
+}
