@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # skiff shim vs the stock runc shim under one private containerd (root).
 #
-#   benches/shim-bench.sh [N] [M]     (defaults N=20, M=100; 0 skips a part)
+#   benches/shim-bench.sh [N] [M] [V]   (defaults N=20, M=100, V=0; 0 skips a part)
 #
 # 1. `ctr run --rm localhost/busybox /bin/true`, skiff and runc alternating,
 #    N runs each: medians and the skiff/runc ratio (goal <= 1.0).
@@ -13,6 +13,12 @@
 #    processes summed apart (with the linux handler they are part of skiff's
 #    per-pod cost), threads. Everything is killed and deleted afterwards and
 #    the script fails if a shim, agent, mount or socket is left.
+# 4. (V > 0; needs SKIFF_VM_KERNEL and SKIFF_VM_INITRD, the guest kernel and
+#    agent initramfs) the `vm` handler: `ctr run --rm /bin/true` V times
+#    (each boots a micro-VM: about a minute under PVM), median against part
+#    1's skiff-linux and runc medians; then one sleeping container: the shim
+#    process's Rss outside the guest RAM mapping (shim + VMM) against the
+#    runc shim's Rss from part 2.
 #
 # Binaries: $SKIFF_BIN_DIR, else a release build (`cargo build --release`,
 # always run, a no-op when up to date) in ${CARGO_TARGET_DIR:-target}/release.
@@ -23,6 +29,11 @@ cd "$(dirname "$0")/.."
 
 N=${1:-20}
 M=${2:-100}
+V=${3:-0}
+if [ "$V" -gt 0 ] && { [ -z "${SKIFF_VM_KERNEL:-}" ] || [ -z "${SKIFF_VM_INITRD:-}" ]; }; then
+    echo "V > 0 needs SKIFF_VM_KERNEL and SKIFF_VM_INITRD (guest-image/kernel/build.sh, guest-image/initramfs/agent-build.sh)" >&2
+    exit 1
+fi
 scripts/containerd-env deps
 IMAGE_TAR=$(scripts/containerd-env image)
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
@@ -219,5 +230,54 @@ if [ "$M" -gt 0 ]; then
     read -r KR KP KAR KAP <<<"$MR $MP $MAR $MAP"
     many runc
     echo "$M sleeping containers, skiff/runc total shim Rss $(ratio "$KR" "$MR")x Pss $(ratio "$KP" "$MP")x (goal <= 0.3); with the agents Rss $(ratio "$((KR + KAR))" "$MR")x Pss $(ratio "$((KP + KAP))" "$MP")x"
+fi
+if [ "$V" -gt 0 ]; then
+    VM_MIB=256
+    printf 'handler = "vm"\nkernel = "%s"\ninitrd = "%s"\nmemory_mib = %d\n' \
+        "$SKIFF_VM_KERNEL" "$SKIFF_VM_INITRD" "$VM_MIB" >"$DIR/vm.toml"
+    : >"$DIR/vm.us"
+    fails=0
+    for i in $(seq "$V"); do
+        t0=$(date +%s%N)
+        if ctr run --rm --runtime io.containerd.skiff.v2 --runtime-config-path "$DIR/vm.toml" \
+            localhost/busybox:latest "v-$i" /bin/true; then
+            t1=$(date +%s%N)
+            echo $(((t1 - t0) / 1000)) >>"$DIR/vm.us"
+        else
+            fails=$((fails + 1))
+        fi
+    done
+    if [ -s "$DIR/vm.us" ]; then
+        VMT=$(median <"$DIR/vm.us")
+        line="ctr run --rm /bin/true, vm handler, $(wc -l <"$DIR/vm.us") of $V runs ok: median $((VMT / 1000)) ms"
+        [ "$N" -gt 0 ] && line+="; vs the linux handler $(ratio "$VMT" "$S")x, vs runc $(ratio "$VMT" "$R")x"
+        echo "$line"
+    fi
+    [ "$fails" -eq 0 ] || echo "vm handler: $fails of $V runs failed"
+    ctr run -d --runtime io.containerd.skiff.v2 --runtime-config-path "$DIR/vm.toml" \
+        localhost/busybox:latest mem-v sleep 1000 >/dev/null
+    sleep 2
+    SHIM_V=$(shim_pids skiff)
+    # Rss (kB) outside and inside the guest RAM mapping (the one mapping of
+    # exactly VM_MIB MiB).
+    read -r VO VG < <(python3 - "/proc/$SHIM_V/smaps" $((VM_MIB << 20)) <<'PY'
+import sys
+other = guest = 0
+in_guest = False
+for line in open(sys.argv[1]):
+    f = line.split()
+    if "-" in f[0] and not f[0].endswith(":"):
+        a, b = (int(x, 16) for x in f[0].split("-"))
+        in_guest = b - a == int(sys.argv[2])
+    elif f[0] == "Rss:":
+        if in_guest:
+            guest += int(f[1])
+        else:
+            other += int(f[1])
+print(other, guest)
+PY
+    )
+    echo "vm handler shim + VMM, one sleeping container: Rss outside guest RAM $VO kB (guest RAM touched $VG kB of $((VM_MIB << 10))); vs the runc shim's Rss $RR kB: $(ratio "$VO" "$RR")x; threads $(ls "/proc/$SHIM_V/task" | wc -l)"
+    teardown
 fi
 echo "host load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"

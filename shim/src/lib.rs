@@ -18,4 +18,6 @@ pub mod agent_client;
 pub mod check;
 pub mod run;
 pub mod task;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 pub mod vmm;

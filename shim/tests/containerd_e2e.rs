@@ -324,7 +324,9 @@ fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 #[derive(Debug)]
 struct Footprint {
     shim_pid: i32,
-    agent_pid: i32,
+    /// The `linux` handler's agent process (`None` for `vm`: the agent
+    /// is inside the VM, which is inside the shim).
+    agent_pid: Option<i32>,
     socket: PathBuf,
     state_dir: PathBuf,
     rootfs: PathBuf,
@@ -340,10 +342,8 @@ impl Footprint {
         };
         let state_dir = PathBuf::from(read("skiff-state"));
         let agent_pid = std::fs::read_to_string(state_dir.join("agent.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+            .ok()
+            .map(|p| p.trim().parse().unwrap());
         Self {
             shim_pid: read("shim.pid").parse().unwrap(),
             agent_pid,
@@ -357,9 +357,11 @@ impl Footprint {
         wait_until("the shim to exit", Duration::from_secs(10), || {
             !pid_alive(self.shim_pid)
         });
-        wait_until("the agent to exit", Duration::from_secs(10), || {
-            !pid_alive(self.agent_pid)
-        });
+        if let Some(agent) = self.agent_pid {
+            wait_until("the agent to exit", Duration::from_secs(10), || {
+                !pid_alive(agent)
+            });
+        }
         wait_until("the shim socket to go", Duration::from_secs(5), || {
             !self.socket.exists()
         });
@@ -488,7 +490,7 @@ fn detached_exec_ps_pause_resume_kill_delete() {
     let id = unique("detached");
     ctrd.ctr_ok(&["run", "-d", "--runtime", SKIFF, IMAGE, &id, "sleep", "1000"]);
     let fp = Footprint::read(&ctrd.bundle(&id));
-    assert!(pid_alive(fp.shim_pid) && pid_alive(fp.agent_pid));
+    assert!(pid_alive(fp.shim_pid) && fp.agent_pid.is_some_and(pid_alive));
     assert!(mount_points().contains(&fp.rootfs.display().to_string()));
 
     let ls = ctrd.ctr_ok(&["tasks", "ls"]);
@@ -712,4 +714,185 @@ fn config_errors_show_up_in_ctr() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "configured\n");
+}
+
+/// A skiff config selecting the `vm` handler, written into `ctrd`'s dir;
+/// `None` (after saying why) when this host or environment cannot boot it.
+/// The kernel and agent initramfs come from `SKIFF_TEST_KERNEL` and
+/// `SKIFF_TEST_AGENT_INITRD` (scripts/test builds and sets both); CI must
+/// have them.
+fn vm_config(ctrd: &Containerd) -> Option<PathBuf> {
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    let kernel = std::env::var("SKIFF_TEST_KERNEL");
+    let initrd = std::env::var("SKIFF_TEST_AGENT_INITRD");
+    let (Ok(kernel), Ok(initrd)) = (kernel, initrd) else {
+        assert!(
+            !ci,
+            "CI must set SKIFF_TEST_KERNEL and SKIFF_TEST_AGENT_INITRD (scripts/test does)"
+        );
+        eprintln!(
+            "skipped: SKIFF_TEST_KERNEL / SKIFF_TEST_AGENT_INITRD not set (run scripts/test)"
+        );
+        return None;
+    };
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        assert!(!ci, "CI runs on a host with /dev/kvm");
+        eprintln!("skipped: /dev/kvm is not available");
+        return None;
+    }
+    let path = ctrd.dir.path().join("vm.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "handler = \"vm\"\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\n\
+             memory_mib = 256\nlog_level = \"debug\"\n"
+        ),
+    )
+    .unwrap();
+    Some(path)
+}
+
+/// `ctr run --rm` through the `vm` handler: output and exit code come back
+/// from the container in the micro-VM, and nothing is left.
+#[test]
+fn vm_run_rm_echo_and_exit_code() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    let Some(config) = vm_config(&ctrd) else {
+        return;
+    };
+    ctrd.import(&image);
+    let t = Instant::now();
+    let id = unique("vm-echo");
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        SKIFF,
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        IMAGE,
+        &id,
+        "sh",
+        "-c",
+        "echo hello from the vm; echo to stderr >&2; exit 3",
+    ]);
+    eprintln!("vm run --rm took {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}\n--- containerd log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&ctrd.log(), 8000)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the vm\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("to stderr\n"));
+    wait_until("the shim to exit", Duration::from_secs(30), || {
+        processes_mentioning(&ctrd.sock().display().to_string())
+            .into_iter()
+            .filter(|p| Some(*p as u32) != ctrd.child.as_ref().map(Child::id))
+            .count()
+            == 0
+    });
+    let ls = ctrd.ctr_ok(&["containers", "ls", "-q"]);
+    assert!(ls.trim().is_empty(), "containers left: {ls}");
+}
+
+/// Threads of a live process.
+fn thread_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// `ctr run -d`, `ctr task exec`, `kill` and `delete` through the `vm`
+/// handler; the shim (and with it the VM's threads, memory and fds) and
+/// every file the sandbox had are gone afterwards.
+#[test]
+fn vm_detached_exec_kill_delete() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    let Some(config) = vm_config(&ctrd) else {
+        return;
+    };
+    ctrd.import(&image);
+    let id = unique("vm-detached");
+    let t = Instant::now();
+    let out = ctrd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        SKIFF,
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        IMAGE,
+        &id,
+        "sleep",
+        "1000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\n--- containerd log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&ctrd.log(), 8000)
+    );
+    eprintln!("vm run -d took {:.1} s", t.elapsed().as_secs_f64());
+    let fp = Footprint::read(&ctrd.bundle(&id));
+    assert!(pid_alive(fp.shim_pid));
+    assert_eq!(
+        fp.agent_pid, None,
+        "no host agent process with the vm handler"
+    );
+    assert!(fp.state_dir.join("vsock.sock").exists());
+    // The VM runs inside the shim: its vCPU thread is one of the shim's.
+    let threads = thread_count(fp.shim_pid);
+    assert!(threads >= 2, "shim threads: {threads}");
+
+    let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+    assert!(
+        ls.lines().any(|l| l.contains(&id) && l.contains("RUNNING")),
+        "{ls}"
+    );
+    let out = ctrd.ctr_ok(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        &id,
+        "sh",
+        "-c",
+        "echo from exec in $(uname -s) $(cat /proc/sys/kernel/osrelease | cut -c1-4)",
+    ]);
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(out.starts_with("from exec in Linux 6.12"), "{out}");
+    assert!(
+        !host_release.starts_with("6.12"),
+        "cannot tell guest from host"
+    );
+    let out = ctrd.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e2",
+        &id,
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+
+    ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id]);
+    wait_until("the task to stop", Duration::from_secs(60), || {
+        ctrd.ctr_ok(&["tasks", "ls"])
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("STOPPED"))
+    });
+    ctrd.ctr_ok(&["tasks", "delete", &id]);
+    ctrd.ctr_ok(&["containers", "delete", &id]);
+    fp.assert_gone();
 }

@@ -5,11 +5,12 @@
 //! agent initramfs from `SKIFF_TEST_KERNEL` / `SKIFF_TEST_AGENT_INITRD`
 //! (scripts/test sets both; CI must have them).
 
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use std::time::Instant;
+
+use shim::testing::busybox_rootfs;
 
 fn skiff() -> Command {
     Command::new(env!("CARGO_BIN_EXE_skiff"))
@@ -45,16 +46,7 @@ fn build_agent() {
     );
 }
 
-fn busybox_rootfs(root: &Path) {
-    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(root.join(sub)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "cat", "cut", "hostname", "true"] {
-        symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-}
+const APPLETS: &[&str] = &["sh", "echo", "cat", "cut", "hostname", "true"];
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -93,7 +85,7 @@ fn run_with_the_linux_handler() {
     build_agent();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("rootfs");
-    busybox_rootfs(&root);
+    busybox_rootfs(&root, APPLETS, None).unwrap();
     let root = root.to_str().unwrap();
     let out = run(&[
         "run",
@@ -222,7 +214,7 @@ fn run_with_the_vm_handler() {
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("rootfs");
-    busybox_rootfs(&root);
+    busybox_rootfs(&root, APPLETS, None).unwrap();
     let t = Instant::now();
     let out = skiff()
         .args(["run", "--handler", "vm", "--kernel"])

@@ -12,21 +12,18 @@
 //! (scripts/test builds and sets both); without them the test says so and
 //! returns, except under CI.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::symlink;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use shim::task::config::Config;
 use shim::task::sandbox::{Sandbox, SandboxRequest};
 use shim::task::vm::VmHandler;
+use shim::testing::{
+    busybox_rootfs, noise, probe_binary, probe_connect, probe_echo, probe_sink, probe_source,
+    sink_answer, source_matches, spec_json, BUSYBOX,
+};
 use shim::vmm::{vsock_connect, ExitReason};
 
-const BUSYBOX: &str = "/bin/busybox";
-const PROBE_PORT: u32 = 1025;
 /// Bytes per SINK/SOURCE connection.
 const BULK: u64 = 16 << 20;
 /// Concurrent connections per direction.
@@ -34,6 +31,8 @@ const BULK_CONNS: usize = 2;
 /// Echo connections and bytes each.
 const ECHO_CONNS: usize = 4;
 const ECHO_BYTES: usize = 1 << 20;
+/// Bound on the probe container's start.
+const PROBE_START: Duration = Duration::from_secs(120);
 
 fn artifacts() -> Option<(PathBuf, PathBuf)> {
     let k = std::env::var_os("SKIFF_TEST_KERNEL");
@@ -53,150 +52,33 @@ fn artifacts() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
-/// Builds the static `skiff-vsock-probe` and returns its path. Same
-/// target dir, target triple and flags as guest-image/initramfs/agent-build.sh,
-/// so the two share their dependencies' builds.
-fn probe_binary() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-q",
-            "--release",
-            "--locked",
-            "-p",
-            "skiff-vsock-probe",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-        ])
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .current_dir(&root)
-        .output()
-        .expect("cargo runs");
-    assert!(
-        out.status.success(),
-        "building skiff-vsock-probe failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target_dir.join("x86_64-unknown-linux-gnu/release/skiff-vsock-probe")
-}
-
-fn rootfs_with_probe(root: &Path) {
-    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(root.join(sub)).unwrap();
-    }
-    std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "cat", "true"] {
-        symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    std::fs::copy(probe_binary(), root.join("bin/skiff-vsock-probe")).unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-}
-
-fn spec_json(args: &[&str]) -> Vec<u8> {
-    let mut spec = oci_spec::runtime::Spec::default();
-    let mut process = spec.process().clone().unwrap();
-    process.set_args(Some(args.iter().map(|s| s.to_string()).collect()));
-    process.set_env(Some(vec!["PATH=/bin".into(), "HOME=/root".into()]));
-    spec.set_process(Some(process));
-    let mut root = spec.root().clone().unwrap();
-    root.set_readonly(Some(false));
-    spec.set_root(Some(root));
-    serde_json::to_vec(&spec).unwrap()
-}
-
-/// The byte at `offset` of a SOURCE stream (as the probe makes it).
-fn pattern(offset: u64) -> u8 {
-    (offset.wrapping_mul(31) ^ (offset >> 9)) as u8
-}
-
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn connect_probe(uds: &Path) -> UnixStream {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        match vsock_connect(uds, PROBE_PORT, Duration::from_secs(10)) {
-            Ok(s) => return s,
-            Err(err) => {
-                assert!(Instant::now() < deadline, "the probe never listened: {err}");
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        }
-    }
-}
-
 /// Host → guest: BULK bytes, the guest answers with its count and hash.
 fn sink(uds: &Path, seed: u64) -> Duration {
-    let mut s = connect_probe(uds);
     let data = noise(seed, BULK as usize);
-    let t = Instant::now();
-    s.write_all(b"SINK\n").unwrap();
-    s.write_all(&data).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).unwrap();
-    let elapsed = t.elapsed();
-    assert_eq!(
-        answer.trim(),
-        format!("{BULK} {}", hex(&Sha256::digest(&data))),
-        "guest-side count and hash"
-    );
-    elapsed
+    let stream = probe_connect(uds, PROBE_START).expect("probe reachable");
+    let (answer, took) = probe_sink(stream, &data).expect("SINK");
+    assert_eq!(answer, sink_answer(&data), "guest-side count and hash");
+    took
 }
 
 /// Guest → host: BULK bytes of the probe's pattern.
 fn source(uds: &Path) -> Duration {
-    let mut s = connect_probe(uds);
-    let t = Instant::now();
-    s.write_all(format!("SOURCE {BULK}\n").as_bytes()).unwrap();
-    let mut got = Vec::with_capacity(BULK as usize);
-    s.read_to_end(&mut got).unwrap();
-    let elapsed = t.elapsed();
-    let want: Vec<u8> = (0..BULK).map(pattern).collect();
-    assert_eq!(got.len(), want.len(), "bytes from the guest");
-    assert_eq!(
-        hex(&Sha256::digest(&got)),
-        hex(&Sha256::digest(&want)),
-        "hash of what the guest sent"
+    let stream = probe_connect(uds, PROBE_START).expect("probe reachable");
+    let (got, took) = probe_source(stream, BULK).expect("SOURCE");
+    assert!(
+        source_matches(&got, BULK),
+        "{} bytes, pattern broken",
+        got.len()
     );
-    elapsed
+    took
 }
 
 /// Both ways on one connection.
 fn echo(uds: &Path, seed: u64) {
-    let s = connect_probe(uds);
     let data = noise(seed, ECHO_BYTES);
-    let mut w = s.try_clone().unwrap();
-    let sent = data.clone();
-    let writer = std::thread::spawn(move || {
-        w.write_all(b"ECHO\n").unwrap();
-        w.write_all(&sent).unwrap();
-        w.shutdown(std::net::Shutdown::Write).unwrap();
-    });
-    let mut got = Vec::new();
-    (&s).read_to_end(&mut got).unwrap();
-    writer.join().unwrap();
-    assert_eq!(got.len(), data.len());
-    assert!(got == data, "echoed bytes differ");
+    let stream = probe_connect(uds, PROBE_START).expect("probe reachable");
+    let got = probe_echo(stream, &data).expect("ECHO");
+    assert!(got == data, "echoed {} bytes, differ", got.len());
 }
 
 #[test]
@@ -220,7 +102,8 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
         .tempdir()
         .unwrap();
     let rootfs = dir.path().join("rootfs");
-    rootfs_with_probe(&rootfs);
+    let probe = probe_binary().unwrap_or_else(|e| panic!("{e}"));
+    busybox_rootfs(&rootfs, &["sh", "true"], Some(&probe)).unwrap();
     let state_dir = dir.path().join("state");
     eprintln!("[{:6.1}s] rootfs ready", t0.elapsed().as_secs_f64());
 
@@ -256,7 +139,7 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
         .expect("CreateContainer");
     agent.start_container("probe").expect("StartContainer");
     let uds = state_dir.join("vsock.sock");
-    drop(connect_probe(&uds));
+    drop(probe_connect(&uds, PROBE_START).expect("the probe listens"));
     eprintln!("[{:6.1}s] probe listening", t0.elapsed().as_secs_f64());
 
     // Many connections at once, both directions, every byte checked.

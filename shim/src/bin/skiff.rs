@@ -55,6 +55,9 @@ struct RunArgs {
     /// Guest memory in MiB (`vm`; overrides the config's).
     #[arg(long)]
     memory_mib: Option<u32>,
+    /// Extra guest kernel parameters (`vm`; appended to the config's).
+    #[arg(long, value_name = "PARAMS")]
+    kernel_params: Option<String>,
     /// An environment entry NAME=value. Repeatable.
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
     env: Vec<String>,
@@ -200,6 +203,9 @@ fn run_container(a: RunArgs) -> anyhow::Result<ExitCode> {
     config.initrd = a.initrd.or(config.initrd);
     if let Some(mib) = a.memory_mib {
         config.memory_mib = mib;
+    }
+    if let Some(params) = a.kernel_params {
+        config.kernel_params = format!("{} {params}", config.kernel_params);
     }
     for entry in &a.env {
         if !entry.contains('=') {

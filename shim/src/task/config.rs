@@ -11,6 +11,7 @@
 //! log_level = "info"     # off, error, warn, info, debug, trace
 //! agent_path = "/usr/local/bin/skiff-agent"
 //! vm_ready_timeout_secs = 300  # `vm`: bound on boot + agent's first answer
+//! kernel_params = ""           # `vm`: appended to the guest kernel command line
 //! ```
 //!
 //! Unknown keys and bad values are errors; `start` reports them, so
@@ -135,6 +136,9 @@ pub struct Config {
     /// Bound, in seconds, on booting the VM and reaching its agent (`vm`
     /// handler); default [`DEFAULT_VM_READY_TIMEOUT_SECS`].
     pub vm_ready_timeout_secs: Option<u64>,
+    /// Extra guest kernel parameters, appended to what `skiff check` picks
+    /// for this host (`vm` handler), e.g. `"print-fatal-signals=1"`.
+    pub kernel_params: String,
 }
 
 impl Default for Config {
@@ -148,6 +152,7 @@ impl Default for Config {
             log_level: LogLevel::Info,
             agent_path: None,
             vm_ready_timeout_secs: None,
+            kernel_params: String::new(),
         }
     }
 }
@@ -204,6 +209,9 @@ impl Config {
                     )));
                 }
             }
+        }
+        if self.kernel_params.contains('\n') {
+            return Err(invalid("kernel_params must be one line".into()));
         }
         if self.vm_ready_timeout_secs == Some(0) {
             return Err(invalid("vm_ready_timeout_secs must be at least 1".into()));

@@ -154,7 +154,11 @@ impl VmHandler {
         let serial = req.state_dir.join(SERIAL_NAME);
         let _ = std::fs::remove_file(&uds);
         let host = crate::check::detect();
-        let cmdline = host.cmdline();
+        let mut cmdline = host.cmdline();
+        if !req.config.kernel_params.trim().is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(req.config.kernel_params.trim());
+        }
         let config = VmConfig {
             vcpus: u8::try_from(req.config.vcpus).unwrap_or(u8::MAX),
             mem_mib: u64::from(req.config.memory_mib),
