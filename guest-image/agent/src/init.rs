@@ -97,6 +97,28 @@ pub fn is_pid1() -> bool {
     std::process::id() == 1
 }
 
+/// Keeps every heap page the agent ever touches: one malloc arena, no
+/// trimming, no mmap'd chunks below 32 MiB. Call before any thread starts.
+///
+/// Under the PVM hypervisor a page the agent gives back to the guest kernel
+/// can stay reachable through a stale translation: the kernel hands it to a
+/// container process, and the agent's later writes land in that process's
+/// memory (seen as `general protection fault … in busybox` in containers).
+/// A heap that never shrinks gives back nothing. On a VM the agent is the
+/// only long-lived process, so the cost is its peak heap size.
+pub fn pin_heap() {
+    #[cfg(target_env = "gnu")]
+    for (param, value) in [
+        (libc::M_ARENA_MAX, 1),
+        (libc::M_TRIM_THRESHOLD, libc::c_int::MAX),
+        (libc::M_MMAP_THRESHOLD, 32 << 20),
+    ] {
+        // SAFETY: mallopt(3) only sets a malloc tunable; no other thread
+        // runs yet.
+        unsafe { libc::mallopt(param, value) };
+    }
+}
+
 /// Makes sure fds 0-2 are open (on `/dev/console`), so no socket or file
 /// the agent opens later lands on them and receives log lines. The kernel
 /// opens the console for init when the initramfs has `/dev/console`.

@@ -132,6 +132,7 @@ impl Options {
 fn main() -> Result<()> {
     let pid1 = init::is_pid1();
     if pid1 {
+        init::pin_heap();
         init::ensure_stdio();
     }
     let options = match Options::parse(std::env::args().skip(1), pid1) {

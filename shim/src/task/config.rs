@@ -12,6 +12,7 @@
 //! agent_path = "/usr/local/bin/skiff-agent"
 //! vm_ready_timeout_secs = 300  # `vm`: bound on boot + agent's first answer
 //! kernel_params = ""           # `vm`: appended to the guest kernel command line
+//! cpu_template = "pvm-compat"  # `vm`: default | pvm-compat (unset: what `skiff check` picks)
 //! ```
 //!
 //! Unknown keys and bad values are errors; `start` reports them, so
@@ -139,6 +140,9 @@ pub struct Config {
     /// Extra guest kernel parameters, appended to what `skiff check` picks
     /// for this host (`vm` handler), e.g. `"print-fatal-signals=1"`.
     pub kernel_params: String,
+    /// The CPUID template (`vm` handler): `default` or `pvm-compat`;
+    /// unset, the one `skiff check` picks for this host.
+    pub cpu_template: Option<String>,
 }
 
 impl Default for Config {
@@ -153,6 +157,7 @@ impl Default for Config {
             agent_path: None,
             vm_ready_timeout_secs: None,
             kernel_params: String::new(),
+            cpu_template: None,
         }
     }
 }
@@ -208,6 +213,13 @@ impl Config {
                         p.display()
                     )));
                 }
+            }
+        }
+        if let Some(t) = &self.cpu_template {
+            if !["default", "pvm-compat"].contains(&t.as_str()) {
+                return Err(invalid(format!(
+                    "cpu_template = {t:?} is unknown (default, pvm-compat)"
+                )));
             }
         }
         if self.kernel_params.contains('\n') {

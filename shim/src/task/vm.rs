@@ -175,7 +175,11 @@ impl VmHandler {
                 guest_cid: GUEST_CID,
                 uds_path: uds.clone(),
             }),
-            cpu_template: host.template,
+            cpu_template: match &req.config.cpu_template {
+                // Validated by `Config`; an unknown name falls back to the host's.
+                Some(name) => name.parse().unwrap_or(host.template),
+                None => host.template,
+            },
             serial: SerialOutput::File(serial.clone()),
             epoch: Instant::now(),
         };
@@ -301,6 +305,25 @@ fn build_image(rootfs: &Path, image: &Path) -> Result<u64, VmSandboxError> {
     Ok(size)
 }
 
+/// Lines of the guest's serial log where its kernel reports a process
+/// killed by a fault (so a container that died of one is explained in the
+/// shim's log).
+fn guest_faults(serial: &Path) -> Vec<String> {
+    std::fs::read(serial)
+        .map(|bytes| {
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .filter(|l| {
+                    l.contains("traps:")
+                        || l.contains("segfault at")
+                        || l.contains("unexpected fatal signal")
+                })
+                .map(|l| l.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The last `max` bytes of a file, on one line.
 fn tail(path: &Path, max: u64) -> String {
     let Ok(mut file) = File::open(path) else {
@@ -423,6 +446,9 @@ impl VmSandbox {
         }
         let report = vm.wait();
         log::info!("VM ended: {:?}", report.exit);
+        for line in guest_faults(&self.state_dir.join(SERIAL_NAME)) {
+            log::warn!("guest kernel: {line}");
+        }
         std::fs::remove_dir_all(&self.state_dir).map_err(|e| {
             SandboxError::io(format!("cannot remove {}", self.state_dir.display()), e)
         })?;
@@ -462,6 +488,24 @@ impl Drop for VmSandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_fault_lines_are_picked_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        std::fs::write(
+            &log,
+            "[ 1.0] Run /init as init process\n\
+             [ 75.1] traps: sh[50] general protection fault ip:4a4d02 sp:7ffe error:0 in busybox\n\
+             [ 75.2] ok\n\
+             [ 76.0] exe[33]: segfault at 0 ip 00007fa1 sp 00007ffe error 4 in init\n",
+        )
+        .unwrap();
+        let faults = guest_faults(&log);
+        assert_eq!(faults.len(), 2, "{faults:?}");
+        assert!(faults[0].contains("general protection fault"));
+        assert!(guest_faults(&dir.path().join("none")).is_empty());
+    }
 
     #[test]
     fn image_size_has_a_floor_and_a_margin() {
