@@ -499,27 +499,28 @@ fn detached_exec_ps_pause_resume_kill_delete() {
         "{ls}"
     );
 
-    let out = ctrd.ctr_ok(&[
-        "tasks",
-        "exec",
-        "--exec-id",
+    // Shell built-ins only: one guest process per exec.
+    let out = exec_in_vm(
+        &ctrd,
+        &fp,
+        &id,
         "e1",
-        &id,
-        "sh",
-        "-c",
-        "echo from exec; ps | wc -l",
-    ]);
-    assert!(out.starts_with("from exec\n"), "{out}");
-    let out = ctrd.ctr(&[
-        "tasks",
-        "exec",
-        "--exec-id",
-        "e2",
-        &id,
-        "sh",
-        "-c",
-        "exit 7",
-    ]);
+        "read -r rel </proc/sys/kernel/osrelease; echo from exec in ${rel%%-*}",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(out.starts_with("from exec in 6.12."), "{out}");
+    assert!(
+        !host_release.starts_with("6.12."),
+        "cannot tell guest from host"
+    );
+    let out = exec_in_vm(&ctrd, &fp, &id, "e2", "exit 7");
     assert_eq!(out.status.code(), Some(7));
 
     let ps = ctrd.ctr_ok(&["tasks", "ps", &id]);
@@ -801,6 +802,42 @@ fn vm_run_rm_echo_and_exit_code() {
     });
     let ls = ctrd.ctr_ok(&["containers", "ls", "-q"]);
     assert!(ls.trim().is_empty(), "containers left: {ls}");
+}
+
+/// Guest kernel lines reporting a process killed by a fault, from the
+/// VM's serial log in the sandbox state dir.
+fn guest_faults(fp: &Footprint) -> Vec<String> {
+    std::fs::read(fp.state_dir.join("serial.log"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .filter(|l| l.contains("traps:") || l.contains("segfault at"))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `ctr task exec` of `script` in the VM. A failed attempt is repeated (up
+/// to three in all, each with a fresh exec id) only when the guest kernel
+/// logged a new process fault meanwhile: the known PVM stale-page fault
+/// (guest-image/README.md), printed here. Any other result is returned.
+fn exec_in_vm(ctrd: &Containerd, fp: &Footprint, id: &str, exec_id: &str, script: &str) -> Output {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let before = guest_faults(fp).len();
+        let eid = format!("{exec_id}-{attempt}");
+        let out = ctrd.ctr(&["tasks", "exec", "--exec-id", &eid, id, "sh", "-c", script]);
+        let faults = guest_faults(fp);
+        if faults.len() > before && attempt < 3 {
+            for line in &faults[before..] {
+                eprintln!("known PVM guest fault (guest-image/README.md), exec retried: {line}");
+            }
+            continue;
+        }
+        return out;
+    }
 }
 
 /// Threads of a live process.

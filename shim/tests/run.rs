@@ -224,9 +224,12 @@ fn run_with_the_vm_handler() {
         .arg("--rootfs")
         .arg(&root)
         .args(["-e", "FOO=vm", "--hostname", "guest", "--", "sh", "-c"])
-        .arg(format!(
-            "echo kernel $(cut -c1-5 /proc/sys/kernel/osrelease); {SCRIPT}"
-        ))
+        // Shell built-ins only: one guest process (forks expose the PVM
+        // fault described in guest-image/README.md).
+        .arg(
+            "read -r rel </proc/sys/kernel/osrelease; read -r h </proc/sys/kernel/hostname; \
+             echo kernel ${rel%.*}; echo out $FOO $h; echo err >&2; exit 3",
+        )
         .env("SKIFF_LOG", "debug")
         .output()
         .unwrap();
@@ -237,11 +240,7 @@ fn run_with_the_vm_handler() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     // The guest kernel (6.12), not the host's, ran it.
-    assert_eq!(
-        text(&out.stdout),
-        "kernel 6.12.\nout vm guest\n",
-        "{stderr}"
-    );
+    assert_eq!(text(&out.stdout), "kernel 6.12\nout vm guest\n", "{stderr}");
     assert!(!std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap()
         .starts_with("6.12."));
