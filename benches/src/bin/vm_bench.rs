@@ -81,7 +81,9 @@ fn rss_split(guest_bytes: u64) -> anyhow::Result<(u64, u64)> {
         if first.contains('-') && !first.ends_with(':') {
             let (a, b) = first.split_once('-').unwrap_or(("0", "0"));
             let size = u64::from_str_radix(b, 16)? - u64::from_str_radix(a, 16)?;
-            in_guest = size == guest_bytes;
+            // The guest RAM mapping (the kernel may have merged it with a
+            // neighbouring anonymous mapping, so at least its size).
+            in_guest = size >= guest_bytes;
         } else if first == "Rss:" {
             let kb: u64 = f.next().unwrap_or("0").parse()?;
             if in_guest {
