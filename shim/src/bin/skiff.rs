@@ -137,7 +137,7 @@ struct StderrLogger;
 
 impl log::Log for StderrLogger {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::max_level()
+        shim::task::log_enabled(m)
     }
     fn log(&self, r: &log::Record<'_>) {
         if self.enabled(r.metadata()) {

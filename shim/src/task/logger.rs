@@ -57,7 +57,7 @@ impl FifoLogger {
 
 impl log::Log for FifoLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
+        crate::task::log_enabled(metadata)
     }
 
     fn log(&self, record: &log::Record<'_>) {

@@ -33,3 +33,11 @@ pub mod sandbox;
 pub mod service;
 pub mod stdio;
 pub mod vm;
+
+/// Whether a log record is shown: up to the max level, except that the
+/// ttrpc crate's own records (e.g. "The request has returned" for a long
+/// poll whose answer came after its deadline) only show at debug and trace.
+pub fn log_enabled(metadata: &log::Metadata<'_>) -> bool {
+    metadata.level() <= log::max_level()
+        && (!metadata.target().starts_with("ttrpc") || log::max_level() >= log::LevelFilter::Debug)
+}
