@@ -176,3 +176,25 @@ pub fn spec_json(args: &[&str]) -> Vec<u8> {
     }
     serde_json::to_vec(&spec).unwrap_or_default()
 }
+
+/// The guest kernel and agent initramfs for tests that boot the `vm`
+/// handler: `SKIFF_TEST_KERNEL` and `SKIFF_TEST_AGENT_INITRD` (scripts/test
+/// builds and sets both). Without them: `None` after saying why, or a
+/// panic under `CI=true`, which must have them.
+pub fn vm_artifacts() -> Option<(PathBuf, PathBuf)> {
+    let k = std::env::var_os("SKIFF_TEST_KERNEL");
+    let i = std::env::var_os("SKIFF_TEST_AGENT_INITRD");
+    match (k, i) {
+        (Some(k), Some(i)) => Some((k.into(), i.into())),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI must set SKIFF_TEST_KERNEL and SKIFF_TEST_AGENT_INITRD (scripts/test does)"
+            );
+            eprintln!(
+                "skipped: SKIFF_TEST_KERNEL / SKIFF_TEST_AGENT_INITRD not set (run scripts/test)"
+            );
+            None
+        }
+    }
+}

@@ -723,18 +723,8 @@ fn config_errors_show_up_in_ctr() {
 /// have them.
 fn vm_config(ctrd: &Containerd) -> Option<PathBuf> {
     let ci = std::env::var("CI").as_deref() == Ok("true");
-    let kernel = std::env::var("SKIFF_TEST_KERNEL");
-    let initrd = std::env::var("SKIFF_TEST_AGENT_INITRD");
-    let (Ok(kernel), Ok(initrd)) = (kernel, initrd) else {
-        assert!(
-            !ci,
-            "CI must set SKIFF_TEST_KERNEL and SKIFF_TEST_AGENT_INITRD (scripts/test does)"
-        );
-        eprintln!(
-            "skipped: SKIFF_TEST_KERNEL / SKIFF_TEST_AGENT_INITRD not set (run scripts/test)"
-        );
-        return None;
-    };
+    let (kernel, initrd) = shim::testing::vm_artifacts()?;
+    let (kernel, initrd) = (kernel.display(), initrd.display());
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -196,17 +196,7 @@ fn run_bad_input_is_a_clear_error() {
 
 #[test]
 fn run_with_the_vm_handler() {
-    let (Some(kernel), Some(initrd)) = (
-        std::env::var_os("SKIFF_TEST_KERNEL"),
-        std::env::var_os("SKIFF_TEST_AGENT_INITRD"),
-    ) else {
-        assert!(
-            !ci(),
-            "CI must set SKIFF_TEST_KERNEL and SKIFF_TEST_AGENT_INITRD"
-        );
-        eprintln!(
-            "skipped: SKIFF_TEST_KERNEL / SKIFF_TEST_AGENT_INITRD not set (run scripts/test)"
-        );
+    let Some((kernel, initrd)) = shim::testing::vm_artifacts() else {
         return;
     };
     if !can_run_containers() {

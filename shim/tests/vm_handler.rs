@@ -12,7 +12,7 @@
 //! (scripts/test builds and sets both); without them the test says so and
 //! returns, except under CI.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use shim::task::config::Config;
@@ -20,7 +20,7 @@ use shim::task::sandbox::{Sandbox, SandboxRequest};
 use shim::task::vm::VmHandler;
 use shim::testing::{
     busybox_rootfs, noise, probe_binary, probe_connect, probe_echo, probe_sink, probe_source,
-    sink_answer, source_matches, spec_json, BUSYBOX,
+    sink_answer, source_matches, spec_json, vm_artifacts, BUSYBOX,
 };
 use shim::vmm::{vsock_connect, ExitReason};
 
@@ -33,24 +33,6 @@ const ECHO_CONNS: usize = 4;
 const ECHO_BYTES: usize = 1 << 20;
 /// Bound on the probe container's start.
 const PROBE_START: Duration = Duration::from_secs(120);
-
-fn artifacts() -> Option<(PathBuf, PathBuf)> {
-    let k = std::env::var_os("SKIFF_TEST_KERNEL");
-    let i = std::env::var_os("SKIFF_TEST_AGENT_INITRD");
-    match (k, i) {
-        (Some(k), Some(i)) => Some((k.into(), i.into())),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI must set SKIFF_TEST_KERNEL and SKIFF_TEST_AGENT_INITRD (scripts/test does)"
-            );
-            eprintln!(
-                "skipped: SKIFF_TEST_KERNEL / SKIFF_TEST_AGENT_INITRD not set (run scripts/test)"
-            );
-            None
-        }
-    }
-}
 
 /// Host → guest: BULK bytes, the guest answers with its count and hash.
 fn sink(uds: &Path, seed: u64) -> Duration {
@@ -83,7 +65,7 @@ fn echo(uds: &Path, seed: u64) {
 
 #[test]
 fn vm_sandbox_and_vsock_with_a_real_guest() {
-    let Some((kernel, initrd)) = artifacts() else {
+    let Some((kernel, initrd)) = vm_artifacts() else {
         return;
     };
     assert!(
