@@ -16,6 +16,7 @@
 
 pub mod agent_client;
 pub mod check;
+pub mod image;
 pub mod run;
 pub mod task;
 #[cfg(any(test, feature = "test-utils"))]

@@ -1,17 +1,20 @@
 //! `skiff run`: one container in a fresh sandbox, without containerd.
 //!
 //! The same path a shim takes, minus containerd: the configured sandbox
-//! handler starts a sandbox with the rootfs, the agent creates and starts
-//! the container, its stdout and stderr stream to the caller's writers, and
-//! the sandbox is stopped once the container has exited. The caller gets the
-//! container's exit status (128 + signal for a signalled process).
+//! handler starts a sandbox with the rootfs (a directory, or an OCI image
+//! unpacked into the run's state directory and removed with it), the agent
+//! creates and starts the container, its stdout and stderr stream to the
+//! caller's writers, and the sandbox is stopped once the container has
+//! exited. The caller gets the container's exit status (128 + signal for a
+//! signalled process).
 
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::agent_client::{AgentCallError, AgentClient};
+use crate::image::{self, ImageError, ImageProcess};
 use crate::task::config::Config;
 use crate::task::sandbox::{handler_for, Sandbox, SandboxError, SandboxRequest};
 
@@ -19,6 +22,13 @@ use crate::task::sandbox::{handler_for, Sandbox, SandboxError, SandboxRequest};
 pub const RUN_STATE_ROOT: &str = "/run/skiff/run";
 /// The container's id inside its sandbox.
 const CONTAINER_ID: &str = "run";
+/// Where an `--image` rootfs is unpacked, in the run's state directory.
+const IMAGE_ROOTFS: &str = "image-rootfs";
+/// The environment every container starts from.
+const DEFAULT_ENV: [&str; 2] = [
+    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME=/root",
+];
 /// Bound on a `linux` sandbox's agent start.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on stopping the sandbox (the VM's reset included).
@@ -33,6 +43,12 @@ pub enum RunError {
     /// The rootfs is not a directory.
     #[error("the rootfs {0} is not a directory")]
     Rootfs(PathBuf),
+    /// The state directory could not be made.
+    #[error("cannot create {0}")]
+    StateDir(PathBuf, #[source] io::Error),
+    /// The image could not be unpacked.
+    #[error("cannot unpack the image {0}")]
+    Image(String, #[source] ImageError),
     /// The sandbox did not start.
     #[error("cannot start the sandbox")]
     Sandbox(#[source] SandboxError),
@@ -50,16 +66,28 @@ pub enum RunError {
     Output(#[source] std::io::Error),
 }
 
+/// Where the container's root filesystem comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Root<'a> {
+    /// A directory, used in place.
+    Dir(&'a Path),
+    /// An OCI image layout, `PATH[:TAG]` (see [`crate::image`]), unpacked
+    /// into the run's state directory for the run.
+    Image(&'a str),
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RunRequest<'a> {
     /// The configuration (its `handler` picks the sandbox kind).
     pub config: &'a Config,
-    /// The container's root filesystem (a directory).
-    pub rootfs: &'a Path,
-    /// The command and its arguments.
+    /// The container's root filesystem.
+    pub root: Root<'a>,
+    /// The command and its arguments; with an image, they replace its
+    /// `Cmd` (after its `Entrypoint`), and may be empty to run its own.
     pub args: &'a [String],
-    /// Extra `NAME=value` environment entries (after a default `PATH`).
+    /// Extra `NAME=value` environment entries (over a default `PATH` and
+    /// `HOME` and the image's `Env`).
     pub env: &'a [String],
     /// The container's hostname.
     pub hostname: &'a str,
@@ -76,24 +104,49 @@ pub struct RunOutcome {
     pub container: Duration,
 }
 
-/// The OCI spec `skiff run` gives the container.
-pub fn spec_json(req: &RunRequest<'_>) -> Result<Vec<u8>, RunError> {
-    if req.args.is_empty() {
+/// Adds `NAME=value` entries to `env`, each replacing an entry of the
+/// same name.
+fn merge_env<'e>(env: &mut Vec<String>, entries: impl IntoIterator<Item = &'e String>) {
+    for entry in entries {
+        let name = entry.split('=').next();
+        match env.iter_mut().find(|e| e.split('=').next() == name) {
+            Some(slot) => slot.clone_from(entry),
+            None => env.push(entry.clone()),
+        }
+    }
+}
+
+/// The OCI spec `skiff run` gives the container whose root is `rootfs`;
+/// `image` is what its image's config says (the default for a directory).
+pub fn spec_json(
+    req: &RunRequest<'_>,
+    rootfs: &Path,
+    image: &ImageProcess,
+) -> Result<Vec<u8>, RunError> {
+    let args = image.args(req.args);
+    if args.is_empty() {
         return Err(RunError::NoCommand);
     }
     let mut spec = oci_spec::runtime::Spec::default();
     let mut process = spec.process().clone().unwrap_or_default();
-    process.set_args(Some(req.args.to_vec()));
+    process.set_args(Some(args));
     process.set_terminal(Some(false));
-    let mut env = vec![
-        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
-        "HOME=/root".to_owned(),
-    ];
-    env.extend(req.env.iter().cloned());
+    let mut env = DEFAULT_ENV.map(str::to_owned).to_vec();
+    merge_env(&mut env, &image.env);
+    merge_env(&mut env, req.env);
     process.set_env(Some(env));
+    if let Some(dir) = &image.working_dir {
+        process.set_cwd(Path::new("/").join(dir));
+    }
+    if let Some((uid, gid)) = image.user {
+        let mut user = process.user().clone();
+        user.set_uid(uid);
+        user.set_gid(gid);
+        process.set_user(user);
+    }
     spec.set_process(Some(process));
     if let Some(mut root) = spec.root().clone() {
-        root.set_path(req.rootfs.to_owned());
+        root.set_path(rootfs.to_owned());
         root.set_readonly(Some(false));
         spec.set_root(Some(root));
     }
@@ -138,6 +191,26 @@ fn pump(agent: &AgentClient, stderr: bool, out: &mut (dyn Write + Send)) -> Resu
     }
 }
 
+/// An image rootfs in a run's state directory: removed on drop, with the
+/// state directory if that leaves it empty (the sandbox's stop removes
+/// both when it got that far).
+struct UnpackedRootfs<'a> {
+    state_dir: &'a Path,
+    rootfs: PathBuf,
+}
+
+impl Drop for UnpackedRootfs<'_> {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.rootfs) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                log::warn!("cannot remove {}: {err}", self.rootfs.display());
+            }
+            _ => {}
+        }
+        let _ = std::fs::remove_dir(self.state_dir);
+    }
+}
+
 /// Runs the container described by `req` in a new sandbox, streaming its
 /// stdout and stderr to `stdout` and `stderr`.
 pub fn run(
@@ -145,26 +218,45 @@ pub fn run(
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<RunOutcome, RunError> {
-    let spec = spec_json(req)?;
-    if !req.rootfs.is_dir() {
-        return Err(RunError::Rootfs(req.rootfs.to_owned()));
-    }
     let id = run_id();
     let state_dir = Path::new(RUN_STATE_ROOT).join(&id);
+    let (rootfs, spec, _unpacked) = match req.root {
+        Root::Dir(dir) => {
+            let spec = spec_json(req, dir, &ImageProcess::default())?;
+            if !dir.is_dir() {
+                return Err(RunError::Rootfs(dir.to_owned()));
+            }
+            (dir.to_owned(), spec, None)
+        }
+        Root::Image(reference) => {
+            std::fs::create_dir_all(&state_dir)
+                .map_err(|e| RunError::StateDir(state_dir.clone(), e))?;
+            let unpacked = UnpackedRootfs {
+                state_dir: &state_dir,
+                rootfs: state_dir.join(IMAGE_ROOTFS),
+            };
+            let t = Instant::now();
+            let process = image::unpack(reference, &unpacked.rootfs)
+                .map_err(|e| RunError::Image(reference.to_owned(), e))?;
+            log::info!("image {reference} unpacked in {:?}", t.elapsed());
+            let spec = spec_json(req, &unpacked.rootfs, &process)?;
+            (unpacked.rootfs.clone(), spec, Some(unpacked))
+        }
+    };
     let started = Instant::now();
     let sandbox = handler_for(req.config.handler)
         .start(&SandboxRequest {
             id: &id,
             state_dir: &state_dir,
             hostname: req.hostname,
-            rootfs: req.rootfs,
+            rootfs: &rootfs,
             config: req.config,
             ready_timeout: READY_TIMEOUT,
         })
         .map_err(RunError::Sandbox)?;
     let sandbox_ready = started.elapsed();
     log::info!("sandbox ready after {sandbox_ready:?}");
-    let result = run_in(sandbox.as_ref(), req, spec, stdout, stderr);
+    let result = run_in(sandbox.as_ref(), &rootfs, spec, stdout, stderr);
     if let Err(err) = sandbox.stop(STOP_TIMEOUT) {
         log::warn!("stopping the sandbox: {err}");
     }
@@ -177,13 +269,13 @@ pub fn run(
 
 fn run_in(
     sandbox: &dyn Sandbox,
-    req: &RunRequest<'_>,
+    rootfs: &Path,
     spec: Vec<u8>,
     stdout: &mut (dyn Write + Send),
     stderr: &mut (dyn Write + Send),
 ) -> Result<(u32, Duration), RunError> {
     let agent = sandbox.agent();
-    let rootfs = sandbox.share_path(req.rootfs).map_err(RunError::Sandbox)?;
+    let rootfs = sandbox.share_path(rootfs).map_err(RunError::Sandbox)?;
     let t = Instant::now();
     agent
         .create_container(CONTAINER_ID, spec, &rootfs, false, false)
@@ -226,18 +318,97 @@ mod tests {
         let env = vec!["A=b".to_owned()];
         let req = RunRequest {
             config: &config,
-            rootfs: Path::new("/r"),
+            root: Root::Dir(Path::new("/r")),
             args: &args,
             env: &env,
             hostname: "h",
         };
-        let spec: serde_json::Value = serde_json::from_slice(&spec_json(&req).unwrap()).unwrap();
+        let dir = ImageProcess::default();
+        let spec = spec_json(&req, Path::new("/r"), &dir).unwrap();
+        let spec: serde_json::Value = serde_json::from_slice(&spec).unwrap();
         assert_eq!(spec["process"]["args"], serde_json::json!(["echo", "hi"]));
         assert_eq!(spec["process"]["env"][2], "A=b");
+        assert_eq!(spec["process"]["cwd"], "/");
+        assert_eq!(spec["process"]["user"]["uid"], 0);
         assert_eq!(spec["root"]["path"], "/r");
         assert_eq!(spec["hostname"], "h");
         let none = RunRequest { args: &[], ..req };
-        assert!(matches!(spec_json(&none), Err(RunError::NoCommand)));
+        assert!(matches!(
+            spec_json(&none, Path::new("/r"), &dir),
+            Err(RunError::NoCommand)
+        ));
+    }
+
+    #[test]
+    fn an_images_config_shapes_the_spec() {
+        let config = Config::default();
+        let strings = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let image = ImageProcess {
+            entrypoint: strings(&["/bin/app"]),
+            cmd: strings(&["serve"]),
+            env: strings(&["PATH=/app/bin", "MODE=image", "KEEP=1"]),
+            working_dir: Some("srv".to_owned()),
+            user: Some((1000, 50)),
+        };
+        let env = strings(&["MODE=cli"]);
+        let req = RunRequest {
+            config: &config,
+            root: Root::Image("unused"),
+            args: &[],
+            env: &env,
+            hostname: "h",
+        };
+        let spec = spec_json(&req, Path::new("/u"), &image).unwrap();
+        let spec: serde_json::Value = serde_json::from_slice(&spec).unwrap();
+        let process = &spec["process"];
+        assert_eq!(process["args"], serde_json::json!(["/bin/app", "serve"]));
+        assert_eq!(
+            process["env"],
+            serde_json::json!(["PATH=/app/bin", "HOME=/root", "MODE=cli", "KEEP=1"])
+        );
+        assert_eq!(process["cwd"], "/srv");
+        assert_eq!(process["user"]["uid"], 1000);
+        assert_eq!(process["user"]["gid"], 50);
+        assert_eq!(spec["root"]["path"], "/u");
+
+        let args = strings(&["debug", "-v"]);
+        let req = RunRequest { args: &args, ..req };
+        let spec = spec_json(&req, Path::new("/u"), &image).unwrap();
+        let spec: serde_json::Value = serde_json::from_slice(&spec).unwrap();
+        assert_eq!(
+            spec["process"]["args"],
+            serde_json::json!(["/bin/app", "debug", "-v"])
+        );
+        let bare = ImageProcess::default();
+        let req = RunRequest { args: &[], ..req };
+        assert!(matches!(
+            spec_json(&req, Path::new("/u"), &bare),
+            Err(RunError::NoCommand)
+        ));
+    }
+
+    #[test]
+    fn an_unpacked_rootfs_goes_with_its_state_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state_dir = tmp.path().join("id");
+        let rootfs = state_dir.join(IMAGE_ROOTFS);
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::write(rootfs.join("bin/sh"), "x").unwrap();
+        drop(UnpackedRootfs {
+            state_dir: &state_dir,
+            rootfs: rootfs.clone(),
+        });
+        assert!(!state_dir.exists());
+
+        // A state dir with other content stays (the sandbox removes it).
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::write(state_dir.join("agent.log"), "x").unwrap();
+        drop(UnpackedRootfs {
+            state_dir: &state_dir,
+            rootfs: rootfs.clone(),
+        });
+        assert!(!rootfs.exists());
+        assert!(state_dir.join("agent.log").exists());
     }
 
     #[test]
@@ -246,7 +417,7 @@ mod tests {
         let args = vec!["true".to_owned()];
         let req = RunRequest {
             config: &config,
-            rootfs: Path::new("/nonexistent/rootfs"),
+            root: Root::Dir(Path::new("/nonexistent/rootfs")),
             args: &args,
             env: &[],
             hostname: "h",

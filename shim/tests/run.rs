@@ -10,6 +10,8 @@ use std::process::{Command, Output};
 
 use std::time::Instant;
 
+use shim::image::fixture::{tagged, tar_dir, LayoutBuilder};
+use shim::image::Compression;
 use shim::testing::busybox_rootfs;
 
 fn skiff() -> Command {
@@ -136,6 +138,47 @@ fn run_with_the_linux_handler() {
     );
 }
 
+#[test]
+fn run_an_oci_image_tarball_with_the_linux_handler() {
+    if !can_run_containers() {
+        return;
+    }
+    build_agent();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("rootfs");
+    busybox_rootfs(&root, APPLETS, None).unwrap();
+    let layout = LayoutBuilder::new(&dir.path().join("layout")).unwrap();
+    let layer = layout
+        .layer(&tar_dir(&root).unwrap(), Compression::Gzip)
+        .unwrap();
+    let config = serde_json::json!({
+        "Cmd": ["sh", "-c", "echo from $FROM in $(pwd); exit 4"],
+        "Env": ["FROM=image"],
+        "WorkingDir": "/tmp",
+    });
+    let manifest = layout.image(config, &[layer]).unwrap();
+    layout.finish(&[tagged(manifest, "latest")]).unwrap();
+    let image = dir.path().join("busybox.tar");
+    std::fs::write(&image, tar_dir(&dir.path().join("layout")).unwrap()).unwrap();
+    let image = format!("{}:latest", image.display());
+
+    let args = ["run", "--handler", "linux", "--image", &image];
+    let out = run(&[&args[..], &["--", "sh", "-c", "echo hi; exit 3"]].concat());
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hi\n");
+    // The unpacked rootfs went with the sandbox's state.
+    let id = sandbox_id(&text(&out.stderr));
+    assert!(
+        !Path::new(shim::run::RUN_STATE_ROOT).join(&id).exists(),
+        "{id} left"
+    );
+
+    // Without a command: the image's Cmd, Env and WorkingDir.
+    let out = run(&args);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from image in /tmp\n");
+}
+
 /// The sandbox id `skiff run` logged (`sandbox <id> started…`).
 fn sandbox_id(stderr: &str) -> String {
     let id = stderr
@@ -156,6 +199,15 @@ fn run_bad_input_is_a_clear_error() {
             "/nonexistent/rootfs is not a directory",
         ),
         (&["run", "--rootfs", "/"], "CMD"),
+        (&["run", "--", "true"], "--rootfs"),
+        (
+            &["run", "--rootfs", "/", "--image", "/x", "--", "true"],
+            "cannot be used with",
+        ),
+        (
+            &["run", "--image", "/nonexistent/image.tar", "--", "true"],
+            "cannot unpack the image /nonexistent/image.tar: /nonexistent/image.tar does not exist",
+        ),
         (
             &["run", "--handler", "qemu", "--rootfs", "/", "--", "true"],
             "qemu",

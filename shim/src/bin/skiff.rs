@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use shim::check;
-use shim::run::{self as skiff_run, RunRequest};
+use shim::run::{self as skiff_run, Root, RunRequest};
 use shim::task::config::{Config, HandlerKind};
 use shim::vmm::{
     self, BootSource, CpuTemplate, DiskConfig, ExitReason, KernelSpec, VmConfig, VsockConfig,
@@ -34,6 +34,7 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("root").required(true).args(["rootfs", "image"])))]
 struct RunArgs {
     /// Sandbox handler: `vm` (a micro-VM) or `linux` (a sandboxed host
     /// process). Default: the config's.
@@ -45,7 +46,12 @@ struct RunArgs {
     config: Option<PathBuf>,
     /// The container's root filesystem (a directory).
     #[arg(long, value_name = "DIR")]
-    rootfs: PathBuf,
+    rootfs: Option<PathBuf>,
+    /// An OCI image layout (a directory or a tar of one), `:TAG` picking
+    /// one of several images; unpacked for the run. Its Entrypoint, Cmd,
+    /// Env, WorkingDir and User apply.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
     /// Guest kernel (`vm`; overrides the config's).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -64,8 +70,9 @@ struct RunArgs {
     /// The container's hostname.
     #[arg(long, default_value = "skiff")]
     hostname: String,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The command and its arguments (with --image: replaces the image's
+    /// Cmd; default: the image's Entrypoint and Cmd).
+    #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
     command: Vec<String>,
 }
 
@@ -212,9 +219,14 @@ fn run_container(a: RunArgs) -> anyhow::Result<ExitCode> {
             bail!("--env {entry:?} is not NAME=value");
         }
     }
+    let root = match (&a.rootfs, &a.image) {
+        (Some(dir), _) => Root::Dir(dir),
+        (None, Some(image)) => Root::Image(image),
+        (None, None) => bail!("--rootfs or --image is required"),
+    };
     let req = RunRequest {
         config: &config,
-        rootfs: &a.rootfs,
+        root,
         args: &a.command,
         env: &a.env,
         hostname: &a.hostname,
