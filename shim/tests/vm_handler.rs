@@ -4,7 +4,10 @@
 //! the container it starts serves vsock port 1025. The host then moves
 //! 16 MiB each way on each of several concurrent connections (plus echo
 //! connections) and checks every hash; a connection to a port nobody
-//! listens on is refused by the guest; the container is killed; the
+//! listens on is refused by the guest. Meanwhile two more containers of
+//! the pod run in the same VM, one after the other, each from its own
+//! rootfs hot-attached to the same spare disk slot (a third share while
+//! both slots are taken is refused). The probe container is killed; the
 //! sandbox stops and the VM must end by the agent's reset.
 //!
 //! A boot costs one to two minutes on a PVM host. The kernel and agent
@@ -15,9 +18,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use shim::agent_client::AgentClient;
 use shim::task::config::Config;
 use shim::task::sandbox::{Sandbox, SandboxRequest};
-use shim::task::vm::VmHandler;
+use shim::task::vm::{VmHandler, VmSandbox};
 use shim::testing::{
     busybox_rootfs, noise, probe_binary, probe_connect, probe_echo, probe_sink, probe_source,
     sink_answer, source_matches, spec_json, vm_artifacts, BUSYBOX,
@@ -33,6 +37,70 @@ const ECHO_CONNS: usize = 4;
 const ECHO_BYTES: usize = 1 << 20;
 /// Bound on the probe container's start.
 const PROBE_START: Duration = Duration::from_secs(120);
+
+/// Runs a container of the pod from a rootfs of its own (shared into the
+/// running VM) whose `/marker` holds `marker`, with, if `volume`, a
+/// read-only bind mount at `/vol` of a host directory whose `data` holds
+/// `vol-<marker>`. Its shell exits 5 if it reads what it should, 6
+/// otherwise. Returns the exit status and the guest devices of the rootfs
+/// and the volume.
+fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32, Vec<String>) {
+    let rootfs = dir.join(marker);
+    busybox_rootfs(&rootfs, &["sh"], None).unwrap();
+    std::fs::write(rootfs.join("marker"), format!("{marker}\n")).unwrap();
+    std::fs::create_dir_all(rootfs.join("vol")).unwrap();
+    let mut devices = vec![sandbox.share_path(&rootfs).expect("a free disk slot")];
+    // Shell builtins only: one busybox image per container.
+    let mut script = format!("read m < /marker; [ \"$m\" = {marker} ] || exit 6;");
+    let mut spec: serde_json::Value =
+        serde_json::from_slice(&spec_json(&["/bin/sh", "-c", ""])).unwrap();
+    if volume {
+        let vol = dir.join(format!("{marker}-vol"));
+        std::fs::create_dir_all(&vol).unwrap();
+        std::fs::write(vol.join("data"), format!("vol-{marker}\n")).unwrap();
+        let mount = |opts: &[&str]| {
+            serde_json::json!({"destination": "/vol", "type": "bind",
+                "source": vol, "options": opts})
+        };
+        // A read-write bind is refused, and leaves nothing shared.
+        let mut rw = spec.clone();
+        rw["mounts"] = serde_json::json!([mount(&["rbind", "rw"])]);
+        let err = sandbox.share_mounts(&mut rw).unwrap_err().to_string();
+        assert!(err.contains("read-write bind mounts need"), "{err}");
+        let mounts = spec["mounts"].as_array_mut().expect("spec_json has mounts");
+        mounts.push(mount(&["rbind", "ro", "nosuid"]));
+        script.push_str(&format!(
+            "read v < /vol/data; [ \"$v\" = vol-{marker} ] || exit 6;"
+        ));
+    }
+    script.push_str("exit 5");
+    spec["process"]["args"][2] = script.into();
+    let volumes = sandbox.share_mounts(&mut spec).expect("volumes shared");
+    if volume {
+        let mount = spec["mounts"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(mount["type"], "ext4", "{mount}");
+        assert_eq!(mount["options"], serde_json::json!(["ro", "nosuid"]));
+        devices.push(mount["source"].as_str().unwrap().to_owned());
+    }
+    let agent: &AgentClient = sandbox.agent();
+    let spec = serde_json::to_vec(&spec).unwrap();
+    agent
+        .create_container(marker, spec, &devices[0], false, false)
+        .unwrap_or_else(|e| panic!("CreateContainer {marker} on {devices:?}: {e}"));
+    agent.start_container(marker).expect("StartContainer");
+    let status = loop {
+        match agent.wait_process(marker, "") {
+            Ok(status) => break status.status,
+            Err(err) if err.is_timeout() => continue,
+            Err(err) => panic!("WaitProcess: {err}"),
+        }
+    };
+    agent.remove_container(marker).expect("RemoveContainer");
+    for path in volumes.iter().chain([&rootfs]) {
+        sandbox.unshare_path(path).expect("the disk is taken out");
+    }
+    (status, devices)
+}
 
 /// Host → guest: BULK bytes, the guest answers with its count and hash.
 fn sink(uds: &Path, seed: u64) -> Duration {
@@ -77,6 +145,7 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
         kernel: Some(kernel),
         initrd: Some(initrd),
         memory_mib: 256,
+        vm_disks: 3,
         ..Config::default()
     };
     let dir = tempfile::Builder::new()
@@ -107,8 +176,9 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
     let agent = sandbox.agent();
     let guest_rootfs = sandbox.share_path(&rootfs).unwrap();
     assert_eq!(guest_rootfs, "/dev/vda");
+    assert_eq!(sandbox.share_path(&rootfs).unwrap(), "/dev/vda");
     let err = sandbox.share_path(Path::new("/elsewhere")).unwrap_err();
-    assert!(err.to_string().contains("one container per VM"), "{err}");
+    assert!(err.to_string().contains("/elsewhere"), "{err}");
 
     agent
         .create_container(
@@ -157,6 +227,43 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
         (2 * BULK_CONNS as u64 * BULK + 2 * (ECHO_CONNS * ECHO_BYTES) as u64) >> 20,
         t.elapsed().as_secs_f64()
     );
+
+    // Two more containers of the pod, one after the other, in slot 1; the
+    // second also gets a read-only volume (slot 2).
+    let t = Instant::now();
+    let (status, devices) = sidecar(&sandbox, dir.path(), "second", false);
+    assert_eq!(
+        (status, devices),
+        (5, vec!["/dev/vdb".to_owned()]),
+        "second container"
+    );
+    let (status, devices) = sidecar(&sandbox, dir.path(), "third", true);
+    assert_eq!(
+        (status, devices),
+        (5, vec!["/dev/vdb".to_owned(), "/dev/vdc".to_owned()]),
+        "third container: same slot, new medium, and a volume"
+    );
+    eprintln!(
+        "[{:6.1}s] two more containers ran from hot-attached disks in {:.1} s",
+        t0.elapsed().as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    // Every slot taken (probe in vda, two more): a fourth is refused.
+    let extra: Vec<_> = (0..2)
+        .map(|i| dir.path().join(format!("extra{i}")))
+        .collect();
+    for (path, want) in extra.iter().zip(["/dev/vdb", "/dev/vdc"]) {
+        std::fs::create_dir_all(path).unwrap();
+        assert_eq!(sandbox.share_path(path).unwrap(), want);
+    }
+    let err = sandbox.share_path(&dir.path().join("fourth")).unwrap_err();
+    assert!(
+        err.to_string().contains("all 3 disk slots are in use"),
+        "{err}"
+    );
+    for path in &extra {
+        sandbox.unshare_path(path).unwrap();
+    }
 
     // Nobody listens on port 4444: the guest answers the request with RST
     // and the muxer closes the host stream at once (no OK line).

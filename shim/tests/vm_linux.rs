@@ -60,7 +60,7 @@ fn linux_boots_to_init_with_a_virtio_disk() {
             cmdline,
         }),
         disks: vec![DiskConfig {
-            path: disk.clone(),
+            path: Some(disk.clone()),
             read_only: false,
         }],
         vsock: None,

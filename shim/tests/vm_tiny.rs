@@ -201,7 +201,7 @@ fn protected_mode_reads_virtio_mmio_registers() {
     ];
     let (mut cfg, out) = config(code, 0x10_0000, BootProtocol::Pvh);
     cfg.disks = vec![vmm::DiskConfig {
-        path: disk.clone(),
+        path: Some(disk.clone()),
         read_only: true,
     }];
     let report = vmm::run(cfg).expect("VM runs");
@@ -217,7 +217,7 @@ fn missing_disk_is_a_clear_error() {
     }
     let (mut cfg, _) = config(vec![0xf4], 0x1000, BootProtocol::RealMode);
     cfg.disks = vec![vmm::DiskConfig {
-        path: "/nonexistent/disk.img".into(),
+        path: Some("/nonexistent/disk.img".into()),
         read_only: false,
     }];
     let e = vmm::run(cfg).unwrap_err();

@@ -134,7 +134,7 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         }
     }
     Ok(DiskConfig {
-        path: path.into(),
+        path: Some(path.into()),
         read_only,
     })
 }
@@ -307,7 +307,7 @@ mod tests {
         assert_eq!(
             parse_disk("/a.img,ro").unwrap(),
             DiskConfig {
-                path: "/a.img".into(),
+                path: Some("/a.img".into()),
                 read_only: true
             }
         );

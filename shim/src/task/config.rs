@@ -13,6 +13,7 @@
 //! vm_ready_timeout_secs = 300  # `vm`: bound on boot + agent's first answer
 //! kernel_params = ""           # `vm`: appended to the guest kernel command line
 //! cpu_template = "pvm-compat"  # `vm`: default | pvm-compat (unset: what `skiff check` picks)
+//! vm_disks = 4                 # `vm`: virtio-blk slots: most containers a pod's VM holds at once
 //! ```
 //!
 //! Unknown keys and bad values are errors; `start` reports them, so
@@ -143,6 +144,11 @@ pub struct Config {
     /// The CPUID template (`vm` handler): `default` or `pvm-compat`;
     /// unset, the one `skiff check` picks for this host.
     pub cpu_template: Option<String>,
+    /// virtio-blk slots of the VM (`vm` handler): each container of the
+    /// pod takes one for its rootfs while it exists, so this bounds the
+    /// containers a pod holds at once. Empty slots cost the guest a probe
+    /// at boot and the host one idle device.
+    pub vm_disks: u32,
 }
 
 impl Default for Config {
@@ -158,6 +164,7 @@ impl Default for Config {
             vm_ready_timeout_secs: None,
             kernel_params: String::new(),
             cpu_template: None,
+            vm_disks: DEFAULT_VM_DISKS,
         }
     }
 }
@@ -165,6 +172,11 @@ impl Default for Config {
 /// Default bound on a VM's boot and its agent's first answer: guest boots
 /// take 60 to 120 s on a PVM host.
 pub const DEFAULT_VM_READY_TIMEOUT_SECS: u64 = 300;
+
+/// Default number of virtio-blk slots.
+pub const DEFAULT_VM_DISKS: u32 = 4;
+/// Most virtio-blk slots (the VM has 19 virtio devices; vsock takes one).
+pub const MAX_VM_DISKS: u32 = 16;
 
 /// Most vCPUs a sandbox may have.
 pub const MAX_VCPUS: u32 = 64;
@@ -224,6 +236,12 @@ impl Config {
         }
         if self.kernel_params.contains('\n') {
             return Err(invalid("kernel_params must be one line".into()));
+        }
+        if !(1..=MAX_VM_DISKS).contains(&self.vm_disks) {
+            return Err(invalid(format!(
+                "vm_disks = {} is out of range (1 to {MAX_VM_DISKS})",
+                self.vm_disks
+            )));
         }
         if self.vm_ready_timeout_secs == Some(0) {
             return Err(invalid("vm_ready_timeout_secs must be at least 1".into()));
@@ -367,6 +385,9 @@ mod tests {
             parse("handler = \"vm\"\n").unwrap().handler,
             HandlerKind::Vm
         );
+        let e = parse("vm_disks = 0\n").unwrap_err().to_string();
+        assert!(e.contains("vm_disks = 0 is out of range (1 to 16)"), "{e}");
+        assert_eq!(parse("vm_disks = 16\n").unwrap().vm_disks, 16);
         let e = parse("vm_ready_timeout_secs = 0\n")
             .unwrap_err()
             .to_string();

@@ -5,6 +5,7 @@ use ttrpc::Code;
 use crate::agent_client::AgentCallError;
 use crate::task::rootfs::RootfsError;
 use crate::task::sandbox::SandboxError;
+use crate::task::vm::VmSandboxError;
 
 /// Everything a TaskService request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,12 @@ impl TaskError {
     pub fn code(&self) -> Code {
         match self {
             Self::Agent(err) => err.code(),
+            Self::Sandbox(SandboxError::Vm(VmSandboxError::Volume { .. })) => {
+                Code::INVALID_ARGUMENT
+            }
+            Self::Sandbox(SandboxError::Vm(VmSandboxError::NoFreeDisk { .. })) => {
+                Code::RESOURCE_EXHAUSTED
+            }
             Self::Sandbox(_) | Self::Rootfs(_) | Self::Io { .. } => Code::INTERNAL,
             Self::ContainerNotFound(_)
             | Self::ExecNotFound { .. }

@@ -109,6 +109,21 @@ pub trait Sandbox: Send + Sync + std::fmt::Debug {
     /// (a container's rootfs), sharing it into the sandbox if needed.
     fn share_path(&self, host: &Path) -> Result<String, SandboxError>;
 
+    /// Ends one sharing of `host` (its container is gone); shares are
+    /// counted. A path that is not shared is no error.
+    fn unshare_path(&self, _host: &Path) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
+    /// Makes the bind mounts of `spec` (an OCI runtime spec) reachable in
+    /// the sandbox, rewriting their entries in place; returns the host
+    /// paths shared for them, for [`Sandbox::unshare_path`] when the
+    /// container goes. On error nothing stays shared. The default (a
+    /// sandbox that sees the host's paths) changes nothing.
+    fn share_mounts(&self, _spec: &mut serde_json::Value) -> Result<Vec<PathBuf>, SandboxError> {
+        Ok(Vec::new())
+    }
+
     /// Stops the sandbox: removes its containers, stops the agent (waiting
     /// at most `timeout` for it to go), removes the state directory.
     fn stop(&self, timeout: Duration) -> Result<(), SandboxError>;

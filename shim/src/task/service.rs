@@ -158,6 +158,8 @@ struct Container {
     bundle: PathBuf,
     rootfs: PathBuf,
     rootfs_mounted: bool,
+    /// Host paths shared into the sandbox for the container's bind mounts.
+    volumes: Vec<PathBuf>,
     init: Arc<Proc>,
     execs: Mutex<HashMap<String, Arc<Proc>>>,
 }
@@ -407,14 +409,42 @@ impl TaskService {
         };
         let shared = self.ensure_sandbox(&hostname, &rootfs).and_then(|sandbox| {
             let path = sandbox.share_path(&rootfs)?;
-            Ok((sandbox.agent().clone(), path))
+            Ok((sandbox, path))
         });
-        let (agent, agent_rootfs) = match shared {
+        let (sandbox, agent_rootfs) = match shared {
             Ok(v) => v,
             Err(err) => {
                 undo_mount();
                 return Err(err);
             }
+        };
+        let agent = sandbox.agent().clone();
+        let unshare = |paths: &[PathBuf]| {
+            for path in paths {
+                if let Err(err) = sandbox.unshare_path(path) {
+                    log::warn!("{err}");
+                }
+            }
+        };
+        let mut agent_spec = spec;
+        let volumes = match sandbox.share_mounts(&mut agent_spec) {
+            Ok(volumes) => volumes,
+            Err(err) => {
+                unshare(std::slice::from_ref(&rootfs));
+                undo_mount();
+                return Err(err.into());
+            }
+        };
+        let spec_json = if volumes.is_empty() {
+            spec_json
+        } else {
+            serde_json::to_vec(&agent_spec)
+                .map_err(|e| TaskError::io("cannot encode the container's spec", e.into()))?
+        };
+        let undo_share = || {
+            unshare(&volumes);
+            unshare(std::slice::from_ref(&rootfs));
+            undo_mount();
         };
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
@@ -429,7 +459,7 @@ impl TaskService {
             !stdio.stdin.is_empty(),
             stdio.terminal,
         ) {
-            undo_mount();
+            undo_share();
             return Err(err.into());
         }
         let init = Arc::new(Proc::new(&req.id, "", stdio, Vec::new()));
@@ -444,7 +474,7 @@ impl TaskService {
             Ok(v) => v,
             Err(err) => {
                 let _ = agent.remove_container(&req.id);
-                undo_mount();
+                undo_share();
                 return Err(err);
             }
         };
@@ -453,6 +483,7 @@ impl TaskService {
             bundle: bundle.clone(),
             rootfs,
             rootfs_mounted,
+            volumes,
             init: Arc::clone(&init),
             execs: Mutex::new(HashMap::new()),
         });
@@ -576,6 +607,12 @@ impl TaskService {
         if status == ProcStatus::Created {
             // Removal killed it; its waiter records the exit.
             let _ = container.init.wait();
+        }
+        let sandbox = lock(&self.sandbox).as_ref().map(Arc::clone);
+        if let Some(sandbox) = sandbox {
+            for path in container.volumes.iter().chain([&container.rootfs]) {
+                sandbox.unshare_path(path)?;
+            }
         }
         if container.rootfs_mounted {
             rootfs::unmount_rootfs(&container.rootfs)?;

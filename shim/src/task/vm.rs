@@ -10,9 +10,16 @@
 //! an [`AgentClient`]. Stop: DestroySandbox (the agent resets the VM), wait
 //! for the VM to end, force it off if it doesn't.
 //!
-//! Virtio-blk disks are fixed at boot, so the sandbox is started with its
-//! first container's rootfs ([`SandboxRequest::rootfs`]), and only that
-//! rootfs can be shared into it: one container per VM for now.
+//! Containers of one pod share the VM. The VM boots with `vm_disks`
+//! virtio-blk slots: the first holds the first container's rootfs image
+//! ([`SandboxRequest::rootfs`]), the others are empty (capacity 0). Each
+//! later container's rootfs image goes into a free slot while the VM runs
+//! ([`RunningVm::set_disk`]: the guest driver sees a configuration change
+//! and the new capacity) and leaves it when the container is deleted, so
+//! `vm_disks` bounds the containers a pod holds at once. Slot `i` is
+//! `/dev/vd{a+i}` in the guest: Linux names virtio-blk disks in probe
+//! order, which is slot order, and each answers GET_ID with its name
+//! (`skiff-vdX`, `/sys/block/vdX/serial`), which the agent checks.
 //!
 //! This is the only module of `task` that depends on the VMM.
 
@@ -33,11 +40,8 @@ use crate::vmm::{
 
 /// The agent's vsock port.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
-/// Where the agent finds the container's rootfs: the first virtio-blk disk.
-pub const GUEST_ROOTFS: &str = "/dev/vda";
 /// The guest's vsock CID.
 const GUEST_CID: u64 = 3;
-const IMAGE_NAME: &str = "rootfs.ext4";
 const VSOCK_NAME: &str = "vsock.sock";
 const SERIAL_NAME: &str = "serial.log";
 /// Smallest rootfs image.
@@ -99,17 +103,32 @@ pub enum VmSandboxError {
         /// The serial log's tail.
         serial: String,
     },
-    /// A path that is not the sandbox's rootfs was to be shared (a second
-    /// container in the same pod).
+    /// Every disk slot holds a container's rootfs.
     #[error(
-        "{path} cannot be shared into the VM: only the first container's rootfs {rootfs} is (as {GUEST_ROOTFS}); one container per VM sandbox for now"
+        "cannot share {path} into the VM: all {slots} disk slots are in use (one per container; raise vm_disks in the skiff config)"
     )]
-    NotShareable {
+    NoFreeDisk {
         /// The requested path.
         path: PathBuf,
-        /// The rootfs the VM was booted with.
-        rootfs: PathBuf,
+        /// The VM's slots.
+        slots: usize,
     },
+    /// A bind mount of the spec cannot be given to the VM.
+    #[error("cannot bind-mount {} at {destination} in the VM: {reason}", host.display())]
+    Volume {
+        /// The host path.
+        host: PathBuf,
+        /// Where the container wanted it.
+        destination: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The VM is stopped.
+    #[error("the VM is not running")]
+    NotRunning,
+    /// The VMM refused to put a disk into a slot or take it out.
+    #[error("cannot change the VM's disks")]
+    Disk(#[source] vmm::VmmError),
 }
 
 impl From<VmSandboxError> for SandboxError {
@@ -141,7 +160,7 @@ impl VmHandler {
                 e,
             )
         })?;
-        let image = req.state_dir.join(IMAGE_NAME);
+        let image = image_path(req.state_dir, 0);
         let t = Instant::now();
         let image_bytes = build_image(&rootfs, &image)?;
         log::info!(
@@ -169,10 +188,9 @@ impl VmHandler {
                 initrd: Some(initrd),
                 cmdline,
             }),
-            disks: vec![DiskConfig {
-                path: image.clone(),
-                read_only: false,
-            }],
+            disks: std::iter::once(DiskConfig::file(&image))
+                .chain((1..req.config.vm_disks).map(|_| DiskConfig::empty()))
+                .collect(),
             vsock: Some(VsockConfig {
                 guest_cid: GUEST_CID,
                 uds_path: uds.clone(),
@@ -203,9 +221,15 @@ impl VmHandler {
             ready_after,
             timeout
         );
+        let mut disks: Vec<Option<SlotUse>> =
+            (0..req.config.vm_disks.max(1)).map(|_| None).collect();
+        disks[0] = Some(SlotUse {
+            host: rootfs,
+            users: 0,
+        });
         let sandbox = VmSandbox {
             state_dir: req.state_dir.to_owned(),
-            rootfs,
+            disks: Mutex::new(disks),
             client,
             vm: Mutex::new(Some(vm)),
             ready_after,
@@ -251,6 +275,17 @@ fn find_mkfs() -> Option<PathBuf> {
         .chain([PathBuf::from("/sbin"), PathBuf::from("/usr/sbin")])
         .map(|dir| dir.join("mkfs.ext4"))
         .find(|p| p.is_file())
+}
+
+/// The image of disk slot `slot`.
+fn image_path(state_dir: &Path, slot: usize) -> PathBuf {
+    state_dir.join(format!("disk-{slot}.ext4"))
+}
+
+/// The guest's device for disk slot `slot`: `/dev/vda`, `/dev/vdb`, ...
+pub fn guest_disk(slot: usize) -> String {
+    let id = vmm::disk_id(slot);
+    format!("/dev/{}", id.strip_prefix("skiff-").unwrap_or(&id))
 }
 
 /// The image size for a rootfs of `used` bytes.
@@ -408,10 +443,60 @@ impl SandboxHandler for VmHandler {
     }
 }
 
+/// A disk slot's use.
+#[derive(Debug)]
+struct SlotUse {
+    /// The directory the image was built from.
+    host: PathBuf,
+    /// Containers using it: the slot is emptied when the last one goes.
+    users: usize,
+}
+
+/// Options of a bind mount that carry over to its disk's mount.
+const KEPT_MOUNT_OPTIONS: [&str; 5] = ["nosuid", "nodev", "noexec", "noatime", "relatime"];
+
+/// A read-only bind mount in `mount` (an OCI spec mount), as (source,
+/// destination); `None` for other mounts. Read-write or non-directory
+/// binds are errors: the VM gets a copy of the source, and writes to a
+/// copy would not reach the host.
+fn ro_bind(mount: &serde_json::Value) -> Result<Option<(PathBuf, String)>, VmSandboxError> {
+    let options: Vec<&str> = mount["options"]
+        .as_array()
+        .map(|o| o.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let bind = mount["type"].as_str() == Some("bind")
+        || options.iter().any(|o| matches!(*o, "bind" | "rbind"));
+    if !bind {
+        return Ok(None);
+    }
+    let source = PathBuf::from(mount["source"].as_str().unwrap_or_default());
+    let destination = mount["destination"].as_str().unwrap_or_default().to_owned();
+    let volume = |reason: &str| VmSandboxError::Volume {
+        host: source.clone(),
+        destination: destination.clone(),
+        reason: reason.to_owned(),
+    };
+    // The last of ro/rw wins, as in mount(8).
+    let ro = options.iter().rev().find(|o| matches!(**o, "ro" | "rw")) == Some(&"ro");
+    if !ro {
+        return Err(volume(
+            "read-write bind mounts need a file system shared with the host (virtio-fs), which the vm handler does not have yet; mount it read-only to get a copy",
+        ));
+    }
+    if !source.is_dir() {
+        return Err(volume(
+            "only directories can be bind-mounted into the VM (as a read-only disk)",
+        ));
+    }
+    Ok(Some((source, destination)))
+}
+
 /// A running micro-VM and its agent client.
 pub struct VmSandbox {
     state_dir: PathBuf,
-    rootfs: PathBuf,
+    /// Per disk slot, the host directory whose image it holds (or is
+    /// being built for it).
+    disks: Mutex<Vec<Option<SlotUse>>>,
     client: AgentClient,
     vm: Mutex<Option<RunningVm>>,
     ready_after: Duration,
@@ -421,7 +506,7 @@ impl std::fmt::Debug for VmSandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmSandbox")
             .field("state_dir", &self.state_dir)
-            .field("rootfs", &self.rootfs)
+            .field("disks", &self.disks)
             .finish_non_exhaustive()
     }
 }
@@ -436,7 +521,7 @@ impl VmSandbox {
     /// ended (`None` if it was already stopped). A clean end is
     /// [`ExitReason::Reset`]: the agent resets the VM after DestroySandbox.
     pub fn stop_vm(&self, timeout: Duration) -> Result<Option<VmReport>, SandboxError> {
-        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let vm = lock(&self.vm).take();
         let Some(vm) = vm else {
             return Ok(None);
         };
@@ -463,21 +548,146 @@ impl VmSandbox {
     }
 }
 
+/// The used slot holding `host`'s image.
+fn find_slot<'a>(
+    disks: &'a mut [Option<SlotUse>],
+    host: &Path,
+) -> Option<(usize, &'a mut SlotUse)> {
+    disks
+        .iter_mut()
+        .enumerate()
+        .find_map(|(i, d)| d.as_mut().filter(|d| d.host == host).map(|d| (i, d)))
+}
+
+impl VmSandbox {
+    /// Replaces each read-only directory bind mount of `spec` by a mount
+    /// of that directory's disk (read-only ext4); pushes each shared
+    /// directory to `shared`.
+    fn share_binds(
+        &self,
+        spec: &mut serde_json::Value,
+        shared: &mut Vec<PathBuf>,
+    ) -> Result<(), SandboxError> {
+        let Some(mounts) = spec["mounts"].as_array_mut() else {
+            return Ok(());
+        };
+        for mount in mounts {
+            let Some((source, destination)) = ro_bind(mount)? else {
+                continue;
+            };
+            let device = self.share_path(&source)?;
+            shared.push(source.clone());
+            let mut options = vec![serde_json::Value::from("ro")];
+            if let Some(old) = mount["options"].as_array() {
+                options.extend(
+                    old.iter()
+                        .filter(|o| o.as_str().is_some_and(|o| KEPT_MOUNT_OPTIONS.contains(&o)))
+                        .cloned(),
+                );
+            }
+            log::info!(
+                "volume {} at {destination}: read-only copy on {device}",
+                source.display()
+            );
+            mount["type"] = "ext4".into();
+            mount["source"] = device.into();
+            mount["options"] = options.into();
+        }
+        Ok(())
+    }
+}
+
 impl Sandbox for VmSandbox {
     fn agent(&self) -> &AgentClient {
         &self.client
     }
 
     fn share_path(&self, host: &Path) -> Result<String, SandboxError> {
-        if host == self.rootfs {
-            Ok(GUEST_ROOTFS.to_owned())
-        } else {
-            Err(VmSandboxError::NotShareable {
-                path: host.to_owned(),
-                rootfs: self.rootfs.clone(),
+        // Reserve a slot, then build and attach without the table's lock.
+        let slot = {
+            let mut disks = lock(&self.disks);
+            if let Some((slot, used)) = find_slot(&mut disks, host) {
+                used.users += 1;
+                return Ok(guest_disk(slot));
             }
-            .into())
+            let slots = disks.len();
+            let slot = disks.iter().position(Option::is_none).ok_or_else(|| {
+                VmSandboxError::NoFreeDisk {
+                    path: host.to_owned(),
+                    slots,
+                }
+            })?;
+            disks[slot] = Some(SlotUse {
+                host: host.to_owned(),
+                users: 1,
+            });
+            slot
+        };
+        let image = image_path(&self.state_dir, slot);
+        let attached = build_image(host, &image).and_then(|bytes| {
+            let vm = lock(&self.vm);
+            let vm = vm.as_ref().ok_or(VmSandboxError::NotRunning)?;
+            vm.set_disk(slot, Some(&DiskConfig::file(&image)))
+                .map_err(VmSandboxError::Disk)?;
+            Ok(bytes)
+        });
+        match attached {
+            Ok(bytes) => {
+                log::info!(
+                    "{} shared as {} ({} MiB image)",
+                    host.display(),
+                    guest_disk(slot),
+                    bytes >> 20
+                );
+                Ok(guest_disk(slot))
+            }
+            Err(err) => {
+                let _ = std::fs::remove_file(&image);
+                lock(&self.disks)[slot] = None;
+                Err(err.into())
+            }
         }
+    }
+
+    fn unshare_path(&self, host: &Path) -> Result<(), SandboxError> {
+        let mut disks = lock(&self.disks);
+        let Some((slot, used)) = find_slot(&mut disks, host) else {
+            return Ok(());
+        };
+        used.users = used.users.saturating_sub(1);
+        if used.users > 0 {
+            return Ok(());
+        }
+        if let Some(vm) = lock(&self.vm).as_ref() {
+            vm.set_disk(slot, None).map_err(VmSandboxError::Disk)?;
+        }
+        disks[slot] = None;
+        drop(disks);
+        let image = image_path(&self.state_dir, slot);
+        match std::fs::remove_file(&image) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(SandboxError::io(
+                    format!("cannot remove {}", image.display()),
+                    e,
+                ))
+            }
+            _ => {}
+        }
+        log::info!("{} taken out of {}", host.display(), guest_disk(slot));
+        Ok(())
+    }
+
+    fn share_mounts(&self, spec: &mut serde_json::Value) -> Result<Vec<PathBuf>, SandboxError> {
+        let mut shared = Vec::new();
+        let result = self.share_binds(spec, &mut shared);
+        if result.is_err() {
+            for host in shared.iter().rev() {
+                if let Err(err) = self.unshare_path(host) {
+                    log::warn!("{err}");
+                }
+            }
+        }
+        result.map(|()| shared)
     }
 
     fn stop(&self, timeout: Duration) -> Result<(), SandboxError> {
@@ -488,8 +698,12 @@ impl Sandbox for VmSandbox {
 impl Drop for VmSandbox {
     fn drop(&mut self) {
         // RunningVm's own Drop stops and joins the VM's threads.
-        drop(self.vm.lock().unwrap_or_else(|e| e.into_inner()).take());
+        drop(lock(&self.vm).take());
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -512,6 +726,50 @@ mod tests {
         assert_eq!(faults.len(), 2, "{faults:?}");
         assert!(faults[0].contains("general protection fault"));
         assert!(guest_faults(&dir.path().join("none")).is_empty());
+    }
+
+    #[test]
+    fn only_read_only_directory_binds_go_to_the_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().to_str().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let m = |ty: &str, source: &str, opts: &[&str]| serde_json::json!({"destination": "/v", "type": ty, "source": source, "options": opts});
+        assert!(ro_bind(&m("proc", "proc", &[])).unwrap().is_none());
+        assert!(ro_bind(&m("tmpfs", "tmpfs", &["ro"])).unwrap().is_none());
+        let (source, dest) = ro_bind(&m("bind", src, &["rbind", "ro"])).unwrap().unwrap();
+        assert_eq!((source.as_path(), dest.as_str()), (dir.path(), "/v"));
+        // containerd's style: type "none" with a bind option.
+        assert!(ro_bind(&m("none", src, &["ro", "rbind"]))
+            .unwrap()
+            .is_some());
+        for opts in [&["rbind"][..], &["rbind", "rw"], &["ro", "bind", "rw"]] {
+            let err = ro_bind(&m("bind", src, opts)).unwrap_err().to_string();
+            assert!(
+                err.contains("read-write bind mounts need"),
+                "{opts:?}: {err}"
+            );
+            assert!(
+                err.contains(&format!("cannot bind-mount {src} at /v")),
+                "{err}"
+            );
+        }
+        let err = ro_bind(&m("bind", file.to_str().unwrap(), &["ro", "bind"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only directories"), "{err}");
+        let err = ro_bind(&m("bind", "/nonexistent/v", &["ro", "bind"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only directories"), "{err}");
+    }
+
+    #[test]
+    fn guest_disk_names_follow_slots() {
+        assert_eq!(guest_disk(0), "/dev/vda");
+        assert_eq!(guest_disk(3), "/dev/vdd");
+        assert_eq!(guest_disk(25), "/dev/vdz");
+        assert_eq!(guest_disk(26), "/dev/vdaa");
     }
 
     #[test]

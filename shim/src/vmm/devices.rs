@@ -185,6 +185,11 @@ pub trait VirtioSlot: Send {
     }
     /// The [`VirtioSlot::host_fd`] is ready: serve the host side.
     fn host_ready(&mut self, _mem: &GuestRam) {}
+    /// Puts `medium` into this disk slot (which must be empty), or takes the
+    /// medium out (`None`), and signals a configuration change.
+    fn swap_disk(&mut self, _medium: Option<super::virtio::FileDisk>) -> Result<(), String> {
+        Err("not a disk".into())
+    }
 }
 
 impl<D: VirtioDevice + Send, const Q: usize> VirtioSlot for MmioTransport<D, IrqFd, Q> {
@@ -351,6 +356,21 @@ impl Devices {
             }
             Some((Mmio::BootTimer, _)) | None => {}
         }
+    }
+
+    /// See [`super::RunningVm::set_disk`].
+    pub(super) fn swap_disk(
+        &self,
+        index: usize,
+        medium: Option<super::virtio::FileDisk>,
+    ) -> Result<(), super::VmmError> {
+        let slot = self.virtio.get(index).ok_or(super::VmmError::DiskSlot {
+            index,
+            reason: format!("the VM has {} virtio devices", self.virtio.len()),
+        })?;
+        lock(slot)
+            .swap_disk(medium)
+            .map_err(|reason| super::VmmError::DiskSlot { index, reason })
     }
 
     /// When the guest wrote the boot-timer marker.

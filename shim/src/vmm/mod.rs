@@ -29,6 +29,7 @@ pub use platform::cpuid::CpuTemplate;
 pub(crate) use platform_x86_64 as platform;
 
 pub use devices::SerialOutput;
+pub use virtio::disk_id;
 pub use vsock::connect as vsock_connect;
 
 /// How the guest starts.
@@ -48,13 +49,32 @@ pub enum BootSource {
     },
 }
 
-/// A disk for the guest.
+/// A virtio-blk disk slot for the guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
-    /// Backing file.
-    pub path: PathBuf,
-    /// Whether the guest may only read it.
+    /// Backing file; `None` is an empty slot (capacity 0) that
+    /// [`RunningVm::set_disk`] can fill while the VM runs.
+    pub path: Option<PathBuf>,
+    /// Whether the guest may only read it (fixed for the slot's life).
     pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// A writable disk backed by `path`.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: Some(path.into()),
+            read_only: false,
+        }
+    }
+
+    /// An empty, writable slot.
+    pub fn empty() -> Self {
+        DiskConfig {
+            path: None,
+            read_only: false,
+        }
+    }
 }
 
 /// The guest's virtio-vsock device, served by the hybrid vsock muxer.
@@ -150,6 +170,14 @@ pub enum VmmError {
     /// A device could not be set up.
     #[error(transparent)]
     Device(#[from] devices::DeviceSetupError),
+    /// A disk could not be put into, or taken out of, a slot.
+    #[error("disk slot {index}: {reason}")]
+    DiskSlot {
+        /// The slot (virtio device index).
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
     /// An OS resource (eventfd, thread) could not be created.
     #[error("cannot create {what}")]
     Os {
@@ -325,6 +353,25 @@ impl RunningVm {
     /// [`ExitReason::Stopped`] unless it had already ended for another reason.
     pub fn stop(&self) {
         self.shared.request_exit(ExitReason::Stopped);
+    }
+
+    /// Puts the disk `disk` into the empty virtio-blk slot `index` (its
+    /// position in [`VmConfig::disks`]), or with `None` takes the slot's
+    /// medium out, and tells the guest with a configuration change
+    /// interrupt: its driver re-reads the capacity (Linux logs
+    /// `[vdX] new size`). Only take out a disk the guest no longer uses.
+    pub fn set_disk(&self, index: usize, disk: Option<&DiskConfig>) -> Result<(), VmmError> {
+        let medium = disk.map(virtio::FileDisk::open).transpose()?;
+        if medium
+            .as_ref()
+            .is_some_and(|m| vmm_core::devices::blk::BlockBackend::capacity(m) == 0)
+        {
+            return Err(VmmError::DiskSlot {
+                index,
+                reason: "the image is empty".into(),
+            });
+        }
+        self.devices.swap_disk(index, medium)
     }
 
     /// Whether the VM has ended (without waiting).

@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 
 use kvm_ioctls::VmFd;
 use vmm_core::devices::blk::{BackendError, Block, BlockBackend, SECTOR_SIZE};
@@ -32,15 +33,58 @@ pub fn build_devices(
     for (i, disk) in config.disks.iter().enumerate() {
         let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + i as u32)?;
         let backend = FileDisk::open(disk)?;
-        let id = format!("skiff-vd{}", (b'a' + i as u8) as char);
-        let dev = Block::new(backend, disk.read_only, id.as_bytes());
-        slots.push(Box::new(MmioTransport::<_, _, 1>::new(dev, irq)?));
+        let dev = Block::new(backend, disk.read_only, disk_id(i).as_bytes());
+        slots.push(Box::new(DiskSlot(MmioTransport::new(dev, irq)?)));
     }
     if let Some(vsock) = &config.vsock {
         let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + slots.len() as u32)?;
         slots.push(Box::new(VsockSlot::new(vsock, irq)?));
     }
     Ok(slots)
+}
+
+/// What GET_ID answers for disk `index` (Linux: `/sys/block/vdX/serial`):
+/// `skiff-vda`, `skiff-vdb`, ... in slot order, the order Linux names them.
+pub fn disk_id(index: usize) -> String {
+    let mut name = String::from("skiff-vd");
+    // vda..vdz, then vdaa.. as Linux does (never reached: 19 devices at most).
+    if index >= 26 {
+        name.push((b'a' + (index / 26 - 1) as u8) as char);
+    }
+    name.push((b'a' + (index % 26) as u8) as char);
+    name
+}
+
+/// A virtio-blk device whose medium can be swapped while the VM runs.
+pub struct DiskSlot(MmioTransport<Block<FileDisk>, IrqFd, 1>);
+
+impl VirtioSlot for DiskSlot {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.0.read(offset, data)
+    }
+    fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]) {
+        VirtioSlot::write(&mut self.0, mem, offset, data)
+    }
+    fn queue_count(&self) -> usize {
+        1
+    }
+    fn swap_disk(&mut self, medium: Option<FileDisk>) -> Result<(), String> {
+        let busy = self.0.device().backend().file.is_some();
+        match (&medium, busy) {
+            (Some(_), true) => return Err("the slot holds a disk already".into()),
+            (None, false) => return Ok(()),
+            _ => {}
+        }
+        let old = self
+            .0
+            .device_mut()
+            .replace_backend(medium.unwrap_or_else(FileDisk::none));
+        self.0.signal_config_change();
+        if let Some(path) = old.path {
+            log::debug!("disk {} taken out", path.display());
+        }
+        Ok(())
+    }
 }
 
 fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqFd, DeviceSetupError> {
@@ -56,37 +100,57 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqFd, DeviceSetupError> {
     Ok(IrqFd(evt))
 }
 
-/// A disk image file.
+/// A disk image file, or no medium (capacity 0).
 pub struct FileDisk {
-    file: File,
+    file: Option<File>,
+    path: Option<PathBuf>,
     capacity: u64,
 }
 
 impl FileDisk {
+    /// No medium.
+    pub fn none() -> Self {
+        FileDisk {
+            file: None,
+            path: None,
+            capacity: 0,
+        }
+    }
+
     /// Opens the image (read-only if the disk is); its size is rounded down
-    /// to whole sectors.
+    /// to whole sectors. A config without a path is [`FileDisk::none`].
     pub fn open(disk: &DiskConfig) -> Result<Self, DeviceSetupError> {
+        let Some(path) = &disk.path else {
+            return Ok(Self::none());
+        };
         let err = |source| DeviceSetupError::Disk {
-            path: disk.path.clone(),
+            path: path.clone(),
             source,
         };
         let file = OpenOptions::new()
             .read(true)
             .write(!disk.read_only)
-            .open(&disk.path)
+            .open(path)
             .map_err(err)?;
         let size = file.metadata().map_err(err)?.len();
         if size % SECTOR_SIZE != 0 {
             log::warn!(
                 "disk {}: size {size} is not a multiple of 512; the last {} bytes are ignored",
-                disk.path.display(),
+                path.display(),
                 size % SECTOR_SIZE
             );
         }
         Ok(FileDisk {
-            file,
+            file: Some(file),
+            path: Some(path.clone()),
             capacity: size - size % SECTOR_SIZE,
         })
+    }
+}
+
+fn no_medium() -> BackendError {
+    BackendError {
+        errno: libc::ENOMEDIUM,
     }
 }
 
@@ -101,12 +165,17 @@ impl BlockBackend for FileDisk {
         self.capacity
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.file.read_exact_at(buf, offset).map_err(backend_error)
+        let file = self.file.as_ref().ok_or_else(no_medium)?;
+        file.read_exact_at(buf, offset).map_err(backend_error)
     }
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
-        self.file.write_all_at(buf, offset).map_err(backend_error)
+        let file = self.file.as_ref().ok_or_else(no_medium)?;
+        file.write_all_at(buf, offset).map_err(backend_error)
     }
     fn flush(&mut self) -> Result<(), BackendError> {
-        self.file.sync_data().map_err(backend_error)
+        match &self.file {
+            Some(file) => file.sync_data().map_err(backend_error),
+            None => Ok(()),
+        }
     }
 }

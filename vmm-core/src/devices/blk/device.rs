@@ -88,6 +88,19 @@ impl<B: BlockBackend> Block<B> {
         &self.backend
     }
 
+    /// Swaps the medium: `backend` replaces the current one (returned) and
+    /// config space reports its capacity. For a disk attached to, or taken
+    /// out of, a running VM; the caller then raises a configuration change
+    /// interrupt ([`crate::mmio::MmioTransport::signal_config_change`]) so
+    /// the driver re-reads the capacity. Requests already answered stay
+    /// answered; later ones see the new medium and its bounds.
+    pub fn replace_backend(&mut self, backend: B) -> B {
+        let old = core::mem::replace(&mut self.backend, backend);
+        let sectors = self.backend.capacity() / SECTOR_SIZE;
+        self.config[0..8].copy_from_slice(&sectors.to_le_bytes());
+        old
+    }
+
     /// Runs one parsed request; returns its status.
     fn execute<M: GuestMemory + ?Sized, const N: usize>(
         &mut self,
