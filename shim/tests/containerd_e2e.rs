@@ -812,12 +812,21 @@ fn guest_faults(fp: &Footprint) -> Vec<String> {
 /// logged a new process fault meanwhile: the known PVM stale-page fault
 /// (guest-image/README.md), printed here. Any other result is returned.
 fn exec_in_vm(ctrd: &Containerd, fp: &Footprint, id: &str, exec_id: &str, script: &str) -> Output {
+    retry_on_guest_fault(fp, |attempt| {
+        let eid = format!("{exec_id}-{attempt}");
+        ctrd.ctr(&["tasks", "exec", "--exec-id", &eid, id, "sh", "-c", script])
+    })
+}
+
+/// Runs `attempt(n)` (n = 1, 2, ...) until it succeeds, it fails without a
+/// new guest process fault, or five attempts are used (see
+/// [`exec_in_vm`]).
+fn retry_on_guest_fault(fp: &Footprint, mut run: impl FnMut(u32) -> Output) -> Output {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let before = guest_faults(fp).len();
-        let eid = format!("{exec_id}-{attempt}");
-        let out = ctrd.ctr(&["tasks", "exec", "--exec-id", &eid, id, "sh", "-c", script]);
+        let out = run(attempt);
         let mut faults = guest_faults(fp);
         if !out.status.success() {
             // The guest's console line can trail the exit status.
@@ -844,8 +853,9 @@ fn thread_count(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
-/// `ctr run -d`, `ctr task exec`, `kill` and `delete` through the `vm`
-/// handler; the shim (and with it the VM's threads, memory and fds) and
+/// `ctr run -d`, `ctr task exec`, a second container of the same pod
+/// (`ctr run --rm` with the group annotation), `kill` and `delete`
+/// through the `vm` handler; the shim (and with it the VM's threads, memory and fds) and
 /// every file the sandbox had are gone afterwards.
 #[test]
 fn vm_detached_exec_kill_delete() {
@@ -913,6 +923,55 @@ fn vm_detached_exec_kill_delete() {
     assert!(
         !host_release.starts_with("6.12."),
         "cannot tell guest from host"
+    );
+
+    // A second container of the same pod (group annotation) joins the VM:
+    // its rootfs goes into a spare disk slot, and out again on --rm.
+    let shims = || {
+        processes_mentioning(&ctrd.sock().display().to_string())
+            .into_iter()
+            .filter(|p| Some(*p as u32) != ctrd.child.as_ref().map(Child::id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(shims(), vec![fp.shim_pid]);
+    let group = format!("io.containerd.runc.v2.group={id}");
+    let t = Instant::now();
+    let out = retry_on_guest_fault(&fp, |attempt| {
+        let member = format!("{id}-member{attempt}");
+        ctrd.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            SKIFF,
+            "--runtime-config-path",
+            config.to_str().unwrap(),
+            "--annotation",
+            &group,
+            IMAGE,
+            &member,
+            "sh",
+            "-c",
+            "read -r rel </proc/sys/kernel/osrelease; echo pod member in ${rel%%-*}; exit 4",
+        ])
+    });
+    eprintln!(
+        "second container of the pod: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}\n--- containerd log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&ctrd.log(), 8000)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("pod member in 6.12."), "{stdout}");
+    assert_eq!(shims(), vec![fp.shim_pid], "the pod's one shim ran it");
+    assert!(fp.state_dir.join("disk-0.ext4").exists());
+    assert!(
+        !fp.state_dir.join("disk-1.ext4").exists(),
+        "the member's disk image is removed with it"
     );
 
     ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id]);
