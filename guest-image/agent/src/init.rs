@@ -106,6 +106,11 @@ pub fn is_pid1() -> bool {
 /// memory (seen as `general protection fault … in busybox` in containers).
 /// A heap that never shrinks gives back nothing. On a VM the agent is the
 /// only long-lived process, so the cost is its peak heap size.
+///
+/// glibc only: musl's malloc (mallocng) has no tunables, so in a musl build
+/// (the guest's) this does nothing, and musl does give pages back: it
+/// unmaps blocks of 128 KiB and more and emptied slot groups when they are
+/// freed, and `MADV_FREE`s whole pages inside freed slots.
 pub fn pin_heap() {
     #[cfg(target_env = "gnu")]
     for (param, value) in [
@@ -399,16 +404,21 @@ fn loopback_up() -> std::io::Result<()> {
         *dst = *src as libc::c_char;
     }
     let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
+    // ioctl(2)'s request is an unsigned long in glibc and an int in musl.
+    let (get_flags, set_flags) = (
+        libc::SIOCGIFFLAGS as libc::Ioctl,
+        libc::SIOCSIFFLAGS as libc::Ioctl,
+    );
     // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of `req`,
     // which lives for the call.
-    if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) } < 0 {
+    if unsafe { libc::ioctl(fd, get_flags, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
     req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: SIOCSIFFLAGS reads `req`, which lives for the call.
-    if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) } < 0 {
+    if unsafe { libc::ioctl(fd, set_flags, &req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
