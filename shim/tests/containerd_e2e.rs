@@ -853,6 +853,33 @@ fn thread_count(pid: i32) -> usize {
         .unwrap_or(0)
 }
 
+/// `ctr run -d` of `sleep 1000` as `id` through the `vm` handler's
+/// config; the container's footprint once it runs.
+fn vm_run_sleeper(ctrd: &Containerd, config: &Path, id: &str) -> Footprint {
+    let t = Instant::now();
+    let config = config.to_str().unwrap();
+    let out = ctrd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        SKIFF,
+        "--runtime-config-path",
+        config,
+        IMAGE,
+        id,
+        "sleep",
+        "1000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\n--- containerd log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&ctrd.log(), 8000)
+    );
+    eprintln!("vm run -d took {:.1} s", t.elapsed().as_secs_f64());
+    Footprint::read(&ctrd.bundle(id))
+}
+
 /// `ctr run -d`, `ctr task exec`, a second container of the same pod
 /// (`ctr run --rm` with the group annotation), `kill` and `delete`
 /// through the `vm` handler; the shim (and with it the VM's threads, memory and fds) and
@@ -866,27 +893,7 @@ fn vm_detached_exec_kill_delete() {
     };
     ctrd.import(&image);
     let id = unique("vm-detached");
-    let t = Instant::now();
-    let out = ctrd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        SKIFF,
-        "--runtime-config-path",
-        config.to_str().unwrap(),
-        IMAGE,
-        &id,
-        "sleep",
-        "1000",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}\n--- containerd log ---\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        tail(&ctrd.log(), 8000)
-    );
-    eprintln!("vm run -d took {:.1} s", t.elapsed().as_secs_f64());
-    let fp = Footprint::read(&ctrd.bundle(&id));
+    let fp = vm_run_sleeper(&ctrd, &config, &id);
     assert!(pid_alive(fp.shim_pid));
     assert_eq!(
         fp.agent_pid, None,
@@ -981,6 +988,37 @@ fn vm_detached_exec_kill_delete() {
             .any(|l| l.contains(&id) && l.contains("STOPPED"))
     });
     ctrd.ctr_ok(&["tasks", "delete", &id]);
+    ctrd.ctr_ok(&["containers", "delete", &id]);
+    fp.assert_gone();
+}
+
+/// The `vm` handler's shim is killed with its container running: the VM
+/// (threads and memory of that process) dies with it, and containerd's
+/// `delete` removes what it left: the disk images, vsock socket and serial
+/// log in the state dir, the shim socket and the rootfs mount.
+#[test]
+fn vm_killed_shim_is_cleaned_up_by_delete() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    let Some(config) = vm_config(&ctrd) else {
+        return;
+    };
+    ctrd.import(&image);
+    let id = unique("vm-killed");
+    let fp = vm_run_sleeper(&ctrd, &config, &id);
+    for name in ["disk-0.ext4", "vsock.sock", "serial.log"] {
+        assert!(fp.state_dir.join(name).exists(), "{name} while running");
+    }
+    // SAFETY: kill(2) on the shim this test started.
+    unsafe { libc::kill(fp.shim_pid, libc::SIGKILL) };
+    wait_until("the shim to die", Duration::from_secs(10), || {
+        !pid_alive(fp.shim_pid)
+    });
+    wait_until("the task to stop", Duration::from_secs(30), || {
+        let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+        !ls.lines().any(|l| l.contains(&id) && l.contains("RUNNING"))
+    });
+    let _ = ctrd.ctr(&["tasks", "delete", &id]);
     ctrd.ctr_ok(&["containers", "delete", &id]);
     fp.assert_gone();
 }
