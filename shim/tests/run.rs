@@ -145,22 +145,14 @@ fn run_an_oci_image_tarball_with_the_linux_handler() {
     }
     build_agent();
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("rootfs");
-    busybox_rootfs(&root, APPLETS, None).unwrap();
-    let layout = LayoutBuilder::new(&dir.path().join("layout")).unwrap();
-    let layer = layout
-        .layer(&tar_dir(&root).unwrap(), Compression::Gzip)
-        .unwrap();
-    let config = serde_json::json!({
-        "Cmd": ["sh", "-c", "echo from $FROM in $(pwd); exit 4"],
-        "Env": ["FROM=image"],
-        "WorkingDir": "/tmp",
-    });
-    let manifest = layout.image(config, &[layer]).unwrap();
-    layout.finish(&[tagged(manifest, "latest")]).unwrap();
-    let image = dir.path().join("busybox.tar");
-    std::fs::write(&image, tar_dir(&dir.path().join("layout")).unwrap()).unwrap();
-    let image = format!("{}:latest", image.display());
+    let image = busybox_image(
+        dir.path(),
+        serde_json::json!({
+            "Cmd": ["sh", "-c", "echo from $FROM in $(pwd); exit 4"],
+            "Env": ["FROM=image"],
+            "WorkingDir": "/tmp",
+        }),
+    );
 
     let args = ["run", "--handler", "linux", "--image", &image];
     let out = run(&[&args[..], &["--", "sh", "-c", "echo hi; exit 3"]].concat());
@@ -177,6 +169,22 @@ fn run_an_oci_image_tarball_with_the_linux_handler() {
     let out = run(&args);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "from image in /tmp\n");
+}
+
+/// A busybox OCI image layout tarball (one gzip layer, image config
+/// `config`) in `dir`, as a `--image` reference with its tag.
+fn busybox_image(dir: &Path, config: serde_json::Value) -> String {
+    let root = dir.join("rootfs");
+    busybox_rootfs(&root, APPLETS, None).unwrap();
+    let layout = LayoutBuilder::new(&dir.join("layout")).unwrap();
+    let layer = layout
+        .layer(&tar_dir(&root).unwrap(), Compression::Gzip)
+        .unwrap();
+    let manifest = layout.image(config, &[layer]).unwrap();
+    layout.finish(&[tagged(manifest, "latest")]).unwrap();
+    let image = dir.join("busybox.tar");
+    std::fs::write(&image, tar_dir(&dir.join("layout")).unwrap()).unwrap();
+    format!("{}:latest", image.display())
 }
 
 /// The sandbox id `skiff run` logged (`sandbox <id> started…`).
@@ -255,22 +263,21 @@ fn run_with_the_vm_handler() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("rootfs");
-    busybox_rootfs(&root, APPLETS, None).unwrap();
+    // From an image (its Env applies), unpacked on the host, in the VM.
+    let image = busybox_image(dir.path(), serde_json::json!({"Env": ["BAR=image"]}));
     let t = Instant::now();
     let out = skiff()
         .args(["run", "--handler", "vm", "--kernel"])
         .arg(&kernel)
         .arg("--initrd")
         .arg(&initrd)
-        .arg("--rootfs")
-        .arg(&root)
+        .args(["--image", &image])
         .args(["-e", "FOO=vm", "--hostname", "guest", "--", "sh", "-c"])
         // Shell built-ins only: one guest process (forks expose the PVM
         // fault described in guest-image/README.md).
         .arg(
             "read -r rel </proc/sys/kernel/osrelease; read -r h </proc/sys/kernel/hostname; \
-             echo kernel ${rel%.*}; echo out $FOO $h; echo err >&2; exit 3",
+             echo kernel ${rel%.*}; echo out $FOO $BAR $h; echo err >&2; exit 3",
         )
         .env("SKIFF_LOG", "debug")
         .output()
@@ -282,7 +289,11 @@ fn run_with_the_vm_handler() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     // The guest kernel (6.12), not the host's, ran it.
-    assert_eq!(text(&out.stdout), "kernel 6.12\nout vm guest\n", "{stderr}");
+    assert_eq!(
+        text(&out.stdout),
+        "kernel 6.12\nout vm image guest\n",
+        "{stderr}"
+    );
     assert!(!std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap()
         .starts_with("6.12."));
