@@ -205,6 +205,14 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.dir.path().join("c.sock")
     }
 
+    /// This containerd's shims: processes naming its socket, but itself.
+    fn shims(&self) -> Vec<i32> {
+        processes_mentioning(&self.sock().display().to_string())
+            .into_iter()
+            .filter(|p| Some(*p as u32) != self.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
@@ -464,11 +472,7 @@ fn run_rm_echo_and_exit_codes() {
 
     // Nothing left: shims, agents, mounts, sockets.
     wait_until("shims to exit", Duration::from_secs(10), || {
-        processes_mentioning(&ctrd.sock().display().to_string())
-            .into_iter()
-            .filter(|p| Some(*p as u32) != ctrd.child.as_ref().map(Child::id))
-            .count()
-            == 0
+        ctrd.shims().is_empty()
     });
     // (Global mount counts race with the other tests; this containerd's
     // mounts are ours alone.)
@@ -783,11 +787,7 @@ fn vm_run_rm_echo_and_exit_code() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the vm\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("to stderr\n"));
     wait_until("the shim to exit", Duration::from_secs(30), || {
-        processes_mentioning(&ctrd.sock().display().to_string())
-            .into_iter()
-            .filter(|p| Some(*p as u32) != ctrd.child.as_ref().map(Child::id))
-            .count()
-            == 0
+        ctrd.shims().is_empty()
     });
     let ls = ctrd.ctr_ok(&["containers", "ls", "-q"]);
     assert!(ls.trim().is_empty(), "containers left: {ls}");
@@ -934,13 +934,7 @@ fn vm_detached_exec_kill_delete() {
 
     // A second container of the same pod (group annotation) joins the VM:
     // its rootfs goes into a spare disk slot, and out again on --rm.
-    let shims = || {
-        processes_mentioning(&ctrd.sock().display().to_string())
-            .into_iter()
-            .filter(|p| Some(*p as u32) != ctrd.child.as_ref().map(Child::id))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(shims(), vec![fp.shim_pid]);
+    assert_eq!(ctrd.shims(), vec![fp.shim_pid]);
     let group = format!("io.containerd.runc.v2.group={id}");
     let t = Instant::now();
     let out = retry_on_guest_fault(&fp, |attempt| {
@@ -974,7 +968,7 @@ fn vm_detached_exec_kill_delete() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("pod member in 6.12."), "{stdout}");
-    assert_eq!(shims(), vec![fp.shim_pid], "the pod's one shim ran it");
+    assert_eq!(ctrd.shims(), vec![fp.shim_pid], "the pod's one shim ran it");
     assert!(fp.state_dir.join("disk-0.ext4").exists());
     assert!(
         !fp.state_dir.join("disk-1.ext4").exists(),
@@ -1021,4 +1015,58 @@ fn vm_killed_shim_is_cleaned_up_by_delete() {
     let _ = ctrd.ctr(&["tasks", "delete", &id]);
     ctrd.ctr_ok(&["containers", "delete", &id]);
     fp.assert_gone();
+}
+
+/// Binds the `vm` handler cannot give a VM (read-write, or of a file) are
+/// refused at Create with the reason, before any VM boots, and leave no
+/// shim behind.
+#[test]
+fn vm_unservable_binds_are_refused_before_boot() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    let Some(config) = vm_config(&ctrd) else {
+        return;
+    };
+    ctrd.import(&image);
+    let vol = ctrd.dir.path().join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::write(vol.join("file"), b"x").unwrap();
+    let cases = [
+        (
+            format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display()),
+            "read-write bind mounts need a file system shared with the host",
+        ),
+        (
+            format!(
+                "type=bind,src={}/file,dst=/f,options=rbind:ro",
+                vol.display()
+            ),
+            "only directories can be bind-mounted into the VM",
+        ),
+    ];
+    for (mount, expected) in &cases {
+        let id = unique("vm-bind");
+        let t = Instant::now();
+        let out = ctrd.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            SKIFF,
+            "--runtime-config-path",
+            config.to_str().unwrap(),
+            "--mount",
+            mount,
+            IMAGE,
+            &id,
+            "true",
+        ]);
+        eprintln!("refused in {:.1} s", t.elapsed().as_secs_f64());
+        assert!(!out.status.success(), "{mount}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{mount}: {err}");
+        let _ = ctrd.ctr(&["containers", "delete", &id]);
+    }
+    wait_until("the shims to exit", Duration::from_secs(30), || {
+        ctrd.shims().is_empty()
+    });
 }

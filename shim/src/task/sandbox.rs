@@ -95,6 +95,12 @@ pub trait SandboxHandler: Send + Sync + std::fmt::Debug {
     /// Starts a sandbox and waits (bounded) until its agent answers.
     fn start(&self, req: &SandboxRequest<'_>) -> Result<Box<dyn Sandbox>, SandboxError>;
 
+    /// Refuses, before anything starts, a container spec (OCI runtime
+    /// spec JSON) whose mounts this kind of sandbox cannot provide.
+    fn check_mounts(&self, _spec: &serde_json::Value) -> Result<(), SandboxError> {
+        Ok(())
+    }
+
     /// Cleans up after a sandbox whose shim died: stops what still runs
     /// from `state_dir` (containers included) and removes the directory.
     fn cleanup(&self, state_dir: &Path, config: &Config) -> Result<(), SandboxError>;

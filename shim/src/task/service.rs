@@ -376,6 +376,8 @@ impl TaskService {
                 }
             }
         }
+        // A spec the sandbox cannot serve fails before a VM boots for it.
+        handler_for(lock(&self.config).handler).check_mounts(&spec)?;
         let hostname = spec["hostname"].as_str().unwrap_or_default().to_owned();
 
         // The root filesystem: the snapshot's mount, or the bundle's dir.

@@ -430,6 +430,13 @@ impl SandboxHandler for VmHandler {
         Ok(Box::new(self.start_vm(req)?))
     }
 
+    fn check_mounts(&self, spec: &serde_json::Value) -> Result<(), SandboxError> {
+        for mount in spec["mounts"].as_array().into_iter().flatten() {
+            ro_bind(mount)?;
+        }
+        Ok(())
+    }
+
     fn cleanup(&self, state_dir: &Path, _config: &Config) -> Result<(), SandboxError> {
         // The VM lived in the dead shim's process and died with it; only
         // its files (image, socket, serial log) are left.
