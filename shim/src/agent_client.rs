@@ -219,7 +219,7 @@ impl AgentClient {
         process_json: Vec<u8>,
         stdin: bool,
         terminal: bool,
-    ) -> CallResult<()> {
+    ) -> CallResult<u32> {
         let req = pb::ExecProcessRequest {
             container_id: id.to_owned(),
             exec_id: exec_id.to_owned(),
@@ -228,8 +228,8 @@ impl AgentClient {
             terminal,
             ..Default::default()
         };
-        self.inner.exec_process(ctx(CREATE_TIMEOUT), &req)?;
-        Ok(())
+        let resp = self.inner.exec_process(ctx(CREATE_TIMEOUT), &req)?;
+        Ok(u32::try_from(resp.pid).unwrap_or(0))
     }
 
     /// Waits (one long poll) for a process to exit.

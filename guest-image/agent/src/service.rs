@@ -317,9 +317,10 @@ impl Agent for AgentService {
         &self,
         _ctx: &TtrpcContext,
         req: pb::ExecProcessRequest,
-    ) -> ttrpc::Result<pb::Empty> {
+    ) -> ttrpc::Result<pb::ExecProcessResponse> {
         let container = self.container(&req.container_id)?;
-        self.engine
+        let process = self
+            .engine
             .exec(
                 &container,
                 &req.exec_id,
@@ -330,7 +331,10 @@ impl Agent for AgentService {
                 },
             )
             .map_err(AgentError::from)?;
-        Ok(pb::Empty::new())
+        Ok(pb::ExecProcessResponse {
+            pid: process.pid,
+            ..Default::default()
+        })
     }
 
     fn wait_process(

@@ -106,7 +106,11 @@ fn exit_codes_and_signal_deaths() {
     exec.container_id = "sleeper".into();
     exec.exec_id = "victim".into();
     exec.process_json = serde_json::to_vec(&process).unwrap();
-    agent.client.exec_process(ctx(), &exec).unwrap();
+    let pid = agent.client.exec_process(ctx(), &exec).unwrap().pid;
+    // The pid is the exec's own: a live process that is not the init's.
+    assert!(pid > 0 && std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(cmdline.starts_with(b"sleep\0"), "{cmdline:?}");
     let mut req = pb::SignalProcessRequest::new();
     req.container_id = "sleeper".into();
     req.exec_id = "victim".into();

@@ -542,7 +542,7 @@ impl TaskService {
                 ..Default::default()
             });
         }
-        agent.exec_process(
+        let pid = agent.exec_process(
             &req.id,
             &req.exec_id,
             proc.process_json.clone(),
@@ -552,6 +552,7 @@ impl TaskService {
         {
             let mut st = lock(&proc.state);
             st.status = ProcStatus::Running;
+            st.pid = pid;
         }
         let copiers = match self.start_stdio(&agent, &proc) {
             Ok(c) => c,
@@ -566,10 +567,13 @@ impl TaskService {
             .publish(Event::ExecStarted(ev::TaskExecStarted {
                 container_id: req.id.clone(),
                 exec_id: req.exec_id.clone(),
-                pid: 0,
+                pid,
                 ..Default::default()
             }));
-        Ok(api::StartResponse::default())
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
     fn delete_impl(&self, req: api::DeleteRequest) -> TaskResult<api::DeleteResponse> {
