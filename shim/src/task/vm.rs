@@ -103,9 +103,9 @@ pub enum VmSandboxError {
         /// The serial log's tail.
         serial: String,
     },
-    /// Every disk slot holds a container's rootfs.
+    /// Every disk slot holds a container rootfs or volume.
     #[error(
-        "cannot share {path} into the VM: all {slots} disk slots are in use (one per container; raise vm_disks in the skiff config)"
+        "cannot share {path} into the VM: all {slots} disk slots are in use (one per container rootfs or volume directory; raise vm_disks in the skiff config)"
     )]
     NoFreeDisk {
         /// The requested path.
