@@ -409,11 +409,11 @@ fn replaced_medium_changes_capacity_and_bounds() {
         |_| {},
     );
     assert_eq!((s, len), (VIRTIO_BLK_S_OK, 513));
-    let mem = SliceMemory::new(GuestAddress(0), &mut rig.bytes);
     let mut got = [0u8; 4];
-    mem.read(GuestAddress(DATA), &mut got).unwrap();
+    SliceMemory::new(GuestAddress(0), &mut rig.bytes)
+        .read(GuestAddress(DATA), &mut got)
+        .unwrap();
     assert_eq!(&got, b"skif");
-    drop(mem);
 
     // Taken out again: the old medium comes back with the guest's view of it.
     let back = dev.replace_backend(disk(0));
