@@ -41,8 +41,8 @@ const PROBE_START: Duration = Duration::from_secs(120);
 /// Runs a container of the pod from a rootfs of its own (shared into the
 /// running VM) whose `/marker` holds `marker`, with, if `volume`, a
 /// read-only bind mount at `/vol` of a host directory whose `data` holds
-/// `vol-<marker>`. Its shell exits 5 if it reads what it should, 6
-/// otherwise. Returns the exit status and the guest devices of the rootfs
+/// `vol-<marker>` and must not be writable. Its shell exits 5 if it reads
+/// what it should, 6 if not, 7 if it could write to the volume. Returns the exit status and the guest devices of the rootfs
 /// and the volume.
 fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32, Vec<String>) {
     let rootfs = dir.join(marker);
@@ -70,7 +70,8 @@ fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32,
         let mounts = spec["mounts"].as_array_mut().expect("spec_json has mounts");
         mounts.push(mount(&["rbind", "ro", "nosuid"]));
         script.push_str(&format!(
-            "read v < /vol/data; [ \"$v\" = vol-{marker} ] || exit 6;"
+            "read v < /vol/data; [ \"$v\" = vol-{marker} ] || exit 6; \
+             {{ echo x > /vol/new; }} 2>/dev/null && exit 7;"
         ));
     }
     script.push_str("exit 5");
