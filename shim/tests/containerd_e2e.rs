@@ -590,6 +590,25 @@ fn large_output_is_intact() {
     );
 }
 
+/// SIGKILLs the shim of container `id`, waits until containerd sees the
+/// task stop (it notices the dead shim and runs `delete`), deletes the task
+/// (an explicit delete finds it gone or removes it) and the container, and
+/// checks nothing of the shim is left.
+fn kill_shim_then_delete(ctrd: &Containerd, fp: &Footprint, id: &str) {
+    // SAFETY: kill(2) on a shim this test started.
+    unsafe { libc::kill(fp.shim_pid, libc::SIGKILL) };
+    wait_until("the shim to die", Duration::from_secs(10), || {
+        !pid_alive(fp.shim_pid)
+    });
+    wait_until("the task to stop", Duration::from_secs(30), || {
+        let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+        !ls.lines().any(|l| l.contains(id) && l.contains("RUNNING"))
+    });
+    let _ = ctrd.ctr(&["tasks", "delete", id]);
+    ctrd.ctr_ok(&["containers", "delete", id]);
+    fp.assert_gone();
+}
+
 #[test]
 fn killed_shim_is_cleaned_up_by_delete() {
     let Some(image) = prerequisites() else { return };
@@ -606,20 +625,7 @@ fn killed_shim_is_cleaned_up_by_delete() {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {ls}"));
     assert!(pid_alive(task_pid));
-    // SAFETY: kill(2) on the shim we just started.
-    unsafe { libc::kill(fp.shim_pid, libc::SIGKILL) };
-    wait_until("the shim to die", Duration::from_secs(5), || {
-        !pid_alive(fp.shim_pid)
-    });
-    // containerd notices the dead shim and runs `delete`; an explicit
-    // delete then finds the task gone or removes it.
-    wait_until("the task to stop", Duration::from_secs(20), || {
-        let ls = ctrd.ctr_ok(&["tasks", "ls"]);
-        !ls.lines().any(|l| l.contains(&id) && l.contains("RUNNING"))
-    });
-    let _ = ctrd.ctr(&["tasks", "delete", &id]);
-    ctrd.ctr_ok(&["containers", "delete", &id]);
-    fp.assert_gone();
+    kill_shim_then_delete(&ctrd, &fp, &id);
     wait_until(
         "the container process to go",
         Duration::from_secs(10),
@@ -1003,18 +1009,7 @@ fn vm_killed_shim_is_cleaned_up_by_delete() {
     for name in ["disk-0.ext4", "vsock.sock", "serial.log"] {
         assert!(fp.state_dir.join(name).exists(), "{name} while running");
     }
-    // SAFETY: kill(2) on the shim this test started.
-    unsafe { libc::kill(fp.shim_pid, libc::SIGKILL) };
-    wait_until("the shim to die", Duration::from_secs(10), || {
-        !pid_alive(fp.shim_pid)
-    });
-    wait_until("the task to stop", Duration::from_secs(30), || {
-        let ls = ctrd.ctr_ok(&["tasks", "ls"]);
-        !ls.lines().any(|l| l.contains(&id) && l.contains("RUNNING"))
-    });
-    let _ = ctrd.ctr(&["tasks", "delete", &id]);
-    ctrd.ctr_ok(&["containers", "delete", &id]);
-    fp.assert_gone();
+    kill_shim_then_delete(&ctrd, &fp, &id);
 }
 
 /// Binds the `vm` handler cannot give a VM (read-write, or of a file) are

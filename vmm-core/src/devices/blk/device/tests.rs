@@ -375,6 +375,13 @@ fn config_space_reports_capacity_and_seg_max() {
     assert_eq!(dev.queue_max_sizes(), &[BLOCK_QUEUE_SIZE]);
 }
 
+/// Reads sector `sector` (512 bytes) into DATA; returns (status, used len).
+fn read_sector(dev: &mut Block<MemDisk>, rig: &mut Rig, sector: u64) -> (u8, u32) {
+    let descs = [rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)];
+    let (s, len, _) = run(dev, rig, VIRTIO_BLK_T_IN, sector, &descs, |_| {});
+    (s, len)
+}
+
 #[test]
 fn replaced_medium_changes_capacity_and_bounds() {
     let mut dev = Block::new(disk(0), false, b"");
@@ -383,15 +390,7 @@ fn replaced_medium_changes_capacity_and_bounds() {
     assert_eq!(u64::from_le_bytes(b), 0, "an empty slot");
     let mut rig = Rig::new();
     // Nothing to read from an empty slot: out of bounds, IOERR.
-    let (s, _, _) = run(
-        &mut dev,
-        &mut rig,
-        VIRTIO_BLK_T_IN,
-        0,
-        &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)],
-        |_| {},
-    );
-    assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    assert_eq!(read_sector(&mut dev, &mut rig, 0).0, VIRTIO_BLK_S_IOERR);
 
     let mut medium = disk(8);
     medium.data[512..516].copy_from_slice(b"skif");
@@ -400,31 +399,11 @@ fn replaced_medium_changes_capacity_and_bounds() {
     dev.read_config(0, &mut b);
     assert_eq!(u64::from_le_bytes(b), 8);
     assert_eq!(dev.capacity_sectors(), 8);
-    let (s, len, _) = run(
-        &mut dev,
-        &mut rig,
-        VIRTIO_BLK_T_IN,
-        1,
-        &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)],
-        |_| {},
-    );
-    assert_eq!((s, len), (VIRTIO_BLK_S_OK, 513));
-    let mut got = [0u8; 4];
-    SliceMemory::new(GuestAddress(0), &mut rig.bytes)
-        .read(GuestAddress(DATA), &mut got)
-        .unwrap();
-    assert_eq!(&got, b"skif");
+    assert_eq!(read_sector(&mut dev, &mut rig, 1), (VIRTIO_BLK_S_OK, 513));
+    assert_eq!(&rig.bytes[DATA as usize..DATA as usize + 4], b"skif");
 
     // Taken out again: the old medium comes back with the guest's view of it.
     let back = dev.replace_backend(disk(0));
     assert_eq!(back.data.len(), 8 * 512);
-    let (s, _, _) = run(
-        &mut dev,
-        &mut rig,
-        VIRTIO_BLK_T_IN,
-        1,
-        &[rd(HDR, 16), wr(DATA, 512), wr(STATUS, 1)],
-        |_| {},
-    );
-    assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    assert_eq!(read_sector(&mut dev, &mut rig, 1).0, VIRTIO_BLK_S_IOERR);
 }
