@@ -66,9 +66,9 @@ pub enum ContainerError {
     /// The rootfs path does not exist or is neither a directory nor a block device.
     #[error("rootfs {0:?} does not exist or is neither a directory nor a block device")]
     RootfsMissing(PathBuf),
-    /// The rootfs block device still had no medium (size 0) when the bound
+    /// A block device (rootfs or volume) still had no medium (size 0) when the bound
     /// ran out: the host's disk change did not reach the guest.
-    #[error("the rootfs block device {device:?} got no medium within {timeout:?}")]
+    #[error("the block device {device:?} got no medium within {timeout:?}")]
     DiskNotReady {
         /// The block device.
         device: PathBuf,
