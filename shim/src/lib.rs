@@ -18,6 +18,7 @@ pub mod agent_client;
 pub mod check;
 pub mod image;
 pub mod run;
+pub mod sync;
 pub mod task;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;

@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::agent_client::AgentClient;
+use crate::sync::lock;
 use crate::task::config::Config;
 use crate::task::sandbox::{Sandbox, SandboxError, SandboxHandler, SandboxRequest};
 
@@ -282,9 +283,7 @@ pub struct LinuxSandbox {
 
 impl LinuxSandbox {
     fn pid(&self) -> Option<u32> {
-        self.child
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(&self.child)
             .as_ref()
             .map(Child::id)
     }
@@ -301,7 +300,7 @@ impl Sandbox for LinuxSandbox {
     }
 
     fn stop(&self, _timeout: Duration) -> Result<(), SandboxError> {
-        let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let child = lock(&self.child).take();
         let Some(mut child) = child else {
             return Ok(());
         };

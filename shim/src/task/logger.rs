@@ -13,6 +13,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
+use crate::sync::lock;
+
 /// Logs to a FIFO (or stderr).
 #[derive(Debug)]
 pub struct FifoLogger {
@@ -28,7 +30,7 @@ impl FifoLogger {
             state: Mutex::new((None, None)),
         };
         {
-            let mut st = logger.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = lock(&logger.state);
             logger.reopen(&mut st);
         }
         logger
@@ -75,7 +77,7 @@ impl log::Log for FifoLogger {
             record.args().to_string().replace('"', "'"),
             std::process::id()
         );
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock(&self.state);
         if st.0.is_none() {
             self.reopen(&mut st);
         }

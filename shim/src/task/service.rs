@@ -31,6 +31,7 @@ use crate::task::events::{timestamp, timestamp_ms, Event, Publisher};
 use crate::task::rootfs::{self, MountSpec};
 use crate::task::sandbox::{handler_for, Sandbox, SandboxRequest};
 use crate::task::stdio::{open_output, CopierSet, StdinBridge};
+use crate::sync::{lock, wait};
 
 /// How long the agent gets to answer its first Health.
 pub const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,10 +43,6 @@ pub const SANDBOX_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const METRICS_TYPE_URL: &str = "io.containerd.cgroups.v1.Metrics";
 
 type TaskResult<T> = Result<T, TaskError>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Who this shim is.
 #[derive(Debug, Clone)]
@@ -145,7 +142,7 @@ impl Proc {
     fn wait(&self) -> (u32, Timestamp) {
         let mut st = lock(&self.state);
         while st.status != ProcStatus::Stopped {
-            st = self.exited.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = wait(&self.exited, st);
         }
         (st.exit_status, st.exited_at.clone().unwrap_or_default())
     }

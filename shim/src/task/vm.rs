@@ -31,6 +31,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::agent_client::AgentClient;
+use crate::sync::lock;
 use crate::task::config::Config;
 use crate::task::sandbox::{Sandbox, SandboxError, SandboxHandler, SandboxRequest};
 use crate::vmm::{
@@ -707,10 +708,6 @@ impl Drop for VmSandbox {
         // RunningVm's own Drop stops and joins the VM's threads.
         drop(lock(&self.vm).take());
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::irq::IrqFd;
+use crate::sync::lock;
 use super::platform::layout;
 use super::platform::GuestRam;
 use super::{ExitReason, Shared, VmConfig};
@@ -150,10 +151,7 @@ struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
 
 impl Write for SharedBuffer {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(b);
+        lock(&self.0).extend_from_slice(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -382,12 +380,6 @@ impl Devices {
     pub fn wake_device_thread(&self) -> std::io::Result<()> {
         self.wake.write(1)
     }
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding a device lock is a bug we already reported; the
-    // device state is still the best we have.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Starts the thread that turns queue-notification ioeventfds into

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::sync::lock;
+
 pub use platform::boot::{BootInfo, BootProtocol, KernelSpec};
 pub use platform::cpuid::CpuTemplate;
 #[cfg(target_arch = "x86_64")]
@@ -211,7 +213,7 @@ struct Shared {
 impl Shared {
     /// Records why the VM ends (the first reason wins) and wakes the owner.
     fn request_exit(&self, reason: ExitReason) {
-        let mut e = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut e = lock(&self.exit);
         if e.is_none() {
             *e = Some(reason);
         }
@@ -393,21 +395,13 @@ impl RunningVm {
             unsafe { libc::poll(&mut pfd, 1, 100) };
         }
         self.join();
-        let exit = self
-            .shared
-            .exit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let exit = lock(&self.shared.exit)
             .clone()
             .unwrap_or(ExitReason::Stopped);
         VmReport {
             exit,
             boot_timer: self.devices.boot_timer(),
-            first_entry: *self
-                .shared
-                .first_entry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
+            first_entry: *lock(&self.shared.first_entry),
         }
     }
 

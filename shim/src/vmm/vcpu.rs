@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::devices::Devices;
+use crate::sync::lock;
 use super::{ExitReason, Shared};
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -48,7 +49,7 @@ fn run(id: u8, mut fd: VcpuFd, devices: &Devices, shared: &Shared) {
         if first {
             first = false;
             let at = shared.epoch.elapsed();
-            *shared.first_entry.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+            *lock(&shared.first_entry) = Some(at);
         }
         match fd.run() {
             Ok(exit) => {
