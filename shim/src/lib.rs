@@ -5,7 +5,10 @@
 //!   reports how the VM ended.
 //! - [`check`]: what this host can run (VMX KVM, PVM, or no KVM).
 //! - [`task`]: the containerd shim v2 TaskService
-//!   (`containerd-shim-skiff-v2`) and its sandbox handlers.
+//!   (`containerd-shim-skiff-v2`).
+//! - [`sandbox`]: what runs the agent: the `linux` (host process) and `vm`
+//!   (micro-VM) handlers, used by [`task`] and [`run`].
+//! - [`config`]: `/etc/skiff/config.toml` and its overrides.
 //! - [`agent_client`]: the typed client of the skiff agent.
 //! - [`run`]: `skiff run`, one container in a fresh sandbox without
 //!   containerd.
@@ -16,8 +19,10 @@
 
 pub mod agent_client;
 pub mod check;
+pub mod config;
 pub mod image;
 pub mod run;
+pub mod sandbox;
 pub mod sync;
 pub mod task;
 #[cfg(any(test, feature = "test-utils"))]

@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::agent_client::{AgentCallError, AgentClient};
+use crate::config::Config;
 use crate::image::{self, ImageError, ImageProcess};
-use crate::task::config::Config;
-use crate::task::sandbox::{handler_for, Sandbox, SandboxError, SandboxRequest};
+use crate::sandbox::{handler_for, Sandbox, SandboxError, SandboxRequest};
 
 /// Where `skiff run` keeps its sandboxes' state.
 pub const RUN_STATE_ROOT: &str = "/run/skiff/run";

@@ -13,5 +13,6 @@ pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Waits on `cv` with the guard of [`lock`], with the same tolerance of a
 /// poisoned mutex.
 pub fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
-    cv.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner())
+    cv.wait(guard)
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

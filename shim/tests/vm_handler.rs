@@ -18,10 +18,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use oci_spec::runtime::Spec;
 use shim::agent_client::AgentClient;
-use shim::task::config::Config;
-use shim::task::sandbox::{Sandbox, SandboxRequest};
-use shim::task::vm::{VmHandler, VmSandbox};
+use shim::config::Config;
+use shim::sandbox::vm::{VmHandler, VmSandbox};
+use shim::sandbox::{Sandbox, SandboxHandler, SandboxRequest};
 use shim::testing::{
     busybox_rootfs, noise, probe_binary, probe_connect, probe_echo, probe_sink, probe_source,
     sink_answer, source_matches, spec_json, vm_artifacts, BUSYBOX,
@@ -65,7 +66,8 @@ fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32,
         // A read-write bind is refused, and leaves nothing shared.
         let mut rw = spec.clone();
         rw["mounts"] = serde_json::json!([mount(&["rbind", "rw"])]);
-        let err = sandbox.share_mounts(&mut rw).unwrap_err().to_string();
+        let rw: Spec = serde_json::from_value(rw).unwrap();
+        let err = VmHandler.volumes(&rw).unwrap_err().to_string();
         assert!(err.contains("read-write bind mounts need"), "{err}");
         let mounts = spec["mounts"].as_array_mut().expect("spec_json has mounts");
         mounts.push(mount(&["rbind", "ro", "nosuid"]));
@@ -76,12 +78,19 @@ fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32,
     }
     script.push_str("exit 5");
     spec["process"]["args"][2] = script.into();
-    let volumes = sandbox.share_mounts(&mut spec).expect("volumes shared");
+    let mut spec: Spec = serde_json::from_value(spec).unwrap();
+    let volumes = VmHandler.volumes(&spec).expect("volumes the VM serves");
+    let volumes = sandbox
+        .share_volumes(&mut spec, &volumes)
+        .expect("volumes shared");
     if volume {
-        let mount = spec["mounts"].as_array().unwrap().last().unwrap().clone();
-        assert_eq!(mount["type"], "ext4", "{mount}");
-        assert_eq!(mount["options"], serde_json::json!(["ro", "nosuid"]));
-        devices.push(mount["source"].as_str().unwrap().to_owned());
+        let mount = spec.mounts().as_ref().unwrap().last().unwrap().clone();
+        assert_eq!(mount.typ().as_deref(), Some("ext4"), "{mount:?}");
+        assert_eq!(
+            mount.options().as_deref(),
+            Some(&["ro".to_owned(), "nosuid".to_owned()][..])
+        );
+        devices.push(mount.source().as_ref().unwrap().display().to_string());
     }
     let agent: &AgentClient = sandbox.agent();
     let spec = serde_json::to_vec(&spec).unwrap();

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use shim::task::config::{Config, HandlerKind};
-use shim::task::sandbox::{handler_for, Sandbox, SandboxRequest};
-use shim::task::vm::VmHandler;
+use shim::config::{Config, HandlerKind};
+use shim::sandbox::vm::VmHandler;
+use shim::sandbox::{handler_for, Sandbox, SandboxRequest};
 use shim::testing::{
     busybox_rootfs, noise, probe_binary, probe_connect, probe_sink, probe_source, sink_answer,
     source_matches, spec_json,

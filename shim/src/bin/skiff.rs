@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use shim::check;
+use shim::config::{Config, HandlerKind};
 use shim::run::{self as skiff_run, Root, RunRequest};
-use shim::task::config::{Config, HandlerKind};
 use shim::vmm::{
     self, BootSource, CpuTemplate, DiskConfig, ExitReason, KernelSpec, VmConfig, VsockConfig,
 };

@@ -29,12 +29,15 @@ use containerd_shim_protos::api::DeleteResponse;
 use containerd_shim_protos::protobuf::{Message, MessageField};
 use sha2::{Digest, Sha256};
 
-use crate::task::config::{config_path_from_options, Config, ConfigError};
+use crate::config::{config_path_from_options, Config, ConfigError};
+use crate::sandbox::linux::{find_agent, has_exited};
+use crate::sandbox::{handler_for, SandboxError};
+use crate::task::error::error_chain;
 use crate::task::events::{timestamp, Publisher};
 use crate::task::logger::FifoLogger;
 use crate::task::rootfs;
-use crate::task::sandbox::handler_for;
 use crate::task::service::{ShimInfo, TaskService};
+use crate::task::spec::{read_spec, sandbox_id, SpecError};
 
 /// This binary's name (to recognize a live shim by its pid).
 const SHIM_BINARY: &str = "containerd-shim-skiff-v2";
@@ -59,11 +62,68 @@ const LISTENER_FD: i32 = 3;
 const TTRPC_IDLE_MIN: usize = 1;
 const TTRPC_IDLE_DEFAULT: usize = 2;
 const TTRPC_IDLE_MAX: usize = 3;
-/// Annotations grouping containers into one shim.
-pub const GROUP_ANNOTATIONS: [&str; 2] = [
-    "io.kubernetes.cri.sandbox-id",
-    "io.containerd.runc.v2.group",
-];
+/// Errors of the shim's command line actions.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimCommandError {
+    /// A flag containerd does not pass.
+    #[error("unknown flag -{0}")]
+    UnknownFlag(String),
+    /// A flag without its value.
+    #[error("flag -{0} needs a value")]
+    MissingValue(String),
+    /// A second positional argument.
+    #[error("unexpected argument {0:?}")]
+    UnexpectedArgument(String),
+    /// No action given.
+    #[error("no action; expected start, delete (containerd runs these)")]
+    NoAction,
+    /// An action this binary does not have.
+    #[error("unknown action {0:?}")]
+    UnknownAction(String),
+    /// `start` without `-namespace` or `-id`.
+    #[error("-namespace and -id are required")]
+    MissingIds,
+    /// The skiff config (or containerd's options naming it) is bad.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The sandbox cannot run here (e.g. no agent binary).
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The bundle's spec is unreadable or malformed.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// Another shim serves the container.
+    #[error("a shim for {id:?} already listens on {address}")]
+    AlreadyServing {
+        /// The container.
+        id: String,
+        /// The live shim's address.
+        address: String,
+    },
+    /// The ttrpc server failed.
+    #[error("cannot serve")]
+    Serve(#[source] ttrpc::Error),
+    /// The DeleteResponse could not be encoded.
+    #[error("cannot encode the response")]
+    Encode(#[source] protobuf::Error),
+    /// Host I/O failed.
+    #[error("{context}")]
+    Io {
+        /// What the shim was doing.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Wraps an I/O error with what the shim was doing.
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShimCommandError {
+    let context = context.into();
+    move |source| ShimCommandError::Io { context, source }
+}
+
+type CommandResult<T> = Result<T, ShimCommandError>;
 
 /// The command line containerd uses (Go `flag` style: `-name value`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -87,13 +147,13 @@ pub struct Args {
 }
 
 /// Parses Go-style flags (`-flag value`, `-flag=value`, `--flag`).
-pub fn parse_args(args: &[String]) -> Result<Args, String> {
+pub fn parse_args(args: &[String]) -> CommandResult<Args> {
     let mut out = Args::default();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         if !arg.starts_with('-') {
             if !out.action.is_empty() {
-                return Err(format!("unexpected argument {arg:?}"));
+                return Err(ShimCommandError::UnexpectedArgument(arg.clone()));
             }
             out.action = arg.clone();
             continue;
@@ -112,7 +172,7 @@ pub fn parse_args(args: &[String]) -> Result<Args, String> {
                     None => it
                         .next()
                         .cloned()
-                        .ok_or_else(|| format!("flag -{name} needs a value"))?,
+                        .ok_or_else(|| ShimCommandError::MissingValue(name.to_owned()))?,
                 };
                 match name {
                     "namespace" => out.namespace = value,
@@ -123,20 +183,10 @@ pub fn parse_args(args: &[String]) -> Result<Args, String> {
                     _ => {}
                 }
             }
-            other => return Err(format!("unknown flag -{other}")),
+            other => return Err(ShimCommandError::UnknownFlag(other.to_owned())),
         }
     }
     Ok(out)
-}
-
-/// The sandbox a container belongs to: its group annotation, else itself.
-pub fn sandbox_id(spec: &serde_json::Value, id: &str) -> String {
-    GROUP_ANNOTATIONS
-        .iter()
-        .find_map(|key| spec["annotations"][key].as_str())
-        .filter(|g| !g.is_empty())
-        .unwrap_or(id)
-        .to_owned()
 }
 
 /// The hash naming a sandbox's socket and state dir: distinct per
@@ -177,41 +227,37 @@ pub fn main(argv: Vec<OsString>) -> ExitCode {
         "start" => start(&args),
         "delete" => delete(&args),
         "serve" => serve(&args),
-        "" => Err("no action; expected start, delete (containerd runs these)".into()),
-        other => Err(format!("unknown action {other:?}")),
+        "" => Err(ShimCommandError::NoAction),
+        other => Err(ShimCommandError::UnknownAction(other.to_owned())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("containerd-shim-skiff-v2 {}: {e}", args.action);
+            eprintln!(
+                "containerd-shim-skiff-v2 {}: {}",
+                args.action,
+                error_chain(&e)
+            );
             ExitCode::FAILURE
         }
     }
-}
-
-fn read_spec(bundle: &Path) -> Result<serde_json::Value, String> {
-    let path = bundle.join("config.json");
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{} is not valid JSON: {e}", path.display()))
 }
 
 fn socket_is_live(path: &Path) -> bool {
     UnixStream::connect(path).is_ok()
 }
 
-fn start(args: &Args) -> Result<(), String> {
+fn start(args: &Args) -> CommandResult<()> {
     if args.namespace.is_empty() || args.id.is_empty() {
-        return Err("-namespace and -id are required".into());
+        return Err(ShimCommandError::MissingIds);
     }
-    let bundle = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
+    let bundle = std::env::current_dir().map_err(io("no working directory"))?;
     // Runtime options arrive on stdin as an `Any` (none: empty stdin).
     let mut options = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut options);
-    let options_path =
-        config_path_from_options(&options).map_err(|e: ConfigError| e.to_string())?;
-    let (config, config_path) =
-        Config::resolve(options_path.as_deref()).map_err(|e| e.to_string())?;
-    crate::task::linux::find_agent(&config).map_err(|e| e.to_string())?;
+    let options_path = config_path_from_options(&options)?;
+    let (config, config_path) = Config::resolve(options_path.as_deref())?;
+    find_agent(&config)?;
 
     let spec = read_spec(&bundle)?;
     let sandbox = sandbox_id(&spec, &args.id);
@@ -219,19 +265,19 @@ fn start(args: &Args) -> Result<(), String> {
     let socket = Path::new(SOCKET_DIR).join(&hash);
     let address = format!("unix://{}", socket.display());
     let state_dir = Path::new(STATE_ROOT).join(&hash);
-    let write_bundle = |pid: Option<u32>| -> Result<(), String> {
+    let write_bundle = |pid: Option<u32>| -> CommandResult<()> {
         std::fs::write(bundle.join("address"), &address)
-            .map_err(|e| format!("cannot write the address file: {e}"))?;
+            .map_err(io("cannot write the address file"))?;
         std::fs::write(bundle.join(STATE_FILE), state_dir.display().to_string())
-            .map_err(|e| format!("cannot write {STATE_FILE}: {e}"))?;
+            .map_err(io(format!("cannot write {STATE_FILE}")))?;
         if let Some(pid) = pid {
             std::fs::write(bundle.join("shim.pid"), pid.to_string())
-                .map_err(|e| format!("cannot write shim.pid: {e}"))?;
+                .map_err(io("cannot write shim.pid"))?;
         }
         Ok(())
     };
 
-    std::fs::create_dir_all(SOCKET_DIR).map_err(|e| format!("cannot create {SOCKET_DIR}: {e}"))?;
+    std::fs::create_dir_all(SOCKET_DIR).map_err(io(format!("cannot create {SOCKET_DIR}")))?;
     let listener = match UnixListener::bind(&socket) {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
@@ -245,18 +291,18 @@ fn start(args: &Args) -> Result<(), String> {
                 return Ok(());
             }
             if socket_is_live(&socket) {
-                return Err(format!(
-                    "a shim for {:?} already listens on {address}",
-                    args.id
-                ));
+                return Err(ShimCommandError::AlreadyServing {
+                    id: args.id.clone(),
+                    address,
+                });
             }
             let _ = std::fs::remove_file(&socket);
-            UnixListener::bind(&socket).map_err(|e| format!("cannot bind {address}: {e}"))?
+            UnixListener::bind(&socket).map_err(io(format!("cannot bind {address}")))?
         }
-        Err(e) => return Err(format!("cannot bind {address}: {e}")),
+        Err(e) => return Err(io(format!("cannot bind {address}"))(e)),
     };
 
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+    let exe = std::env::current_exe().map_err(io("cannot find own binary"))?;
     let listener_fd: OwnedFd = listener.into();
     let raw = listener_fd.as_raw_fd();
     let mut cmd = Command::new(exe);
@@ -293,7 +339,7 @@ fn start(args: &Args) -> Result<(), String> {
     }
     let child = cmd.spawn().map_err(|e| {
         let _ = std::fs::remove_file(&socket);
-        format!("cannot spawn the shim daemon: {e}")
+        io("cannot spawn the shim daemon")(e)
     })?;
     drop(listener_fd);
     let _ = std::fs::create_dir_all(&state_dir);
@@ -323,7 +369,7 @@ fn daemon_fds(listener: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve(args: &Args) -> Result<(), String> {
+fn serve(args: &Args) -> CommandResult<()> {
     // One malloc arena instead of one per thread (up to 8 per CPU): the
     // shim's threads mostly sleep in long polls, and each extra arena keeps
     // its own touched pages (about 0.25 MB less Rss per shim, measured).
@@ -332,12 +378,12 @@ fn serve(args: &Args) -> Result<(), String> {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
-    let bundle = std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?;
+    let bundle = std::env::current_dir().map_err(io("no working directory"))?;
     let config_path = std::env::var_os(DAEMON_CONFIG_ENV)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
     let config = match &config_path {
-        Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+        Some(p) => Config::load(p)?,
         None => Config::default(),
     };
     let level = if args.debug {
@@ -376,16 +422,16 @@ fn serve(args: &Args) -> Result<(), String> {
     {
         use nix::fcntl::{fcntl, FcntlArg, FdFlag};
         fcntl(LISTENER_FD, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
-            .map_err(|e| format!("cannot set FD_CLOEXEC on the listening socket: {e}"))?;
+            .map_err(|e| io("cannot set FD_CLOEXEC on the listening socket")(e.into()))?;
     }
     let mut server = ttrpc::Server::new()
         .set_thread_count_min(TTRPC_IDLE_MIN)
         .set_thread_count_default(TTRPC_IDLE_DEFAULT)
         .set_thread_count_max(TTRPC_IDLE_MAX)
         .add_listener(LISTENER_FD)
-        .map_err(|e| format!("cannot use the listening socket: {e}"))?
+        .map_err(ShimCommandError::Serve)?
         .register_service(task_methods(Arc::clone(&service)));
-    server.start().map_err(|e| format!("cannot serve: {e}"))?;
+    server.start().map_err(ShimCommandError::Serve)?;
     log::info!(
         "serving sandbox {sandbox} on unix://{} (namespace {})",
         socket.display(),
@@ -423,7 +469,7 @@ fn process_alive(pid: i32, name: &str) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    !super::linux::has_exited(pid)
+    !has_exited(pid)
         && cmdline
             .split(|b| *b == 0)
             .next()
@@ -470,10 +516,10 @@ fn wait_for_exit(pid: i32, name: &str, timeout: Duration) -> bool {
     true
 }
 
-fn delete(args: &Args) -> Result<(), String> {
+fn delete(args: &Args) -> CommandResult<()> {
     let bundle = match &args.bundle {
         Some(b) => b.clone(),
-        None => std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?,
+        None => std::env::current_dir().map_err(io("no working directory"))?,
     };
     let shim_pid: Option<i32> = std::fs::read_to_string(bundle.join("shim.pid"))
         .ok()
@@ -524,12 +570,10 @@ fn delete(args: &Args) -> Result<(), String> {
         exited_at: MessageField::some(timestamp(SystemTime::now())),
         ..Default::default()
     };
-    let bytes = resp
-        .write_to_bytes()
-        .map_err(|e| format!("cannot encode the response: {e}"))?;
+    let bytes = resp.write_to_bytes().map_err(ShimCommandError::Encode)?;
     std::io::stdout()
         .write_all(&bytes)
-        .map_err(|e| format!("cannot write the response: {e}"))?;
+        .map_err(io("cannot write the response"))?;
     Ok(())
 }
 
@@ -567,9 +611,11 @@ mod tests {
         assert_eq!(a.action, "delete");
         assert!(parse_args(&s(&["-bogus", "start"]))
             .unwrap_err()
+            .to_string()
             .contains("-bogus"));
         assert!(parse_args(&s(&["-id"]))
             .unwrap_err()
+            .to_string()
             .contains("needs a value"));
         assert!(parse_args(&s(&["start", "delete"])).is_err());
     }
@@ -598,12 +644,7 @@ mod tests {
     }
 
     #[test]
-    fn grouping_and_hash() {
-        let spec = serde_json::json!({"annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}});
-        assert_eq!(sandbox_id(&spec, "c1"), "pod1");
-        let spec = serde_json::json!({"annotations": {"io.containerd.runc.v2.group": "g"}});
-        assert_eq!(sandbox_id(&spec, "c1"), "g");
-        assert_eq!(sandbox_id(&serde_json::json!({}), "c1"), "c1");
+    fn sandbox_hashes() {
         let a = sandbox_hash("/a.sock", "ns", "pod1");
         assert_eq!(a.len(), 32);
         assert_eq!(a, sandbox_hash("/a.sock", "ns", "pod1"));

@@ -3,9 +3,9 @@
 use ttrpc::Code;
 
 use crate::agent_client::AgentCallError;
+use crate::sandbox::{SandboxError, SandboxErrorKind};
 use crate::task::rootfs::RootfsError;
-use crate::task::sandbox::SandboxError;
-use crate::task::vm::VmSandboxError;
+use crate::task::spec::SpecError;
 
 /// Everything a TaskService request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,9 @@ pub enum TaskError {
     /// Mounting or unmounting the container's root filesystem failed.
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+    /// The bundle's spec is unreadable or malformed.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     /// No such container.
     #[error("container {0:?} does not exist in this shim")]
     ContainerNotFound(String),
@@ -75,13 +78,13 @@ impl TaskError {
     pub fn code(&self) -> Code {
         match self {
             Self::Agent(err) => err.code(),
-            Self::Sandbox(SandboxError::Vm(VmSandboxError::Volume { .. })) => {
-                Code::INVALID_ARGUMENT
-            }
-            Self::Sandbox(SandboxError::Vm(VmSandboxError::NoFreeDisk { .. })) => {
-                Code::RESOURCE_EXHAUSTED
-            }
-            Self::Sandbox(_) | Self::Rootfs(_) | Self::Io { .. } => Code::INTERNAL,
+            Self::Sandbox(err) => match err.kind() {
+                SandboxErrorKind::InvalidArgument => Code::INVALID_ARGUMENT,
+                SandboxErrorKind::ResourceExhausted => Code::RESOURCE_EXHAUSTED,
+                SandboxErrorKind::Internal => Code::INTERNAL,
+            },
+            Self::Spec(SpecError::Parse { .. }) => Code::INVALID_ARGUMENT,
+            Self::Rootfs(_) | Self::Spec(_) | Self::Io { .. } => Code::INTERNAL,
             Self::ContainerNotFound(_)
             | Self::ExecNotFound { .. }
             | Self::ProcessFinished { .. } => Code::NOT_FOUND,
@@ -150,5 +153,11 @@ mod tests {
             "{}",
             s.message()
         );
+        #[derive(Debug, thiserror::Error)]
+        #[error("no slot")]
+        struct NoSlot;
+        let s = status(SandboxError::handler(SandboxErrorKind::ResourceExhausted, NoSlot).into());
+        assert_eq!(s.code(), Code::RESOURCE_EXHAUSTED);
+        assert_eq!(s.message(), "no slot");
     }
 }

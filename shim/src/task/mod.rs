@@ -8,14 +8,12 @@
 //!
 //! - [`binary`]: the `start` / `delete` / `serve` command line containerd
 //!   drives, socket and bundle files, grouping.
-//! - [`sandbox`]: the [`sandbox::SandboxHandler`] trait; [`linux`] is the
-//!   host-process implementation (the `vm` handler is the second one).
 //! - [`rootfs`]: mounting containerd's snapshot at `<bundle>/rootfs`.
-//! - [`config`]: `/etc/skiff/config.toml` and its overrides.
+//! - [`spec`]: the bundle's OCI spec, read once.
 //! - [`logger`]: the shim's log to the bundle's `log` FIFO.
 //!
-//! This module must never depend on the VMM internals directly; the `vm`
-//! handler is the only place that will.
+//! This module speaks containerd's protocol and nothing else: what runs
+//! the containers is [`crate::sandbox`]'s, and it never depends on the VMM.
 
 /// Stack size of the shim's own threads (waiters, stdio copiers, OOM
 /// watcher, event forwarder): each runs one loop of agent calls and small
@@ -23,16 +21,13 @@
 pub const THREAD_STACK_SIZE: usize = 128 * 1024;
 
 pub mod binary;
-pub mod config;
 pub mod error;
 pub mod events;
-pub mod linux;
 pub mod logger;
 pub mod rootfs;
-pub mod sandbox;
 pub mod service;
+pub mod spec;
 pub mod stdio;
-pub mod vm;
 
 /// Whether a log record is shown: up to the max level, except that the
 /// ttrpc crate's own records (e.g. "The request has returned" for a long

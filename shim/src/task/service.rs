@@ -25,13 +25,14 @@ use containerd_shim_protos::Task;
 use ttrpc::TtrpcContext;
 
 use crate::agent_client::AgentClient;
-use crate::task::config::{config_path_from_any, Config};
+use crate::config::{config_path_from_any, Config};
+use crate::sandbox::{handler_for, Sandbox, SandboxHandler, SandboxRequest};
+use crate::sync::{lock, wait};
 use crate::task::error::TaskError;
 use crate::task::events::{timestamp, timestamp_ms, Event, Publisher};
 use crate::task::rootfs::{self, MountSpec};
-use crate::task::sandbox::{handler_for, Sandbox, SandboxRequest};
+use crate::task::spec::{encode_spec, read_spec, rootfs_path};
 use crate::task::stdio::{open_output, CopierSet, StdinBridge};
-use crate::sync::{lock, wait};
 
 /// How long the agent gets to answer its first Health.
 pub const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -176,11 +177,70 @@ impl Container {
     }
 }
 
+/// The configuration containers are created with and the sandbox handler
+/// it names: a Create's runtime options may replace it until the sandbox
+/// runs.
+#[derive(Debug)]
+struct Setup {
+    config: Config,
+    handler: Box<dyn SandboxHandler>,
+}
+
+impl Setup {
+    fn new(config: Config) -> Arc<Self> {
+        Arc::new(Self {
+            handler: handler_for(config.handler),
+            config,
+        })
+    }
+}
+
+/// What a failing Create undoes, in the reverse order of doing it: the
+/// agent's container, the sandbox shares, the rootfs mount. A Create that
+/// succeeds disarms it.
+#[derive(Default)]
+struct CreateUndo {
+    agent_container: Option<(AgentClient, String)>,
+    sandbox: Option<Arc<dyn Sandbox>>,
+    shared: Vec<PathBuf>,
+    mounted: Option<PathBuf>,
+}
+
+impl CreateUndo {
+    fn disarm(mut self) {
+        self.agent_container = None;
+        self.shared.clear();
+        self.mounted = None;
+    }
+}
+
+impl Drop for CreateUndo {
+    fn drop(&mut self) {
+        if let Some((agent, id)) = self.agent_container.take() {
+            if let Err(err) = agent.remove_container(&id) {
+                log::warn!("undoing the create of {id}: {err}");
+            }
+        }
+        if let Some(sandbox) = &self.sandbox {
+            for path in self.shared.iter().rev() {
+                if let Err(err) = sandbox.unshare_path(path) {
+                    log::warn!("{err}");
+                }
+            }
+        }
+        if let Some(rootfs) = self.mounted.take() {
+            if let Err(err) = rootfs::unmount_rootfs(&rootfs) {
+                log::warn!("{err}");
+            }
+        }
+    }
+}
+
 /// The Task service of one shim.
 #[derive(Debug)]
 pub struct TaskService {
     info: ShimInfo,
-    config: Mutex<Config>,
+    setup: Mutex<Arc<Setup>>,
     publisher: Publisher,
     sandbox: Mutex<Option<Arc<dyn Sandbox>>>,
     /// Serializes sandbox start-up (first Create) only.
@@ -200,7 +260,7 @@ impl TaskService {
     ) -> Self {
         Self {
             info,
-            config: Mutex::new(config),
+            setup: Mutex::new(Setup::new(config)),
             publisher,
             sandbox: Mutex::new(None),
             sandbox_start: Mutex::new(()),
@@ -227,9 +287,14 @@ impl TaskService {
             .ok_or_else(|| TaskError::FailedPrecondition("the sandbox is not running".into()))
     }
 
-    /// The running sandbox, started on first use (by the handler the
-    /// config names then) with `rootfs`, the first container's root.
-    fn ensure_sandbox(&self, hostname: &str, rootfs: &Path) -> TaskResult<Arc<dyn Sandbox>> {
+    /// The running sandbox, started on first use by `setup`'s handler with
+    /// `rootfs`, the first container's root.
+    fn ensure_sandbox(
+        &self,
+        setup: &Setup,
+        hostname: &str,
+        rootfs: &Path,
+    ) -> TaskResult<Arc<dyn Sandbox>> {
         if let Some(s) = lock(&self.sandbox).as_ref() {
             return Ok(Arc::clone(s));
         }
@@ -237,16 +302,14 @@ impl TaskService {
         if let Some(s) = lock(&self.sandbox).as_ref() {
             return Ok(Arc::clone(s));
         }
-        let config = lock(&self.config).clone();
-        let sandbox: Arc<dyn Sandbox> =
-            Arc::from(handler_for(config.handler).start(&SandboxRequest {
-                id: &self.info.sandbox_id,
-                state_dir: &self.info.state_dir,
-                hostname,
-                rootfs,
-                config: &config,
-                ready_timeout: SANDBOX_READY_TIMEOUT,
-            })?);
+        let sandbox: Arc<dyn Sandbox> = Arc::from(setup.handler.start(&SandboxRequest {
+            id: &self.info.sandbox_id,
+            state_dir: &self.info.state_dir,
+            hostname,
+            rootfs,
+            config: &setup.config,
+            ready_timeout: SANDBOX_READY_TIMEOUT,
+        })?);
         self.spawn_oom_watcher(sandbox.agent().clone());
         *lock(&self.sandbox) = Some(Arc::clone(&sandbox));
         Ok(sandbox)
@@ -347,6 +410,25 @@ impl TaskService {
         }
     }
 
+    /// Takes the config named by a Create's runtime options, unless the
+    /// sandbox already runs (its config is fixed then).
+    fn apply_options(&self, options: Option<&Any>) -> TaskResult<()> {
+        let Some(options) = options else {
+            return Ok(());
+        };
+        let path =
+            config_path_from_any(options).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        if let Some(path) = path {
+            if lock(&self.sandbox).is_none() {
+                let config =
+                    Config::load(&path).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+                log::set_max_level(config.log_level.filter());
+                *lock(&self.setup) = Setup::new(config);
+            }
+        }
+        Ok(())
+    }
+
     fn create_impl(&self, req: api::CreateTaskRequest) -> TaskResult<api::CreateTaskResponse> {
         if lock(&self.containers).contains_key(&req.id) {
             return Err(TaskError::AlreadyExists(format!("container {:?}", req.id)));
@@ -355,27 +437,12 @@ impl TaskService {
             return Err(TaskError::NotImplemented("restoring from a checkpoint"));
         }
         let bundle = PathBuf::from(&req.bundle);
-        let spec_path = bundle.join("config.json");
-        let spec_json = std::fs::read(&spec_path)
-            .map_err(|e| TaskError::io(format!("cannot read {}", spec_path.display()), e))?;
-        let spec: serde_json::Value = serde_json::from_slice(&spec_json).map_err(|e| {
-            TaskError::InvalidArgument(format!("{} is not valid JSON: {e}", spec_path.display()))
-        })?;
-        if let Some(options) = req.options.as_ref() {
-            let path = config_path_from_any(options)
-                .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-            if let Some(path) = path {
-                if lock(&self.sandbox).is_none() {
-                    let config = Config::load(&path)
-                        .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-                    log::set_max_level(config.log_level.filter());
-                    *lock(&self.config) = config;
-                }
-            }
-        }
+        let mut spec = read_spec(&bundle)?;
+        self.apply_options(req.options.as_ref())?;
+        let setup = Arc::clone(&lock(&self.setup));
         // A spec the sandbox cannot serve fails before a VM boots for it.
-        handler_for(lock(&self.config).handler).check_mounts(&spec)?;
-        let hostname = spec["hostname"].as_str().unwrap_or_default().to_owned();
+        let volumes = setup.handler.volumes(&spec)?;
+        let hostname = spec.hostname().clone().unwrap_or_default();
 
         // The root filesystem: the snapshot's mount, or the bundle's dir.
         let mounts: Vec<MountSpec> = req
@@ -387,96 +454,39 @@ impl TaskService {
                 options: m.options.clone(),
             })
             .collect();
-        let rootfs = if mounts.is_empty() {
-            let root = spec["root"]["path"].as_str().unwrap_or("rootfs");
-            let root = Path::new(root);
-            if root.is_absolute() {
-                root.to_owned()
-            } else {
-                bundle.join(root)
-            }
-        } else {
-            bundle.join("rootfs")
-        };
+        let rootfs = rootfs_path(&bundle, &spec, !mounts.is_empty());
+        let mut undo = CreateUndo::default();
         let rootfs_mounted = rootfs::mount_rootfs(&mounts, &rootfs)?;
-        let undo_mount = || {
-            if rootfs_mounted {
-                if let Err(err) = rootfs::unmount_rootfs(&rootfs) {
-                    log::warn!("{err}");
-                }
-            }
-        };
-        let shared = self.ensure_sandbox(&hostname, &rootfs).and_then(|sandbox| {
-            let path = sandbox.share_path(&rootfs)?;
-            Ok((sandbox, path))
-        });
-        let (sandbox, agent_rootfs) = match shared {
-            Ok(v) => v,
-            Err(err) => {
-                undo_mount();
-                return Err(err);
-            }
-        };
+        if rootfs_mounted {
+            undo.mounted = Some(rootfs.clone());
+        }
+        let sandbox = self.ensure_sandbox(&setup, &hostname, &rootfs)?;
+        undo.sandbox = Some(Arc::clone(&sandbox));
+        let agent_rootfs = sandbox.share_path(&rootfs)?;
+        undo.shared.push(rootfs.clone());
+        let volumes = sandbox.share_volumes(&mut spec, &volumes)?;
+        undo.shared.extend(volumes.iter().cloned());
+
         let agent = sandbox.agent().clone();
-        let unshare = |paths: &[PathBuf]| {
-            for path in paths {
-                if let Err(err) = sandbox.unshare_path(path) {
-                    log::warn!("{err}");
-                }
-            }
-        };
-        let mut agent_spec = spec;
-        let volumes = match sandbox.share_mounts(&mut agent_spec) {
-            Ok(volumes) => volumes,
-            Err(err) => {
-                unshare(std::slice::from_ref(&rootfs));
-                undo_mount();
-                return Err(err.into());
-            }
-        };
-        let spec_json = if volumes.is_empty() {
-            spec_json
-        } else {
-            serde_json::to_vec(&agent_spec)
-                .map_err(|e| TaskError::io("cannot encode the container's spec", e.into()))?
-        };
-        let undo_share = || {
-            unshare(&volumes);
-            unshare(std::slice::from_ref(&rootfs));
-            undo_mount();
-        };
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        if let Err(err) = agent.create_container(
+        agent.create_container(
             &req.id,
-            spec_json,
+            encode_spec(&spec)?,
             &agent_rootfs,
             !stdio.stdin.is_empty(),
             stdio.terminal,
-        ) {
-            undo_share();
-            return Err(err.into());
-        }
+        )?;
+        undo.agent_container = Some((agent.clone(), req.id.clone()));
+        let (_, pid) = agent.state_container(&req.id)?;
         let init = Arc::new(Proc::new(&req.id, "", stdio, Vec::new()));
-        let setup = agent
-            .state_container(&req.id)
-            .map_err(TaskError::from)
-            .and_then(|(_, pid)| {
-                lock(&init.state).pid = pid;
-                self.start_stdio(&agent, &init).map(|c| (pid, c))
-            });
-        let (pid, copiers) = match setup {
-            Ok(v) => v,
-            Err(err) => {
-                let _ = agent.remove_container(&req.id);
-                undo_share();
-                return Err(err);
-            }
-        };
+        lock(&init.state).pid = pid;
+        let copiers = self.start_stdio(&agent, &init)?;
+        undo.disarm();
         let container = Arc::new(Container {
             id: req.id.clone(),
             bundle: bundle.clone(),
@@ -699,7 +709,9 @@ impl TaskService {
             .as_ref()
             .map(|a| a.value.clone())
             .ok_or_else(|| TaskError::InvalidArgument("exec without a process spec".into()))?;
-        serde_json::from_slice::<serde_json::Value>(&process_json)
+        // Checked here as the agent reads it, so a bad one fails the Exec
+        // request rather than the later Start.
+        serde_json::from_slice::<oci_spec::runtime::Process>(&process_json)
             .map_err(|e| TaskError::InvalidArgument(format!("exec process spec: {e}")))?;
         let stdio = StdioPaths {
             stdin: req.stdin,

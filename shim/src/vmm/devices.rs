@@ -22,10 +22,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::irq::IrqFd;
-use crate::sync::lock;
 use super::platform::layout;
 use super::platform::GuestRam;
 use super::{ExitReason, Shared, VmConfig};
+use crate::sync::lock;
 
 /// The value the guest's init writes to the boot timer.
 pub const BOOT_TIMER_MAGIC: u8 = 123;

@@ -11,18 +11,19 @@
 //! sandbox — or, if the agent died too, starts a fresh agent on the same
 //! state dir, which force-removes what the old one left — and kills it.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::error::SandboxError;
+use super::handler::{Sandbox, SandboxHandler, SandboxRequest};
+use super::state_dir::{self, tail};
 use crate::agent_client::AgentClient;
+use crate::config::Config;
 use crate::sync::lock;
-use crate::task::config::Config;
-use crate::task::sandbox::{Sandbox, SandboxError, SandboxHandler, SandboxRequest};
 
 /// The agent binary's name.
 pub const AGENT_BINARY: &str = "skiff-agent";
@@ -72,17 +73,6 @@ pub fn find_agent(config: &Config) -> Result<PathBuf, SandboxError> {
     Err(SandboxError::AgentNotFound {
         looked: looked.join(", "),
     })
-}
-
-fn tail(path: &Path, max: u64) -> String {
-    let Ok(mut file) = File::open(path) else {
-        return String::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
-    text.trim().replace('\n', " | ")
 }
 
 /// A running agent process.
@@ -209,15 +199,7 @@ fn kill_and_wait(pid: i32, timeout: Duration) {
 impl SandboxHandler for LinuxHandler {
     fn start(&self, req: &SandboxRequest<'_>) -> Result<Box<dyn Sandbox>, SandboxError> {
         let agent_path = find_agent(req.config)?;
-        std::fs::create_dir_all(req.state_dir).map_err(|e| {
-            SandboxError::io(
-                format!(
-                    "cannot create the sandbox state dir {}",
-                    req.state_dir.display()
-                ),
-                e,
-            )
-        })?;
+        state_dir::create(req.state_dir)?;
         let agent = spawn_agent(
             &agent_path,
             req.state_dir,
@@ -268,8 +250,7 @@ impl SandboxHandler for LinuxHandler {
             let _ = agent.child.kill();
             let _ = agent.child.wait();
         }
-        std::fs::remove_dir_all(state_dir)
-            .map_err(|e| SandboxError::io(format!("cannot remove {}", state_dir.display()), e))
+        state_dir::remove(state_dir)
     }
 }
 
@@ -283,9 +264,7 @@ pub struct LinuxSandbox {
 
 impl LinuxSandbox {
     fn pid(&self) -> Option<u32> {
-        lock(&self.child)
-            .as_ref()
-            .map(Child::id)
+        lock(&self.child).as_ref().map(Child::id)
     }
 }
 
@@ -313,8 +292,7 @@ impl Sandbox for LinuxSandbox {
         // poll-then-wait blocked in that case too).
         let _ = child.kill();
         let _ = child.wait();
-        std::fs::remove_dir_all(&self.state_dir)
-            .map_err(|e| SandboxError::io(format!("cannot remove {}", self.state_dir.display()), e))
+        state_dir::remove(&self.state_dir)
     }
 }
 

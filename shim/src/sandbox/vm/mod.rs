@@ -1,0 +1,170 @@
+//! The `vm` sandbox handler: `skiff-agent` as PID 1 of a skiff micro-VM
+//! that runs in the shim's own process.
+//!
+//! Start: the container's rootfs directory becomes an ext4 image
+//! (`mkfs.ext4 -d`) in the sandbox's state dir, attached as the guest's
+//! `/dev/vda`; the VM boots the configured kernel and agent initramfs with
+//! a hybrid vsock device whose unix socket is in the state dir; the handler
+//! then retries the `CONNECT <AGENT_VSOCK_PORT>` handshake until the agent answers Health
+//! or the bound from the config runs out, and wraps the connected stream in
+//! an [`AgentClient`]. Stop: DestroySandbox (the agent resets the VM), wait
+//! for the VM to end, force it off if it doesn't.
+//!
+//! Containers of one pod share the VM. The VM boots with `vm_disks`
+//! virtio-blk slots: the first holds the first container's rootfs image
+//! ([`SandboxRequest::rootfs`]), the others are empty (capacity 0). Each
+//! later container's rootfs image goes into a free slot while the VM runs
+//! ([`RunningVm::set_disk`]: the guest driver sees a configuration change
+//! and the new capacity) and leaves it when the container is deleted, so
+//! `vm_disks` bounds the containers a pod holds at once. Slot `i` is
+//! `/dev/vd{a+i}` in the guest: Linux names virtio-blk disks in probe
+//! order, which is slot order, and each answers GET_ID with its name
+//! (`skiff-vdX`, `/sys/block/vdX/serial`), which the agent checks.
+//!
+//! - [`boot`]: the artifacts and the VM's configuration.
+//! - [`image`]: a directory as an ext4 image.
+//! - [`slots`]: the disk slot table.
+//! - [`volumes`]: which bind mounts the VM serves, and their spec rewriting.
+//! - [`connect`]: the handshake and first Health, retried while it boots.
+//! - [`serial`]: the guest's serial log.
+//! - [`sandbox`]: the running [`VmSandbox`].
+//!
+//! This is the only module of the sandbox layer that depends on the VMM.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use oci_spec::runtime::Spec;
+
+mod boot;
+mod connect;
+mod error;
+mod image;
+mod sandbox;
+mod serial;
+mod slots;
+mod volumes;
+
+pub use connect::AGENT_VSOCK_PORT;
+pub use error::VmSandboxError;
+pub use sandbox::VmSandbox;
+pub use slots::guest_disk;
+
+use self::boot::{artifacts, vm_config, VmFiles};
+use self::connect::connect_agent;
+use self::image::{build_image, image_path};
+use self::serial::SERIAL_NAME;
+use self::slots::DiskSlots;
+use crate::config::Config;
+use crate::sandbox::error::SandboxError;
+use crate::sandbox::handler::{Sandbox, SandboxHandler, SandboxRequest};
+use crate::sandbox::mounts::BindMount;
+use crate::sandbox::state_dir;
+use crate::vmm;
+
+/// The hybrid vsock's socket in the sandbox's state dir.
+const VSOCK_NAME: &str = "vsock.sock";
+
+/// Boots one micro-VM per sandbox, with the first container's rootfs as
+/// its disk.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct VmHandler;
+
+impl VmHandler {
+    /// Starts a sandbox (see the module docs); the concrete type, for
+    /// callers that want the VM's report on stop. The bound on boot plus
+    /// the agent's first answer is the config's `vm_ready_timeout_secs`
+    /// (default 300 s), not `req.ready_timeout`, which is sized for a host
+    /// process.
+    pub fn start_vm(&self, req: &SandboxRequest<'_>) -> Result<VmSandbox, SandboxError> {
+        let artifacts = artifacts(req.config)?;
+        state_dir::create(req.state_dir)?;
+        let image = image_path(req.state_dir, 0);
+        let t = Instant::now();
+        let image_bytes = build_image(req.rootfs, &image)?;
+        log::info!(
+            "sandbox {}: rootfs image {} ({} MiB) built in {:?}",
+            req.id,
+            image.display(),
+            image_bytes >> 20,
+            t.elapsed()
+        );
+
+        let uds = req.state_dir.join(VSOCK_NAME);
+        let serial = req.state_dir.join(SERIAL_NAME);
+        let _ = std::fs::remove_file(&uds);
+        let files = VmFiles {
+            image: &image,
+            uds: &uds,
+            serial: &serial,
+        };
+        let booted = Instant::now();
+        let vm = vmm::Vm::start(vm_config(req.config, artifacts, &files))
+            .map_err(VmSandboxError::Start)?;
+        let timeout = req.config.vm_ready_timeout();
+        let client = match connect_agent(&vm, &uds, &serial, timeout) {
+            Ok(client) => client,
+            Err(err) => {
+                vm.stop();
+                let _ = vm.wait();
+                return Err(err);
+            }
+        };
+        let ready_after = booted.elapsed();
+        log::info!(
+            "sandbox {}: VM agent answered {:?} after boot (bound {:?})",
+            req.id,
+            ready_after,
+            timeout
+        );
+        let disks = DiskSlots::new(req.config.vm_disks as usize, req.rootfs);
+        let sandbox = VmSandbox::new(req.state_dir, disks, client, vm, ready_after);
+        if let Err(err) = sandbox.agent().create_sandbox(req.hostname) {
+            let _ = sandbox.stop_vm(Duration::from_secs(5));
+            return Err(SandboxError::Agent(err));
+        }
+        Ok(sandbox)
+    }
+}
+
+impl SandboxHandler for VmHandler {
+    fn start(&self, req: &SandboxRequest<'_>) -> Result<Box<dyn Sandbox>, SandboxError> {
+        Ok(Box::new(self.start_vm(req)?))
+    }
+
+    fn volumes(&self, spec: &Spec) -> Result<Vec<BindMount>, SandboxError> {
+        Ok(volumes::vm_volumes(spec)?)
+    }
+
+    fn cleanup(&self, state_dir: &Path, _config: &Config) -> Result<(), SandboxError> {
+        // The VM lived in the dead shim's process and died with it; only
+        // its files (image, socket, serial log) are left.
+        state_dir::remove(state_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_artifacts_fail_before_anything_is_made() {
+        let config = Config {
+            kernel: Some("/nonexistent/vmlinux".into()),
+            initrd: Some("/nonexistent/initramfs.cpio".into()),
+            ..Config::default()
+        };
+        let err = VmHandler
+            .start(&SandboxRequest {
+                id: "x",
+                state_dir: Path::new("/nonexistent"),
+                hostname: "",
+                rootfs: Path::new("/nonexistent/rootfs"),
+                config: &config,
+                ready_timeout: Duration::from_secs(1),
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/vmlinux does not exist"), "{err}");
+    }
+}

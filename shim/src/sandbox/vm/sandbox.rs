@@ -1,0 +1,212 @@
+//! A running `vm` sandbox: the micro-VM, its agent client, and the disk
+//! slots its containers' rootfs and volume images go into while it runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use oci_spec::runtime::Spec;
+
+use super::error::VmSandboxError;
+use super::image::{build_image, image_path};
+use super::serial::{guest_faults, SERIAL_NAME};
+use super::slots::{guest_disk, DiskSlots, Reserved};
+use super::volumes::mount_disk;
+use crate::agent_client::AgentClient;
+use crate::sandbox::error::SandboxError;
+use crate::sandbox::handler::Sandbox;
+use crate::sandbox::mounts::BindMount;
+use crate::sandbox::state_dir;
+use crate::sync::lock;
+use crate::vmm::{DiskConfig, RunningVm, VmReport};
+
+/// A running micro-VM and its agent client.
+pub struct VmSandbox {
+    state_dir: PathBuf,
+    disks: Mutex<DiskSlots>,
+    client: AgentClient,
+    vm: Mutex<Option<RunningVm>>,
+    ready_after: Duration,
+}
+
+impl std::fmt::Debug for VmSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmSandbox")
+            .field("state_dir", &self.state_dir)
+            .field("disks", &self.disks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmSandbox {
+    /// A sandbox of the running `vm` whose agent answered `client` after
+    /// `ready_after`; `disks` holds the boot disk.
+    pub(super) fn new(
+        state_dir: &Path,
+        disks: DiskSlots,
+        client: AgentClient,
+        vm: RunningVm,
+        ready_after: Duration,
+    ) -> Self {
+        Self {
+            state_dir: state_dir.to_owned(),
+            disks: Mutex::new(disks),
+            client,
+            vm: Mutex::new(Some(vm)),
+            ready_after,
+        }
+    }
+
+    /// How long the VM took from start to the agent's first answer.
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// Stops the sandbox like [`Sandbox::stop`] and reports how the VM
+    /// ended (`None` if it was already stopped). A clean end is
+    /// [`crate::vmm::ExitReason::Reset`]: the agent resets the VM after
+    /// DestroySandbox.
+    pub fn stop_vm(&self, timeout: Duration) -> Result<Option<VmReport>, SandboxError> {
+        let vm = lock(&self.vm).take();
+        let Some(vm) = vm else {
+            return Ok(None);
+        };
+        if let Err(err) = self.client.destroy_sandbox() {
+            log::warn!("agent DestroySandbox failed: {err}");
+        }
+        let deadline = Instant::now() + timeout;
+        while !vm.has_exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !vm.has_exited() {
+            log::warn!("the VM did not end within {timeout:?} of DestroySandbox; stopping it");
+            vm.stop();
+        }
+        let report = vm.wait();
+        log::info!("VM ended: {:?}", report.exit);
+        for line in guest_faults(&self.state_dir.join(SERIAL_NAME)) {
+            log::warn!("guest kernel: {line}");
+        }
+        state_dir::remove(&self.state_dir)?;
+        Ok(Some(report))
+    }
+
+    /// Builds `host`'s image for the reserved `slot` and puts it into the
+    /// running VM; returns the image's size.
+    fn attach(&self, host: &Path, slot: usize) -> Result<u64, VmSandboxError> {
+        let image = image_path(&self.state_dir, slot);
+        let attached = build_image(host, &image).and_then(|bytes| {
+            let vm = lock(&self.vm);
+            let vm = vm.as_ref().ok_or(VmSandboxError::NotRunning)?;
+            vm.set_disk(slot, Some(&DiskConfig::file(&image)))
+                .map_err(VmSandboxError::Disk)?;
+            Ok(bytes)
+        });
+        if attached.is_err() {
+            let _ = std::fs::remove_file(&image);
+        }
+        attached
+    }
+
+    /// Shares each volume and mounts its disk in `spec`; pushes each
+    /// shared directory to `shared`.
+    fn share_each(
+        &self,
+        spec: &mut Spec,
+        volumes: &[BindMount],
+        shared: &mut Vec<PathBuf>,
+    ) -> Result<(), SandboxError> {
+        for volume in volumes {
+            let device = self.share_path(&volume.source)?;
+            shared.push(volume.source.clone());
+            mount_disk(spec, volume, &device)?;
+            log::info!(
+                "volume {} at {}: read-only copy on {device}",
+                volume.source.display(),
+                volume.destination.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Sandbox for VmSandbox {
+    fn agent(&self) -> &AgentClient {
+        &self.client
+    }
+
+    fn share_path(&self, host: &Path) -> Result<String, SandboxError> {
+        // Reserve a slot, then build and attach without the table's lock.
+        let slot = match lock(&self.disks).reserve(host)? {
+            Reserved::Shared(slot) => return Ok(guest_disk(slot)),
+            Reserved::Free(slot) => slot,
+        };
+        match self.attach(host, slot) {
+            Ok(bytes) => {
+                log::info!(
+                    "{} shared as {} ({} MiB image)",
+                    host.display(),
+                    guest_disk(slot),
+                    bytes >> 20
+                );
+                Ok(guest_disk(slot))
+            }
+            Err(err) => {
+                lock(&self.disks).release(slot);
+                Err(err.into())
+            }
+        }
+    }
+
+    fn unshare_path(&self, host: &Path) -> Result<(), SandboxError> {
+        let mut disks = lock(&self.disks);
+        let Some(slot) = disks.drop_user(host) else {
+            return Ok(());
+        };
+        if let Some(vm) = lock(&self.vm).as_ref() {
+            vm.set_disk(slot, None).map_err(VmSandboxError::Disk)?;
+        }
+        disks.release(slot);
+        drop(disks);
+        let image = image_path(&self.state_dir, slot);
+        match std::fs::remove_file(&image) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(SandboxError::io(
+                    format!("cannot remove {}", image.display()),
+                    e,
+                ))
+            }
+            _ => {}
+        }
+        log::info!("{} taken out of {}", host.display(), guest_disk(slot));
+        Ok(())
+    }
+
+    fn share_volumes(
+        &self,
+        spec: &mut Spec,
+        volumes: &[BindMount],
+    ) -> Result<Vec<PathBuf>, SandboxError> {
+        let mut shared = Vec::new();
+        let result = self.share_each(spec, volumes, &mut shared);
+        if result.is_err() {
+            for host in shared.iter().rev() {
+                if let Err(err) = self.unshare_path(host) {
+                    log::warn!("{err}");
+                }
+            }
+        }
+        result.map(|()| shared)
+    }
+
+    fn stop(&self, timeout: Duration) -> Result<(), SandboxError> {
+        self.stop_vm(timeout).map(drop)
+    }
+}
+
+impl Drop for VmSandbox {
+    fn drop(&mut self) {
+        // RunningVm's own Drop stops and joins the VM's threads.
+        drop(lock(&self.vm).take());
+    }
+}

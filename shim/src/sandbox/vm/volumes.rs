@@ -1,0 +1,145 @@
+//! A container's bind mounts in the VM: which the VM can serve (read-only
+//! directories, as read-only disks holding a copy) and the spec rewriting
+//! that mounts their disks instead.
+
+use oci_spec::runtime::Spec;
+
+use super::error::VmSandboxError;
+use crate::sandbox::mounts::BindMount;
+
+/// Options of a bind mount that carry over to its disk's mount.
+const KEPT_MOUNT_OPTIONS: [&str; 5] = ["nosuid", "nodev", "noexec", "noatime", "relatime"];
+
+/// The bind mounts of `spec`, each checked to be one the VM can serve.
+/// Read-write or non-directory binds are errors: the VM gets a copy of the
+/// source, and writes to a copy would not reach the host.
+pub(super) fn vm_volumes(spec: &Spec) -> Result<Vec<BindMount>, VmSandboxError> {
+    BindMount::all(spec)
+        .into_iter()
+        .map(|bind| {
+            let refuse = |reason| VmSandboxError::Volume {
+                host: bind.source.clone(),
+                destination: bind.destination.clone(),
+                reason,
+            };
+            if !bind.read_only {
+                return Err(refuse(
+                    "read-write bind mounts need a file system shared with the host (virtio-fs), which the vm handler does not have yet; mount it read-only to get a copy",
+                ));
+            }
+            if !bind.source.is_dir() {
+                return Err(refuse(
+                    "only directories can be bind-mounted into the VM (as a read-only disk)",
+                ));
+            }
+            Ok(bind)
+        })
+        .collect()
+}
+
+/// Rewrites `volume`'s entry of `spec` into a read-only ext4 mount of the
+/// guest disk `device` that holds its copy.
+pub(super) fn mount_disk(
+    spec: &mut Spec,
+    volume: &BindMount,
+    device: &str,
+) -> Result<(), VmSandboxError> {
+    let mount = spec
+        .mounts_mut()
+        .as_mut()
+        .and_then(|mounts| mounts.get_mut(volume.index))
+        .filter(|mount| *mount.destination() == volume.destination)
+        .ok_or_else(|| VmSandboxError::Volume {
+            host: volume.source.clone(),
+            destination: volume.destination.clone(),
+            reason: "the spec's mounts changed after they were checked",
+        })?;
+    let options = std::iter::once("ro".to_owned())
+        .chain(
+            volume
+                .options
+                .iter()
+                .filter(|o| KEPT_MOUNT_OPTIONS.contains(&o.as_str()))
+                .cloned(),
+        )
+        .collect();
+    mount.set_typ(Some("ext4".into()));
+    mount.set_source(Some(device.into()));
+    mount.set_options(Some(options));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with(ty: &str, source: &str, opts: &[&str]) -> Spec {
+        serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/v", "type": ty, "source": source, "options": opts},
+        ]}))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_read_only_directory_binds_go_to_the_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().to_str().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(vm_volumes(&spec_with("tmpfs", "tmpfs", &["ro"]))
+            .unwrap()
+            .is_empty());
+        let volumes = vm_volumes(&spec_with("bind", src, &["rbind", "ro"])).unwrap();
+        assert_eq!(volumes.len(), 1);
+        assert_eq!(volumes[0].source, dir.path());
+        assert_eq!(volumes[0].destination.to_str(), Some("/v"));
+        // containerd's style: type "none" with a bind option.
+        assert_eq!(
+            vm_volumes(&spec_with("none", src, &["ro", "rbind"]))
+                .unwrap()
+                .len(),
+            1
+        );
+        for opts in [&["rbind"][..], &["rbind", "rw"], &["ro", "bind", "rw"]] {
+            let err = vm_volumes(&spec_with("bind", src, opts))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("read-write bind mounts need"),
+                "{opts:?}: {err}"
+            );
+            assert!(
+                err.contains(&format!("cannot bind-mount {src} at /v")),
+                "{err}"
+            );
+        }
+        let err = vm_volumes(&spec_with("bind", file.to_str().unwrap(), &["ro", "bind"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only directories"), "{err}");
+        let err = vm_volumes(&spec_with("bind", "/nonexistent/v", &["ro", "bind"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only directories"), "{err}");
+    }
+
+    #[test]
+    fn a_volume_becomes_a_read_only_disk_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().to_str().unwrap();
+        let mut spec = spec_with("bind", src, &["rbind", "ro", "nosuid", "rprivate"]);
+        let volumes = vm_volumes(&spec).unwrap();
+        mount_disk(&mut spec, &volumes[0], "/dev/vdb").unwrap();
+        let mount = &spec.mounts().as_ref().unwrap()[1];
+        assert_eq!(mount.typ().as_deref(), Some("ext4"));
+        assert_eq!(mount.source().as_deref(), Some("/dev/vdb".as_ref()));
+        assert_eq!(
+            mount.options().as_deref(),
+            Some(&["ro".into(), "nosuid".into()][..])
+        );
+        // Another spec's volume does not fit this one.
+        let mut other = Spec::default();
+        assert!(mount_disk(&mut other, &volumes[0], "/dev/vdb").is_err());
+    }
+}
