@@ -21,6 +21,7 @@ pub mod agent_client;
 pub mod check;
 pub mod config;
 pub mod image;
+pub mod procfs;
 pub mod run;
 pub mod sandbox;
 pub mod sync;

@@ -23,6 +23,7 @@ use super::handler::{Sandbox, SandboxHandler, SandboxRequest};
 use super::state_dir::{self, tail};
 use crate::agent_client::AgentClient;
 use crate::config::Config;
+use crate::procfs;
 use crate::sync::lock;
 
 /// The agent binary's name.
@@ -165,21 +166,7 @@ fn live_agent_pid(state_dir: &Path) -> Option<i32> {
         .trim()
         .parse()
         .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let argv0 = cmdline.split(|b| *b == 0).next()?;
-    (argv0.ends_with(AGENT_BINARY.as_bytes()) && !has_exited(pid)).then_some(pid)
-}
-
-/// Whether `pid` is gone or a zombie (exited, not yet reaped: as good as
-/// gone).
-pub(crate) fn has_exited(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
+    procfs::runs(pid, AGENT_BINARY).then_some(pid)
 }
 
 fn kill_and_wait(pid: i32, timeout: Duration) {
@@ -189,7 +176,7 @@ fn kill_and_wait(pid: i32, timeout: Duration) {
     while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
         // Not our child (its shim died), so init reaps it; or our child,
         // reaped by the caller's `Child::wait`.
-        if has_exited(pid) {
+        if procfs::has_exited(pid) {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -30,7 +30,8 @@ use containerd_shim_protos::protobuf::{Message, MessageField};
 use sha2::{Digest, Sha256};
 
 use crate::config::{config_path_from_options, Config, ConfigError};
-use crate::sandbox::linux::{find_agent, has_exited};
+use crate::procfs;
+use crate::sandbox::linux::find_agent;
 use crate::sandbox::{handler_for, SandboxError};
 use crate::task::error::error_chain;
 use crate::task::events::{timestamp, Publisher};
@@ -465,17 +466,6 @@ pub fn task_methods(
     methods
 }
 
-fn process_alive(pid: i32, name: &str) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    !has_exited(pid)
-        && cmdline
-            .split(|b| *b == 0)
-            .next()
-            .is_some_and(|argv0| String::from_utf8_lossy(argv0).ends_with(name))
-}
-
 /// Waits until `pid` (running `name`) has exited, at most `timeout`;
 /// returns whether it did. Sleeps on a pidfd (readable once the process
 /// exited), else polls /proc.
@@ -507,7 +497,7 @@ fn wait_for_exit(pid: i32, name: &str, timeout: Duration) -> bool {
     } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
         return true;
     }
-    while process_alive(pid, name) {
+    while procfs::runs(pid, name) {
         if Instant::now() >= deadline {
             return false;
         }
@@ -528,7 +518,7 @@ fn delete(args: &Args) -> CommandResult<()> {
     // `delete` once the connection closed, which can be a moment before the
     // process is a zombie): give it a moment.
     let shim_alive = match shim_pid {
-        Some(pid) if process_alive(pid, SHIM_BINARY) => {
+        Some(pid) if procfs::runs(pid, SHIM_BINARY) => {
             !wait_for_exit(pid, SHIM_BINARY, SHIM_EXIT_WAIT)
         }
         _ => false,
@@ -629,7 +619,7 @@ mod tests {
             Duration::from_secs(5)
         ));
         // Exited, not yet reaped: a zombie counts as gone.
-        assert!(!process_alive(quick.id() as i32, "sleep"));
+        assert!(!procfs::runs(quick.id() as i32, "sleep"));
         quick.wait().unwrap();
         let mut slow = Command::new("sleep").arg("10").spawn().unwrap();
         let t0 = Instant::now();
