@@ -37,6 +37,11 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
+        // Until it has exec'd, the child runs this test binary.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !runs(pid, "sleep") && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert!(runs(pid, "sleep"));
         assert!(!runs(pid, "containerd-shim-skiff-v2"));
         assert!(!has_exited(pid));
