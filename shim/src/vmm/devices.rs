@@ -174,6 +174,8 @@ pub trait VirtioSlot: Send {
     fn read(&self, offset: u64, data: &mut [u8]);
     /// A guest write at `offset` in the window.
     fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]);
+    /// The driver notified queue `queue` (its ioeventfd fired).
+    fn notify(&mut self, mem: &GuestRam, queue: u16);
     /// Number of queues (for ioeventfds).
     fn queue_count(&self) -> usize;
     /// An fd the device thread should watch for the device's host side
@@ -196,6 +198,11 @@ impl<D: VirtioDevice + Send, const Q: usize> VirtioSlot for MmioTransport<D, Irq
     }
     fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]) {
         if let Err(e) = MmioTransport::write(self, mem, offset, data) {
+            log::warn!("virtio-mmio: {e}");
+        }
+    }
+    fn notify(&mut self, mem: &GuestRam, queue: u16) {
+        if let Err(e) = MmioTransport::notify(self, mem, queue) {
             log::warn!("virtio-mmio: {e}");
         }
     }
@@ -382,8 +389,8 @@ impl Devices {
     }
 }
 
-/// Starts the thread that turns queue-notification ioeventfds into
-/// `QueueNotify` writes on the transports, and serves the devices' host
+/// Starts the thread that passes queue-notification ioeventfds to their
+/// transports ([`VirtioSlot::notify`]), and serves the devices' host
 /// sides (the vsock muxer's sockets) when their fds are ready.
 pub fn spawn_device_thread(
     devices: Arc<Devices>,
@@ -447,12 +454,7 @@ pub fn spawn_device_thread(
                         continue;
                     };
                     if n.evt.read().is_ok() {
-                        let q = u32::from(n.queue).to_le_bytes();
-                        lock(&devices.virtio[n.device]).write(
-                            &devices.mem,
-                            QUEUE_NOTIFY_OFFSET,
-                            &q,
-                        );
+                        lock(&devices.virtio[n.device]).notify(&devices.mem, n.queue);
                     }
                 }
             }

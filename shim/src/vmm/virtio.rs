@@ -65,6 +65,9 @@ impl VirtioSlot for DiskSlot {
     fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]) {
         VirtioSlot::write(&mut self.0, mem, offset, data)
     }
+    fn notify(&mut self, mem: &GuestRam, queue: u16) {
+        VirtioSlot::notify(&mut self.0, mem, queue)
+    }
     fn queue_count(&self) -> usize {
         1
     }
