@@ -1061,6 +1061,22 @@ fn split_lends_the_device_its_queues() {
 }
 
 #[test]
+fn read_config_window_copies_only_whole_windows() {
+    let config = [1u8, 2, 3, 4, 5, 6];
+    let mut data = [0u8; 4];
+    read_config_window(&config, 2, &mut data);
+    assert_eq!(data, [3, 4, 5, 6]);
+    for offset in [3, 6, u64::MAX, u64::from(u32::MAX) + 1] {
+        let mut data = [0u8; 4];
+        read_config_window(&config, offset, &mut data);
+        assert_eq!(data, [0; 4], "offset {offset}");
+    }
+    let mut data = [0u8; 1];
+    read_config_window(&config, 5, &mut data);
+    assert_eq!(data, [6]);
+}
+
+#[test]
 fn errors_read_as_sentences() {
     let e = MmioError::QueueRejected {
         index: 3,
