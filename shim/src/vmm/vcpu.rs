@@ -9,8 +9,8 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::devices::Devices;
+use super::shared::{ExitReason, Shared};
 use crate::sync::lock;
-use super::{ExitReason, Shared};
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 fn kick_signal() -> libc::c_int {

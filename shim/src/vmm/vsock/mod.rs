@@ -20,10 +20,10 @@ use vmm_core::mmio::MmioTransport;
 
 pub use muxer::{Muxer, MuxerError};
 
-use super::devices::VirtioSlot;
+use super::config::VsockConfig;
 use super::irq::IrqFd;
 use super::platform::GuestRam;
-use super::VsockConfig;
+use super::slot::VirtioSlot;
 
 /// Connections one VM's vsock device holds at once.
 pub const MAX_CONNECTIONS: usize = 256;
