@@ -772,9 +772,7 @@ fn run_device_lends_the_device_while_it_is_live() {
         // A failure sets NEEDS_RESET, and then the work waits.
         assert_eq!(
             t.run_device(mem, |_, _| Err(DeviceError::Backend { reason: "test" })),
-            Err(MmioError::DeviceFailed(DeviceError::Backend {
-                reason: "test"
-            }))
+            Err(DeviceError::Backend { reason: "test" })
         );
         assert_ne!(t.status() & STATUS_NEEDS_RESET, 0);
         assert_eq!(

@@ -173,10 +173,6 @@ pub enum MmioError {
         #[source]
         source: DeviceError,
     },
-    /// The device failed on work outside a notification
-    /// ([`MmioTransport::run_device`]); the status has DEVICE_NEEDS_RESET.
-    #[error("device failed outside a notification")]
-    DeviceFailed(#[source] DeviceError),
 }
 
 /// A virtio-mmio (version 2) transport for device `D`, raising interrupts on
@@ -588,7 +584,7 @@ impl<D: VirtioDevice, I: IrqLine, const Q: usize> MmioTransport<D, I, Q> {
         {
             return Ok(());
         }
-        self.call_device(mem, |device, ctx| device.queue_notify(queue, ctx))
+        self.run_device(mem, |device, ctx| device.queue_notify(queue, ctx))
             .map_err(|source| MmioError::NotifyFailed { queue, source })
     }
 
@@ -599,28 +595,17 @@ impl<D: VirtioDevice, I: IrqLine, const Q: usize> MmioTransport<D, I, Q> {
     /// called.
     ///
     /// A device error sets DEVICE_NEEDS_RESET (see
-    /// [`MmioTransport::set_needs_reset`]) and is reported as
-    /// [`MmioError::DeviceFailed`].
+    /// [`MmioTransport::set_needs_reset`]) and is returned, for the log.
     pub fn run_device<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         work: impl FnOnce(&mut D, &mut VirtioContext<'_, M, I>) -> Result<(), DeviceError>,
-    ) -> Result<(), MmioError> {
-        self.call_device(mem, work).map_err(MmioError::DeviceFailed)
-    }
-
-    /// Calls `f` on the device if it is live; on an error, sets
-    /// DEVICE_NEEDS_RESET.
-    fn call_device<M: GuestMemory + ?Sized>(
-        &mut self,
-        mem: &M,
-        f: impl FnOnce(&mut D, &mut VirtioContext<'_, M, I>) -> Result<(), DeviceError>,
     ) -> Result<(), DeviceError> {
         if !self.activated || self.status & (STATUS_FAILED | STATUS_NEEDS_RESET) != 0 {
             return Ok(());
         }
         let (device, mut ctx) = self.split(mem);
-        let result = f(device, &mut ctx);
+        let result = work(device, &mut ctx);
         if result.is_err() {
             self.set_needs_reset();
         }
