@@ -308,7 +308,7 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
             if !queue.ready() {
                 continue;
             }
-            let wants_interrupt = match index {
+            notify |= match index {
                 TX_QUEUE => drain(queue, mem, self, |_| true, Self::malformed, Self::serve_tx),
                 RX_QUEUE => drain(
                     queue,
@@ -328,9 +328,6 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
                 ),
             }
             .map_err(|source| DeviceError::Queue { index, source })?;
-            if wants_interrupt {
-                notify = true;
-            }
         }
         if notify {
             ctx.interrupt.signal_used_buffer();
