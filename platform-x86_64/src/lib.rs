@@ -22,4 +22,4 @@ pub use boot::{load_kernel, BootError, BootInfo, BootProtocol, KernelSpec};
 pub use cpuid::{CpuTemplate, CpuidError};
 pub use memory::{create_guest_memory, GuestRam, MemoryLayoutError};
 pub use vcpu::{configure_vcpu, VcpuError};
-pub use vm::{create_vm, VmError};
+pub use vm::{create_vm, KvmVm, VmError};

@@ -24,9 +24,34 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// A KVM VM and the guest memory registered as its RAM.
+///
+/// Holding both is what keeps the memory slots sound: the mappings KVM was
+/// given stay mapped for as long as the VM can touch them.
+#[derive(Debug)]
+pub struct KvmVm {
+    // Declared before `mem`, so the VM is closed before its memory is
+    // unmapped.
+    fd: VmFd,
+    mem: GuestMemoryMmap,
+}
+
+impl KvmVm {
+    /// The VM, to create vCPUs and register irqfds and ioeventfds.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
 /// Creates a VM with `mem` as its RAM, an in-kernel irqchip (PIC, IOAPIC,
-/// LAPICs) and PIT.
-pub fn create_vm(kvm_fd: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
+/// LAPICs) and PIT. The VM keeps `mem` (a clone of a [`GuestMemoryMmap`]
+/// shares its mappings, so the caller may keep using its own).
+pub fn create_vm(kvm_fd: &Kvm, mem: GuestMemoryMmap) -> Result<KvmVm, VmError> {
     let vm = kvm_fd.create_vm().map_err(kvm("create a VM"))?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm("set the TSS address"))?;
@@ -44,9 +69,10 @@ pub fn create_vm(kvm_fd: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the region is a live mmap owned by `mem`, which the caller
-        // keeps alive for as long as the VM runs (the runner holds both), and
-        // slots don't overlap because `mem`'s regions don't.
+        // SAFETY: the region is a live mmap held by `mem`, which moves into
+        // the returned `KvmVm` next to `vm` and is dropped only after `vm`
+        // is closed; if we fail before, `vm` is closed here first. Slots
+        // don't overlap because `mem`'s regions don't.
         unsafe { vm.set_user_memory_region(r) }.map_err(kvm("register guest memory"))?;
     }
     vm.create_irq_chip().map_err(kvm("create the irqchip"))?;
@@ -55,7 +81,7 @@ pub fn create_vm(kvm_fd: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm("create the PIT"))?;
-    Ok(vm)
+    Ok(KvmVm { fd: vm, mem })
 }
 
 /// EFAULT, for a region without a host mapping (cannot happen with mmap

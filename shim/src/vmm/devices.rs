@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -17,34 +17,25 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_core::bus::{Bus, BusRange};
 use vmm_core::legacy::i8042::{ResetSink, I8042, I8042_PORT_SPAN};
 use vmm_core::legacy::serial::{Serial, SerialSink};
-use vmm_core::mmio::{MmioTransport, VirtioDevice, QUEUE_NOTIFY_OFFSET};
+use vmm_core::mmio::QUEUE_NOTIFY_OFFSET;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::blk::DiskSlot;
+use super::config::{SerialOutput, VmConfig};
+use super::file_disk::{FileDisk, FileDiskError};
 use super::irq::IrqFd;
 use super::platform::layout;
 use super::platform::GuestRam;
-use super::{ExitReason, Shared, VmConfig};
+use super::shared::{ExitReason, Shared};
+use super::slot::{DiskSlotError, VirtioSlot};
+use super::vsock::{VsockSetupError, VsockSlot};
 use crate::sync::lock;
 
 /// The value the guest's init writes to the boot timer.
 pub const BOOT_TIMER_MAGIC: u8 = 123;
 /// Most virtio devices per VM (IRQs 5..=23).
 pub const MAX_VIRTIO_DEVICES: usize = 19;
-
-/// Where the serial console goes.
-#[derive(Clone, Debug, Default)]
-pub enum SerialOutput {
-    /// This process's stdout.
-    #[default]
-    Stdout,
-    /// A file (created or truncated).
-    File(PathBuf),
-    /// A shared buffer (tests read the console from it).
-    Buffer(Arc<Mutex<Vec<u8>>>),
-    /// Nowhere.
-    Discard,
-}
 
 /// Errors setting devices up.
 #[derive(Debug, thiserror::Error)]
@@ -77,24 +68,48 @@ pub enum DeviceSetupError {
     #[error("cannot build a virtio-mmio transport")]
     Transport(#[from] vmm_core::mmio::MmioError),
     /// A disk could not be opened.
-    #[error("cannot open disk {}", path.display())]
-    Disk {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Disk(#[from] FileDiskError),
     /// Too many virtio devices.
     #[error("at most {MAX_VIRTIO_DEVICES} virtio devices are supported")]
     TooManyDevices,
     /// The vsock device could not be set up.
     #[error("cannot set up the vsock device")]
-    Vsock(#[from] super::vsock::VsockSetupError),
+    Vsock(#[from] VsockSetupError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> DeviceSetupError {
     move |source| DeviceSetupError::Kvm { what, source }
+}
+
+/// Builds the virtio devices `config` asks for, in window order; device `i`
+/// raises IRQ `VIRTIO_IRQ_BASE + i`.
+fn build_virtio_devices(
+    vm: &VmFd,
+    config: &VmConfig,
+) -> Result<Vec<Box<dyn VirtioSlot>>, DeviceSetupError> {
+    let mut slots: Vec<Box<dyn VirtioSlot>> = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + i as u32)?;
+        let medium = FileDisk::open(disk)?;
+        slots.push(Box::new(DiskSlot::new(i, medium, disk.read_only, irq)?));
+    }
+    if let Some(vsock) = &config.vsock {
+        let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + slots.len() as u32)?;
+        slots.push(Box::new(VsockSlot::new(vsock, irq)?));
+    }
+    Ok(slots)
+}
+
+/// An interrupt line for GSI `gsi`: an irqfd registered with `vm`.
+fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqFd, DeviceSetupError> {
+    if gsi > layout::IRQ_MAX {
+        return Err(DeviceSetupError::TooManyDevices);
+    }
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceSetupError::EventFd)?;
+    vm.register_irqfd(&evt, gsi)
+        .map_err(kvm_err("register a virtio irqfd"))?;
+    Ok(IrqFd(evt))
 }
 
 /// The serial console's host end: line-buffered output.
@@ -168,42 +183,6 @@ impl ResetSink for ResetLine {
     }
 }
 
-/// A virtio-mmio transport with any device behind it, as the buses see it.
-pub trait VirtioSlot: Send {
-    /// A guest read at `offset` in the window.
-    fn read(&self, offset: u64, data: &mut [u8]);
-    /// A guest write at `offset` in the window.
-    fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]);
-    /// Number of queues (for ioeventfds).
-    fn queue_count(&self) -> usize;
-    /// An fd the device thread should watch for the device's host side
-    /// (readable when [`VirtioSlot::host_ready`] has work).
-    fn host_fd(&self) -> Option<RawFd> {
-        None
-    }
-    /// The [`VirtioSlot::host_fd`] is ready: serve the host side.
-    fn host_ready(&mut self, _mem: &GuestRam) {}
-    /// Puts `medium` into this disk slot (which must be empty), or takes the
-    /// medium out (`None`), and signals a configuration change.
-    fn swap_disk(&mut self, _medium: Option<super::virtio::FileDisk>) -> Result<(), String> {
-        Err("not a disk".into())
-    }
-}
-
-impl<D: VirtioDevice + Send, const Q: usize> VirtioSlot for MmioTransport<D, IrqFd, Q> {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        MmioTransport::read(self, offset, data)
-    }
-    fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]) {
-        if let Err(e) = MmioTransport::write(self, mem, offset, data) {
-            log::warn!("virtio-mmio: {e}");
-        }
-    }
-    fn queue_count(&self) -> usize {
-        self.queues().len()
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Pio {
     Serial,
@@ -240,7 +219,7 @@ pub struct Devices {
 impl Devices {
     /// Creates the devices for `config`, registering irqfds and ioeventfds
     /// with `vm`.
-    pub(super) fn new(
+    pub fn new(
         vm: &VmFd,
         mem: GuestRam,
         config: &VmConfig,
@@ -269,7 +248,7 @@ impl Devices {
             Mmio::BootTimer,
         )?;
 
-        let slots: Vec<Box<dyn VirtioSlot>> = super::virtio::build_devices(vm, &mem, config)?;
+        let slots = build_virtio_devices(vm, config)?;
         if slots.len() > MAX_VIRTIO_DEVICES {
             return Err(DeviceSetupError::TooManyDevices);
         }
@@ -356,19 +335,14 @@ impl Devices {
         }
     }
 
-    /// See [`super::RunningVm::set_disk`].
-    pub(super) fn swap_disk(
-        &self,
-        index: usize,
-        medium: Option<super::virtio::FileDisk>,
-    ) -> Result<(), super::VmmError> {
-        let slot = self.virtio.get(index).ok_or(super::VmmError::DiskSlot {
-            index,
-            reason: format!("the VM has {} virtio devices", self.virtio.len()),
+    /// Puts `medium` into virtio device `index`, which must be an empty
+    /// disk slot, or takes its medium out (see
+    /// [`RunningVm::set_disk`](super::RunningVm::set_disk)).
+    pub fn swap_disk(&self, index: usize, medium: Option<FileDisk>) -> Result<(), DiskSlotError> {
+        let slot = self.virtio.get(index).ok_or(DiskSlotError::NoSuchSlot {
+            count: self.virtio.len(),
         })?;
-        lock(slot)
-            .swap_disk(medium)
-            .map_err(|reason| super::VmmError::DiskSlot { index, reason })
+        lock(slot).swap_disk(medium)
     }
 
     /// When the guest wrote the boot-timer marker.
@@ -382,8 +356,8 @@ impl Devices {
     }
 }
 
-/// Starts the thread that turns queue-notification ioeventfds into
-/// `QueueNotify` writes on the transports, and serves the devices' host
+/// Starts the thread that passes queue-notification ioeventfds to their
+/// transports ([`VirtioSlot::notify`]), and serves the devices' host
 /// sides (the vsock muxer's sockets) when their fds are ready.
 pub fn spawn_device_thread(
     devices: Arc<Devices>,
@@ -447,12 +421,7 @@ pub fn spawn_device_thread(
                         continue;
                     };
                     if n.evt.read().is_ok() {
-                        let q = u32::from(n.queue).to_le_bytes();
-                        lock(&devices.virtio[n.device]).write(
-                            &devices.mem,
-                            QUEUE_NOTIFY_OFFSET,
-                            &q,
-                        );
+                        lock(&devices.virtio[n.device]).notify(&devices.mem, n.queue);
                     }
                 }
             }

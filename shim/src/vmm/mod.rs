@@ -8,122 +8,37 @@
 //! [`RunningVm::stop`]; [`RunningVm::wait`] joins every thread and closes
 //! every fd before it returns the [`VmReport`].
 
+mod blk;
+mod config;
 mod devices;
+mod file_disk;
 mod irq;
+mod platform;
+mod shared;
+mod slot;
 mod vcpu;
-mod virtio;
 mod vsock;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::sync::lock;
+use devices::{DeviceSetupError, Devices};
+use file_disk::FileDisk;
+use shared::Shared;
+use slot::DiskSlotError;
 
+pub use blk::disk_id;
+pub use config::{BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig};
 pub use platform::boot::{BootInfo, BootProtocol, KernelSpec};
 pub use platform::cpuid::CpuTemplate;
-#[cfg(target_arch = "x86_64")]
-pub(crate) use platform_x86_64 as platform;
-
-pub use devices::SerialOutput;
-pub use virtio::disk_id;
+pub use shared::ExitReason;
 pub use vsock::connect as vsock_connect;
-
-/// How the guest starts.
-#[derive(Clone, Debug)]
-pub enum BootSource {
-    /// A Linux kernel (ELF `vmlinux`, PVH preferred, or bzImage).
-    Kernel(KernelSpec),
-    /// Raw code loaded at `load_addr` and entered with `protocol` at
-    /// `load_addr`; for tiny test guests.
-    Raw {
-        /// The code.
-        image: Vec<u8>,
-        /// Where it goes, and where the vCPU starts.
-        load_addr: u64,
-        /// CPU mode at entry.
-        protocol: BootProtocol,
-    },
-}
-
-/// A virtio-blk disk slot for the guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskConfig {
-    /// Backing file; `None` is an empty slot (capacity 0) that
-    /// [`RunningVm::set_disk`] can fill while the VM runs.
-    pub path: Option<PathBuf>,
-    /// Whether the guest may only read it (fixed for the slot's life).
-    pub read_only: bool,
-}
-
-impl DiskConfig {
-    /// A writable disk backed by `path`.
-    pub fn file(path: impl Into<PathBuf>) -> Self {
-        DiskConfig {
-            path: Some(path.into()),
-            read_only: false,
-        }
-    }
-
-    /// An empty, writable slot.
-    pub fn empty() -> Self {
-        DiskConfig {
-            path: None,
-            read_only: false,
-        }
-    }
-}
-
-/// The guest's virtio-vsock device, served by the hybrid vsock muxer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VsockConfig {
-    /// The guest's CID (3 to 0xfffffffe).
-    pub guest_cid: u64,
-    /// The unix socket host processes connect to (`CONNECT <port>\n`);
-    /// guest connections to host port P go to `<uds_path>_<P>`.
-    pub uds_path: PathBuf,
-}
-
-/// Everything a VM is built from.
-#[derive(Clone, Debug)]
-pub struct VmConfig {
-    /// Number of vCPUs.
-    pub vcpus: u8,
-    /// Guest RAM in MiB.
-    pub mem_mib: u64,
-    /// What to boot.
-    pub boot: BootSource,
-    /// virtio-blk disks, in order (`vda`, `vdb`, ...).
-    pub disks: Vec<DiskConfig>,
-    /// The vsock device, if any (after the disks).
-    pub vsock: Option<VsockConfig>,
-    /// CPU template.
-    pub cpu_template: CpuTemplate,
-    /// Where the serial console goes.
-    pub serial: SerialOutput,
-    /// The instant the boot timer and first-entry figures count from
-    /// (usually process start).
-    pub epoch: Instant,
-}
-
-/// Why the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest reset the machine through the i8042 (Linux `reboot=k`;
-    /// also what `panic=-1` ends in).
-    Reset,
-    /// A vCPU shut down (triple fault), or the guest asked KVM to.
-    Shutdown,
-    /// The host asked the VM to stop.
-    Stopped,
-    /// A vCPU failed: KVM could not run it, or it hit an exit we can't serve.
-    VcpuError(String),
-}
 
 /// How a VM ran.
 #[derive(Clone, Debug)]
@@ -171,14 +86,15 @@ pub enum VmmError {
     },
     /// A device could not be set up.
     #[error(transparent)]
-    Device(#[from] devices::DeviceSetupError),
-    /// A disk could not be put into, or taken out of, a slot.
-    #[error("disk slot {index}: {reason}")]
+    Device(#[from] DeviceSetupError),
+    /// A disk could not be put into, or taken out of, slot `index`.
+    #[error("cannot change disk slot {index}")]
     DiskSlot {
         /// The slot (virtio device index).
         index: usize,
         /// What is wrong.
-        reason: String,
+        #[source]
+        source: DiskSlotError,
     },
     /// An OS resource (eventfd, thread) could not be created.
     #[error("cannot create {what}")]
@@ -196,32 +112,10 @@ pub struct RunningVm {
     shared: Arc<Shared>,
     vcpus: Vec<JoinHandle<()>>,
     device_thread: Option<JoinHandle<()>>,
-    devices: Arc<devices::Devices>,
-    // Kept alive until every thread is joined.
-    _vm: Arc<kvm_ioctls::VmFd>,
-}
-
-/// State the vCPU threads, the device thread and the owner share.
-struct Shared {
-    stop: AtomicBool,
-    exit: Mutex<Option<ExitReason>>,
-    exit_evt: EventFd,
-    first_entry: Mutex<Option<Duration>>,
-    epoch: Instant,
-}
-
-impl Shared {
-    /// Records why the VM ends (the first reason wins) and wakes the owner.
-    fn request_exit(&self, reason: ExitReason) {
-        let mut e = lock(&self.exit);
-        if e.is_none() {
-            *e = Some(reason);
-        }
-        drop(e);
-        self.stop.store(true, Ordering::SeqCst);
-        // An eventfd write only fails if the counter would overflow.
-        let _ = self.exit_evt.write(1);
-    }
+    devices: Arc<Devices>,
+    // Kept alive (with the guest memory it maps) until every thread is
+    // joined.
+    _vm: Arc<platform::KvmVm>,
 }
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -252,7 +146,7 @@ impl Vm {
             BootSource::Kernel(spec) => {
                 // Tell the guest where its virtio-mmio devices are.
                 let mut spec = spec.clone();
-                for i in 0..virtio::device_count(&config) {
+                for i in 0..config.virtio_device_count() {
                     spec.cmdline.push_str(&format!(
                         " virtio_mmio.device=4K@{:#x}:{}",
                         platform::layout::virtio_mmio_window(i as u32),
@@ -285,17 +179,12 @@ impl Vm {
         log::debug!("start: kernel loaded at {:?}", config.epoch.elapsed());
         // Always: it is how a guest without ACPI finds the IOAPIC and CPUs.
         platform::mptable::setup_mptable(&mem, config.vcpus)?;
-        let vm = Arc::new(platform::create_vm(&kvm, &mem)?);
+        let vm = Arc::new(platform::create_vm(&kvm, mem.clone())?);
         log::debug!("start: VM created at {:?}", config.epoch.elapsed());
-        let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            exit: Mutex::new(None),
-            exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(os("an exit eventfd"))?,
-            first_entry: Mutex::new(None),
-            epoch: config.epoch,
-        });
+        let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os("an exit eventfd"))?;
+        let shared = Arc::new(Shared::new(exit_evt, config.epoch));
         let ram = platform::GuestRam::new(mem.clone());
-        let devices = Arc::new(devices::Devices::new(&vm, ram, &config, shared.clone())?);
+        let devices = Arc::new(Devices::new(vm.fd(), ram, &config, shared.clone())?);
         log::debug!("start: devices ready at {:?}", config.epoch.elapsed());
 
         let supported = kvm
@@ -307,6 +196,7 @@ impl Vm {
         let mut fds = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
             let fd = vm
+                .fd()
                 .create_vcpu(u64::from(id))
                 .map_err(|source| VmmError::Kvm {
                     what: "create a vCPU",
@@ -363,17 +253,18 @@ impl RunningVm {
     /// interrupt: its driver re-reads the capacity (Linux logs
     /// `[vdX] new size`). Only take out a disk the guest no longer uses.
     pub fn set_disk(&self, index: usize, disk: Option<&DiskConfig>) -> Result<(), VmmError> {
-        let medium = disk.map(virtio::FileDisk::open).transpose()?;
+        let medium = disk
+            .map(FileDisk::open)
+            .transpose()
+            .map_err(DeviceSetupError::from)?;
+        let slot_error = |source| VmmError::DiskSlot { index, source };
         if medium
             .as_ref()
             .is_some_and(|m| vmm_core::devices::blk::BlockBackend::capacity(m) == 0)
         {
-            return Err(VmmError::DiskSlot {
-                index,
-                reason: "the image is empty".into(),
-            });
+            return Err(slot_error(DiskSlotError::EmptyImage));
         }
-        self.devices.swap_disk(index, medium)
+        self.devices.swap_disk(index, medium).map_err(slot_error)
     }
 
     /// Whether the VM has ended (without waiting).

@@ -9,7 +9,7 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::devices::Devices;
-use super::{ExitReason, Shared};
+use super::shared::{ExitReason, Shared};
 use crate::sync::lock;
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.

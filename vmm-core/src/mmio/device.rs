@@ -129,6 +129,22 @@ pub struct VirtioContext<'a, M: ?Sized, I> {
     pub features: u64,
 }
 
+/// Copies the window of `data.len()` bytes at `offset` of a device's
+/// configuration space `config` into `data`, for
+/// [`VirtioDevice::read_config`]. A window that does not lie wholly inside
+/// `config` leaves `data` as it is (zeroed).
+pub fn read_config_window(config: &[u8], offset: u64, data: &mut [u8]) {
+    let Ok(off) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = off
+        .checked_add(data.len())
+        .and_then(|end| config.get(off..end))
+    {
+        data.copy_from_slice(src);
+    }
+}
+
 /// A virtio device behind a transport.
 ///
 /// The transport calls these methods directly on the vCPU thread that

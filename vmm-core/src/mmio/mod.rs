@@ -21,8 +21,8 @@ mod transport;
 mod tests;
 
 pub use device::{
-    DeviceError, Interrupt, VirtioContext, VirtioDevice, INT_CONFIG_CHANGE, INT_USED_BUFFER,
-    VIRTIO_F_VERSION_1,
+    read_config_window, DeviceError, Interrupt, VirtioContext, VirtioDevice, INT_CONFIG_CHANGE,
+    INT_USED_BUFFER, VIRTIO_F_VERSION_1,
 };
 pub use transport::{
     MmioError, MmioTransport, CONFIG_GENERATION_OFFSET, CONFIG_OFFSET, DEVICE_FEATURES_OFFSET,

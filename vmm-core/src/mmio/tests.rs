@@ -690,6 +690,121 @@ fn notify_failure_sets_needs_reset() {
 }
 
 #[test]
+fn direct_notify_is_the_register_write() {
+    with_live_device(|mem, t, [mut q0, mut q1]| {
+        let head = q1.add_chain(&[buf(0x8000, 16)]).unwrap();
+        t.notify(mem, 1).unwrap();
+        assert_eq!(t.device().notified, [1]);
+        assert_eq!(q1.used_elem(0).unwrap(), (u32::from(head), 0));
+        assert_eq!(r32(t, INTERRUPT_STATUS_OFFSET), INT_USED_BUFFER);
+        assert_eq!(irqs(t), 1);
+        q0.add_chain(&[buf(0x8000, 1)]).unwrap();
+        t.notify(mem, 0).unwrap();
+        assert_eq!(t.device().notified, [1, 0]);
+        assert_eq!(q0.used_idx().unwrap(), 1);
+        // Queues that do not exist are ignored.
+        for queue in [2, 4, u16::MAX] {
+            t.notify(mem, queue).unwrap();
+        }
+        assert_eq!(t.device().notified, [1, 0]);
+    });
+}
+
+#[test]
+fn direct_notify_needs_a_live_device() {
+    with_mem(|mem| {
+        let mut t = transport();
+        negotiate(&mut t, mem, VERSION_1);
+        let drv = MockSplitQueue::new(mem, QUEUE0_AT, 16).unwrap();
+        setup_queue(&mut t, mem, 0, &drv).unwrap();
+        // Before DRIVER_OK.
+        t.notify(mem, 0).unwrap();
+        assert!(t.device().notified.is_empty());
+        set_status(&mut t, mem, STATUS_DRIVER_OK).unwrap();
+        // Queue 1 exists but is not ready.
+        t.notify(mem, 1).unwrap();
+        assert!(t.device().notified.is_empty());
+        t.notify(mem, 0).unwrap();
+        assert_eq!(t.device().notified, [0]);
+        // After the driver gave up.
+        set_status(&mut t, mem, STATUS_FAILED).unwrap();
+        t.notify(mem, 0).unwrap();
+        assert_eq!(t.device().notified, [0]);
+    });
+}
+
+#[test]
+fn direct_notify_failure_sets_needs_reset() {
+    with_live_device(|mem, t, _| {
+        t.device_mut().fail_notify = true;
+        assert_eq!(
+            t.notify(mem, 0),
+            Err(MmioError::NotifyFailed {
+                queue: 0,
+                source: DeviceError::Backend { reason: "test" }
+            })
+        );
+        assert_ne!(t.status() & STATUS_NEEDS_RESET, 0);
+        assert_eq!(r32(t, INTERRUPT_STATUS_OFFSET), INT_CONFIG_CHANGE);
+        assert_eq!(irqs(t), 1);
+        // Further notifications, by either path, are dropped until the
+        // driver resets.
+        t.notify(mem, 0).unwrap();
+        w32(t, mem, QUEUE_NOTIFY_OFFSET, 0).unwrap();
+        assert_eq!(t.device().notified, [0]);
+    });
+}
+
+#[test]
+fn run_device_lends_the_device_while_it_is_live() {
+    with_live_device(|mem, t, [_, mut q1]| {
+        let head = q1.add_chain(&[buf(0x8000, 8)]).unwrap();
+        let mut ran = 0;
+        t.run_device(mem, |_, ctx| {
+            ran += 1;
+            assert_eq!(ctx.features, OFFERED | VERSION_1);
+            TestDevice::drain(1, ctx)
+        })
+        .unwrap();
+        assert_eq!(ran, 1);
+        assert_eq!(q1.used_elem(0).unwrap(), (u32::from(head), 0));
+        assert_eq!(irqs(t), 1);
+        // A failure sets NEEDS_RESET, and then the work waits.
+        assert_eq!(
+            t.run_device(mem, |_, _| Err(DeviceError::Backend { reason: "test" })),
+            Err(DeviceError::Backend { reason: "test" })
+        );
+        assert_ne!(t.status() & STATUS_NEEDS_RESET, 0);
+        assert_eq!(
+            r32(t, INTERRUPT_STATUS_OFFSET),
+            INT_USED_BUFFER | INT_CONFIG_CHANGE
+        );
+        t.run_device(mem, |_, _| {
+            ran += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(ran, 1);
+    });
+}
+
+#[test]
+fn run_device_waits_for_activation() {
+    with_mem(|mem| {
+        let mut t = transport();
+        negotiate(&mut t, mem, VERSION_1);
+        let mut ran = false;
+        t.run_device(mem, |_, _| {
+            ran = true;
+            Ok(())
+        })
+        .unwrap();
+        assert!(!ran);
+        assert_eq!(t.status() & STATUS_NEEDS_RESET, 0);
+    });
+}
+
+#[test]
 fn interrupt_status_and_ack() {
     with_live_device(|mem, t, [mut q0, _]| {
         assert_eq!(r32(t, INTERRUPT_STATUS_OFFSET), 0);
@@ -941,6 +1056,22 @@ fn split_lends_the_device_its_queues() {
         assert_eq!(r32(t, INTERRUPT_STATUS_OFFSET), INT_USED_BUFFER);
         assert_eq!(irqs(t), 1);
     });
+}
+
+#[test]
+fn read_config_window_copies_only_whole_windows() {
+    let config = [1u8, 2, 3, 4, 5, 6];
+    let mut data = [0u8; 4];
+    read_config_window(&config, 2, &mut data);
+    assert_eq!(data, [3, 4, 5, 6]);
+    for offset in [3, 6, u64::MAX, u64::from(u32::MAX) + 1] {
+        let mut data = [0u8; 4];
+        read_config_window(&config, offset, &mut data);
+        assert_eq!(data, [0; 4], "offset {offset}");
+    }
+    let mut data = [0u8; 1];
+    read_config_window(&config, 5, &mut data);
+    assert_eq!(data, [6]);
 }
 
 #[test]

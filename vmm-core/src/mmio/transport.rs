@@ -258,7 +258,8 @@ impl<D: VirtioDevice, I: IrqLine, const Q: usize> MmioTransport<D, I, Q> {
 
     /// Lends the device and everything it may touch, to process its queues
     /// outside a notification (for example when a backend completes a
-    /// request). Do it only while [`MmioTransport::is_activated`].
+    /// request). Do it only while [`MmioTransport::is_activated`];
+    /// [`MmioTransport::run_device`] checks that for you.
     pub fn split<'a, M: GuestMemory + ?Sized>(
         &'a mut self,
         mem: &'a M,
@@ -382,7 +383,12 @@ impl<D: VirtioDevice, I: IrqLine, const Q: usize> MmioTransport<D, I, Q> {
                 }
             }
             QUEUE_READY_OFFSET => return self.write_queue_ready(mem, value),
-            QUEUE_NOTIFY_OFFSET => return self.notify(mem, value),
+            QUEUE_NOTIFY_OFFSET => {
+                // A value above u16::MAX names no queue.
+                if let Ok(queue) = u16::try_from(value) {
+                    return self.notify(mem, queue);
+                }
+            }
             INTERRUPT_ACK_OFFSET => self.interrupt.acknowledge(value),
             STATUS_OFFSET => return self.write_status(mem, value),
             QUEUE_DESC_LOW_OFFSET => {
@@ -557,13 +563,20 @@ impl<D: VirtioDevice, I: IrqLine, const Q: usize> MmioTransport<D, I, Q> {
         }
     }
 
-    fn notify<M: GuestMemory + ?Sized>(&mut self, mem: &M, value: u32) -> Result<(), MmioError> {
-        if !self.activated || self.status & (STATUS_FAILED | STATUS_NEEDS_RESET) != 0 {
-            return Ok(());
-        }
-        let Ok(queue) = u16::try_from(value) else {
-            return Ok(());
-        };
+    /// The driver notified queue `queue`: the QueueNotify register, or an
+    /// ioeventfd the VMM registered on it. Calls
+    /// [`VirtioDevice::queue_notify`] if the device is live (activated, and
+    /// neither FAILED nor DEVICE_NEEDS_RESET) and the queue exists and is
+    /// ready; other notifications are ignored, as the spec allows.
+    ///
+    /// A device error sets DEVICE_NEEDS_RESET (see
+    /// [`MmioTransport::set_needs_reset`]) and is reported as
+    /// [`MmioError::NotifyFailed`].
+    pub fn notify<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        queue: u16,
+    ) -> Result<(), MmioError> {
         if !self
             .queues
             .get(usize::from(queue))
@@ -571,12 +584,32 @@ impl<D: VirtioDevice, I: IrqLine, const Q: usize> MmioTransport<D, I, Q> {
         {
             return Ok(());
         }
-        let (device, mut ctx) = self.split(mem);
-        if let Err(source) = device.queue_notify(queue, &mut ctx) {
-            self.set_needs_reset();
-            return Err(MmioError::NotifyFailed { queue, source });
+        self.run_device(mem, |device, ctx| device.queue_notify(queue, ctx))
+            .map_err(|source| MmioError::NotifyFailed { queue, source })
+    }
+
+    /// The device has work outside a notification (its backend completed
+    /// something): calls `work` with the device and what it may touch, if
+    /// the device is live (activated, and neither FAILED nor
+    /// DEVICE_NEEDS_RESET); otherwise the work waits, and `work` is not
+    /// called.
+    ///
+    /// A device error sets DEVICE_NEEDS_RESET (see
+    /// [`MmioTransport::set_needs_reset`]) and is returned, for the log.
+    pub fn run_device<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        work: impl FnOnce(&mut D, &mut VirtioContext<'_, M, I>) -> Result<(), DeviceError>,
+    ) -> Result<(), DeviceError> {
+        if !self.activated || self.status & (STATUS_FAILED | STATUS_NEEDS_RESET) != 0 {
+            return Ok(());
         }
-        Ok(())
+        let (device, mut ctx) = self.split(mem);
+        let result = work(device, &mut ctx);
+        if result.is_err() {
+            self.set_needs_reset();
+        }
+        result
     }
 }
 

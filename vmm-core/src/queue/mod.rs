@@ -546,6 +546,71 @@ impl Queue {
     }
 }
 
+/// What a [`drain`] handler made of one chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Give the chain back to the driver, this many bytes written to it.
+    Used(u32),
+    /// Leave the chain on the ring, for a later drain, and stop.
+    Later,
+}
+
+/// Works through `queue`'s available chains, the loop every device runs:
+/// while `wants_more(state)`, pop a chain, let `handle` serve it and give it
+/// back with [`Queue::add_used`]. When the ring runs dry, notifications are
+/// re-enabled and chains that slipped in meanwhile are served too. A
+/// malformed chain is counted with `on_invalid(state)` and given back
+/// unread (length 0).
+///
+/// `state` is the device, handed to each callback in turn, so that they
+/// may all use it. Returns whether the driver wants an interrupt for the
+/// chains given back ([`Queue::needs_notification`], asked only if there
+/// were any); raising it is the caller's job.
+#[inline]
+pub fn drain<const N: usize, M: GuestMemory + ?Sized, S: ?Sized>(
+    queue: &mut Queue,
+    mem: &M,
+    state: &mut S,
+    mut wants_more: impl FnMut(&S) -> bool,
+    mut on_invalid: impl FnMut(&mut S),
+    mut handle: impl FnMut(&mut S, &M, &DescriptorChain<N>) -> Served,
+) -> Result<bool, QueueError> {
+    let mut used = false;
+    while wants_more(state) {
+        let chain = match queue.pop::<N, M>(mem) {
+            Ok(Some(chain)) => chain,
+            Ok(None) => {
+                // Re-arm notifications; if buffers slipped in meanwhile,
+                // serve them now.
+                if queue.enable_notification(mem)? {
+                    continue;
+                }
+                break;
+            }
+            Err(QueueError::InvalidChain { head, .. }) => {
+                on_invalid(state);
+                if head < queue.size() {
+                    queue.add_used(mem, head, 0)?;
+                    used = true;
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match handle(state, mem, &chain) {
+            Served::Used(len) => {
+                queue.add_used(mem, chain.head_index(), len)?;
+                used = true;
+            }
+            Served::Later => {
+                queue.undo_pop();
+                break;
+            }
+        }
+    }
+    Ok(used && queue.needs_notification(mem)?)
+}
+
 /// `base + offset`, or an overflow error (ring addresses are guest-chosen).
 fn at(base: GuestAddress, offset: u64) -> Result<GuestAddress, QueueError> {
     base.checked_add(offset)

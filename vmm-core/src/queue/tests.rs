@@ -617,3 +617,121 @@ fn pop_reads_avail_idx_only_once_it_caught_up() {
         ));
     });
 }
+
+/// What a test's drain handler saw.
+#[derive(Default)]
+struct Drained {
+    served: std::vec::Vec<u16>,
+    invalid: u32,
+    /// Chains to serve before answering [`Served::Later`].
+    budget: usize,
+}
+
+fn drain_all(q: &mut Queue, mem: &SliceMemory<'_>, d: &mut Drained) -> bool {
+    drain::<4, _, _>(
+        q,
+        mem,
+        d,
+        |_| true,
+        |d| d.invalid += 1,
+        |d, _, chain| {
+            if d.served.len() == d.budget {
+                return Served::Later;
+            }
+            d.served.push(chain.head_index());
+            Served::Used(chain.total_len())
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn drain_serves_every_chain_and_asks_about_the_interrupt() {
+    with_mem(|mem| {
+        let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 16).unwrap();
+        let mut q = drv.create_queue(0);
+        let mut d = Drained {
+            budget: usize::MAX,
+            ..Drained::default()
+        };
+        // Nothing to do: no interrupt.
+        assert!(!drain_all(&mut q, mem, &mut d));
+        let a = drv.add_chain(&[buf(0x8000, 16, true)]).unwrap();
+        let b = drv.add_chain(&[buf(0x9000, 8, true)]).unwrap();
+        assert!(drain_all(&mut q, mem, &mut d));
+        assert_eq!(d.served, [a, b]);
+        assert_eq!(drv.used_idx().unwrap(), 2);
+        assert_eq!(drv.used_elem(0).unwrap(), (u32::from(a), 16));
+        assert_eq!(drv.used_elem(1).unwrap(), (u32::from(b), 8));
+        // The driver does not want interrupts: the chains still go back.
+        drv.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT).unwrap();
+        drv.add_chain(&[buf(0x8000, 1, true)]).unwrap();
+        assert!(!drain_all(&mut q, mem, &mut d));
+        assert_eq!(drv.used_idx().unwrap(), 3);
+    });
+}
+
+#[test]
+fn drain_gives_invalid_chains_back_unread() {
+    with_mem(|mem| {
+        let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 8).unwrap();
+        // Indirect descriptors are not negotiated.
+        let mut q = drv.create_queue(0);
+        let bad = drv
+            .add_indirect_chain(GuestAddress(0x4000), &[buf(0x8000, 8, false)])
+            .unwrap();
+        let good = drv.add_chain(&[buf(0x9000, 4, true)]).unwrap();
+        let mut d = Drained {
+            budget: usize::MAX,
+            ..Drained::default()
+        };
+        assert!(drain_all(&mut q, mem, &mut d));
+        assert_eq!(d.invalid, 1);
+        assert_eq!(d.served, [good]);
+        assert_eq!(drv.used_elem(0).unwrap(), (u32::from(bad), 0));
+        assert_eq!(drv.used_elem(1).unwrap(), (u32::from(good), 4));
+    });
+}
+
+#[test]
+fn drain_leaves_a_chain_for_later() {
+    with_mem(|mem| {
+        let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 16).unwrap();
+        let mut q = drv.create_queue(0);
+        let a = drv.add_chain(&[buf(0x8000, 16, true)]).unwrap();
+        let b = drv.add_chain(&[buf(0x9000, 8, true)]).unwrap();
+        let mut d = Drained {
+            budget: 1,
+            ..Drained::default()
+        };
+        assert!(drain_all(&mut q, mem, &mut d));
+        assert_eq!(d.served, [a]);
+        assert_eq!(drv.used_idx().unwrap(), 1);
+        d.budget = 2;
+        assert!(drain_all(&mut q, mem, &mut d));
+        assert_eq!(d.served, [a, b]);
+        assert_eq!(drv.used_idx().unwrap(), 2);
+    });
+}
+
+#[test]
+fn drain_pops_nothing_while_the_device_wants_nothing() {
+    with_mem(|mem| {
+        let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 16).unwrap();
+        let mut q = drv.create_queue(EVENT_IDX);
+        drv.add_chain(&[buf(0x8000, 16, true)]).unwrap();
+        let used = drain::<4, _, _>(
+            &mut q,
+            mem,
+            &mut (),
+            |_| false,
+            |_| unreachable!(),
+            |_, _, _| unreachable!(),
+        )
+        .unwrap();
+        assert!(!used);
+        assert_eq!(q.next_avail(), 0);
+        // Nor does it touch avail_event.
+        assert_eq!(drv.avail_event().unwrap(), 0);
+    });
+}

@@ -20,10 +20,10 @@ use vmm_core::mmio::MmioTransport;
 
 pub use muxer::{Muxer, MuxerError};
 
-use super::devices::VirtioSlot;
+use super::config::VsockConfig;
 use super::irq::IrqFd;
 use super::platform::GuestRam;
-use super::VsockConfig;
+use super::slot::VirtioSlot;
 
 /// Connections one VM's vsock device holds at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -94,6 +94,12 @@ impl VirtioSlot for VsockSlot {
         }
     }
 
+    fn notify(&mut self, mem: &GuestRam, queue: u16) {
+        if let Err(e) = self.transport.notify(mem, queue) {
+            log::warn!("virtio-vsock: {e}");
+        }
+    }
+
     fn queue_count(&self) -> usize {
         self.transport.queues().len()
     }
@@ -109,15 +115,11 @@ impl VirtioSlot for VsockSlot {
         }
         // Before DRIVER_OK the events wait in the muxer (bounded: handshakes
         // are capped, and no socket is read).
-        if !self.transport.is_activated()
-            || self.transport.status() & vmm_core::mmio::STATUS_NEEDS_RESET != 0
-        {
-            return;
-        }
-        let (device, mut ctx) = self.transport.split(mem);
-        if let Err(e) = device.process_host_events(&mut ctx) {
+        let served = self
+            .transport
+            .run_device(mem, |device, ctx| device.process_host_events(ctx));
+        if let Err(e) = served {
             log::warn!("virtio-vsock: {e}");
-            self.transport.set_needs_reset();
         }
     }
 }

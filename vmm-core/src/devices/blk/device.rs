@@ -7,9 +7,11 @@ use super::{
     VIRTIO_BLK_S_UNSUPP, VIRTIO_ID_BLOCK,
 };
 use crate::irq::IrqLine;
-use crate::memory::{GuestAddress, GuestMemory};
-use crate::mmio::{DeviceError, VirtioContext, VirtioDevice};
-use crate::queue::{QueueError, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::memory::{GuestAddress, GuestMemory, MemoryError};
+use crate::mmio::{read_config_window, DeviceError, VirtioContext, VirtioDevice};
+use crate::queue::{
+    drain, DescriptorChain, Served, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 /// Queue size offered to the driver.
 pub const BLOCK_QUEUE_SIZE: u16 = 256;
@@ -26,6 +28,18 @@ const BOUNCE_SIZE: usize = 4096;
 pub struct BackendError {
     /// The OS error number, for the log.
     pub errno: i32,
+}
+
+/// Why a request's data could not be moved between the disk and guest
+/// memory; the request is answered with `VIRTIO_BLK_S_IOERR`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+enum TransferError {
+    /// The block backend failed.
+    #[error("block backend failed")]
+    Backend(#[from] BackendError),
+    /// The guest buffer is not accessible.
+    #[error("guest buffer is not accessible")]
+    Memory(#[from] MemoryError),
 }
 
 /// The host end of a block device: a disk image of
@@ -106,7 +120,7 @@ impl<B: BlockBackend> Block<B> {
         &mut self,
         mem: &M,
         req: &Request,
-        chain: &crate::queue::DescriptorChain<N>,
+        chain: &DescriptorChain<N>,
     ) -> u8 {
         match req.kind {
             RequestType::In | RequestType::Out => {
@@ -147,18 +161,18 @@ impl<B: BlockBackend> Block<B> {
         mut offset: u64,
         addr: GuestAddress,
         len: u32,
-    ) -> Result<(), ()> {
+    ) -> Result<(), TransferError> {
         let mut done: u64 = 0;
         while done < u64::from(len) {
             let n = (u64::from(len) - done).min(BOUNCE_SIZE as u64) as usize;
             let at = GuestAddress(addr.0 + done);
             let buf = &mut self.bounce[..n];
             if kind == RequestType::In {
-                self.backend.read_at(offset, buf).map_err(|_| ())?;
-                mem.write(at, buf).map_err(|_| ())?;
+                self.backend.read_at(offset, buf)?;
+                mem.write(at, buf)?;
             } else {
-                mem.read(at, buf).map_err(|_| ())?;
-                self.backend.write_at(offset, buf).map_err(|_| ())?;
+                mem.read(at, buf)?;
+                self.backend.write_at(offset, buf)?;
             }
             done += n as u64;
             offset += n as u64;
@@ -171,80 +185,58 @@ impl<B: BlockBackend> Block<B> {
         &mut self,
         ctx: &mut VirtioContext<'_, M, I>,
     ) -> Result<(), DeviceError> {
-        let fail = |source| DeviceError::Queue { index: 0, source };
-        let capacity = self.capacity_sectors();
-        let mut used_any = false;
-        loop {
-            let Some(queue) = ctx.queues.get_mut(0) else {
-                return Err(DeviceError::QueueNotReady { index: 0 });
-            };
-            let chain = match queue.pop::<CHAIN_CAPACITY, M>(ctx.mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => {
-                    // Re-arm notifications; if buffers slipped in meanwhile,
-                    // serve them now.
-                    if queue.enable_notification(ctx.mem).map_err(fail)? {
-                        continue;
-                    }
-                    break;
-                }
-                Err(QueueError::InvalidChain { head, .. }) => {
-                    self.failed_requests += 1;
-                    if head < queue.size() {
-                        queue.add_used(ctx.mem, head, 0).map_err(fail)?;
-                        used_any = true;
-                    }
-                    continue;
-                }
-                Err(e) => return Err(fail(e)),
-            };
-            let head = chain.head_index();
-            let (status, written) = match Request::parse(&chain, ctx.mem, capacity) {
-                Ok(req) if req.kind == RequestType::Out && self.read_only => {
-                    (VIRTIO_BLK_S_IOERR, 1)
-                }
-                Ok(req) => {
-                    let s = self.execute(ctx.mem, &req, &chain);
-                    (
-                        s,
-                        if s == VIRTIO_BLK_S_OK {
-                            req.bytes_written()
-                        } else {
-                            1
-                        },
-                    )
-                }
-                Err(RequestError::NoStatus) => {
-                    self.failed_requests += 1;
-                    queue.add_used(ctx.mem, head, 0).map_err(fail)?;
-                    used_any = true;
-                    continue;
-                }
-                Err(_) => (VIRTIO_BLK_S_IOERR, 1),
-            };
-            if status != VIRTIO_BLK_S_OK {
-                self.failed_requests += 1;
-            }
-            // The status address was validated with the chain.
-            if let Some(addr) = Request::status_of(&chain) {
-                let _ = ctx.mem.write(addr, &[status]);
-            }
-            queue.add_used(ctx.mem, head, written).map_err(fail)?;
-            used_any = true;
-        }
-        if used_any {
-            let notify = ctx
-                .queues
-                .get_mut(0)
-                .map(|q| q.needs_notification(ctx.mem))
-                .transpose()
-                .map_err(fail)?
-                .unwrap_or(false);
-            if notify {
-                ctx.interrupt.signal_used_buffer();
-            }
+        let Some(queue) = ctx.queues.get_mut(0) else {
+            return Err(DeviceError::QueueNotReady { index: 0 });
+        };
+        let notify = drain::<CHAIN_CAPACITY, M, Self>(
+            queue,
+            ctx.mem,
+            self,
+            |_| true,
+            |blk| blk.failed_requests += 1,
+            Self::serve,
+        )
+        .map_err(|source| DeviceError::Queue { index: 0, source })?;
+        if notify {
+            ctx.interrupt.signal_used_buffer();
         }
         Ok(())
+    }
+
+    /// Serves one request: writes its status and says how many bytes the
+    /// device wrote into the chain.
+    fn serve<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        chain: &DescriptorChain<CHAIN_CAPACITY>,
+    ) -> Served {
+        let (status, written) = match Request::parse(chain, mem, self.capacity_sectors()) {
+            Ok(req) if req.kind == RequestType::Out && self.read_only => (VIRTIO_BLK_S_IOERR, 1),
+            Ok(req) => {
+                let s = self.execute(mem, &req, chain);
+                (
+                    s,
+                    if s == VIRTIO_BLK_S_OK {
+                        req.bytes_written()
+                    } else {
+                        1
+                    },
+                )
+            }
+            Err(RequestError::NoStatus) => {
+                self.failed_requests += 1;
+                return Served::Used(0);
+            }
+            Err(_) => (VIRTIO_BLK_S_IOERR, 1),
+        };
+        if status != VIRTIO_BLK_S_OK {
+            self.failed_requests += 1;
+        }
+        // The status address was validated with the chain.
+        if let Some(addr) = Request::status_of(chain) {
+            let _ = mem.write(addr, &[status]);
+        }
+        Served::Used(written)
     }
 }
 
@@ -269,15 +261,7 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let Ok(off) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = off
-            .checked_add(data.len())
-            .and_then(|end| self.config.get(off..end))
-        {
-            data.copy_from_slice(src);
-        }
+        read_config_window(&self.config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

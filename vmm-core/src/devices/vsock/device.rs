@@ -12,9 +12,9 @@ use super::{
 };
 use crate::irq::IrqLine;
 use crate::memory::{GuestMemory, MemoryError};
-use crate::mmio::{DeviceError, VirtioContext, VirtioDevice};
+use crate::mmio::{read_config_window, DeviceError, VirtioContext, VirtioDevice};
 use crate::queue::{
-    Descriptor, DescriptorChain, Queue, QueueError, VIRTIO_RING_F_EVENT_IDX,
+    drain, Descriptor, DescriptorChain, Served, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -308,16 +308,26 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
             if !queue.ready() {
                 continue;
             }
-            let fail = |source| DeviceError::Queue { index, source };
-            let used = match index {
-                TX_QUEUE => self.process_tx(mem, queue),
-                RX_QUEUE => self.process_rx(mem, queue),
-                _ => self.process_events(mem, queue),
+            notify |= match index {
+                TX_QUEUE => drain(queue, mem, self, |_| true, Self::malformed, Self::serve_tx),
+                RX_QUEUE => drain(
+                    queue,
+                    mem,
+                    self,
+                    Self::has_rx_work,
+                    Self::malformed,
+                    Self::serve_rx,
+                ),
+                _ => drain(
+                    queue,
+                    mem,
+                    self,
+                    |v| v.event_pending,
+                    |_| {},
+                    Self::serve_event,
+                ),
             }
-            .map_err(fail)?;
-            if used && queue.needs_notification(mem).map_err(fail)? {
-                notify = true;
-            }
+            .map_err(|source| DeviceError::Queue { index, source })?;
         }
         if notify {
             ctx.interrupt.signal_used_buffer();
@@ -325,36 +335,19 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
         Ok(())
     }
 
-    /// Takes every packet the guest sent.
-    fn process_tx<M: GuestMemory + ?Sized>(
+    /// Counts a malformed chain from the guest.
+    fn malformed(&mut self) {
+        self.stats.malformed += 1;
+    }
+
+    /// Takes one packet the guest sent.
+    fn serve_tx<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
-        queue: &mut Queue,
-    ) -> Result<bool, QueueError> {
-        let mut used = false;
-        loop {
-            let chain = match queue.pop::<CHAIN_CAPACITY, M>(mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => {
-                    if queue.enable_notification(mem)? {
-                        continue;
-                    }
-                    return Ok(used);
-                }
-                Err(QueueError::InvalidChain { head, .. }) => {
-                    self.stats.malformed += 1;
-                    if head < queue.size() {
-                        queue.add_used(mem, head, 0)?;
-                        used = true;
-                    }
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            self.handle_packet(mem, &chain);
-            queue.add_used(mem, chain.head_index(), 0)?;
-            used = true;
-        }
+        chain: &DescriptorChain<CHAIN_CAPACITY>,
+    ) -> Served {
+        self.handle_packet(mem, chain);
+        Served::Used(0)
     }
 
     /// Queues an RST answering `hdr` (a packet that belongs to no
@@ -575,53 +568,22 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
         !self.rsts.is_empty() || self.conns.iter().any(Connection::wants_rx)
     }
 
-    /// Fills rx buffers with control packets and host data, round robin
-    /// over connections, until either runs out.
-    fn process_rx<M: GuestMemory + ?Sized>(
+    /// Fills one rx buffer with a control packet or host data, round robin
+    /// over connections; the buffer waits if there is nothing to send.
+    fn serve_rx<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
-        queue: &mut Queue,
-    ) -> Result<bool, QueueError> {
-        let mut used = false;
-        while self.has_rx_work() {
-            let chain = match queue.pop::<CHAIN_CAPACITY, M>(mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => {
-                    if queue.enable_notification(mem)? {
-                        continue;
-                    }
-                    break;
-                }
-                Err(QueueError::InvalidChain { head, .. }) => {
-                    self.stats.malformed += 1;
-                    if head < queue.size() {
-                        queue.add_used(mem, head, 0)?;
-                        used = true;
-                    }
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let head = chain.head_index();
-            let room = chain.total_len();
-            if chain.readable().next().is_some() || (room as usize) < HEADER_SIZE {
-                self.stats.malformed += 1;
-                queue.add_used(mem, head, 0)?;
-                used = true;
-                continue;
-            }
-            match self.fill_rx(mem, chain.descriptors(), room) {
-                Some(written) => {
-                    queue.add_used(mem, head, written)?;
-                    used = true;
-                }
-                None => {
-                    queue.undo_pop();
-                    break;
-                }
-            }
+        chain: &DescriptorChain<CHAIN_CAPACITY>,
+    ) -> Served {
+        let room = chain.total_len();
+        if chain.readable().next().is_some() || (room as usize) < HEADER_SIZE {
+            self.stats.malformed += 1;
+            return Served::Used(0);
         }
-        Ok(used)
+        match self.fill_rx(mem, chain.descriptors(), room) {
+            Some(written) => Served::Used(written),
+            None => Served::Later,
+        }
     }
 
     /// Writes the next packet for the guest into an rx chain of `room`
@@ -735,47 +697,23 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
         None
     }
 
-    /// Delivers a pending transport-reset event.
-    fn process_events<M: GuestMemory + ?Sized>(
+    /// Delivers the pending transport-reset event into one event buffer.
+    fn serve_event<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
-        queue: &mut Queue,
-    ) -> Result<bool, QueueError> {
-        let mut used = false;
-        while self.event_pending {
-            let chain = match queue.pop::<CHAIN_CAPACITY, M>(mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => {
-                    if queue.enable_notification(mem)? {
-                        continue;
-                    }
-                    break;
-                }
-                Err(QueueError::InvalidChain { head, .. }) => {
-                    if head < queue.size() {
-                        queue.add_used(mem, head, 0)?;
-                        used = true;
-                    }
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let id = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
-            let written = if chain.readable().next().is_none() && chain.total_len() >= 4 {
-                match copy_to_chain(mem, chain.descriptors(), 0, &id) {
-                    Ok(4) => {
-                        self.event_pending = false;
-                        4
-                    }
-                    _ => 0,
-                }
-            } else {
-                0
-            };
-            queue.add_used(mem, chain.head_index(), written)?;
-            used = true;
+        chain: &DescriptorChain<CHAIN_CAPACITY>,
+    ) -> Served {
+        let id = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        if chain.readable().next().is_some() || chain.total_len() < 4 {
+            return Served::Used(0);
         }
-        Ok(used)
+        match copy_to_chain(mem, chain.descriptors(), 0, &id) {
+            Ok(4) => {
+                self.event_pending = false;
+                Served::Used(4)
+            }
+            _ => Served::Used(0),
+        }
     }
 }
 
@@ -834,16 +772,7 @@ impl<B: VsockBackend, const C: usize> VirtioDevice for Vsock<B, C> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        let Ok(off) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = off
-            .checked_add(data.len())
-            .and_then(|end| config.get(off..end))
-        {
-            data.copy_from_slice(src);
-        }
+        read_config_window(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

@@ -1,0 +1,108 @@
+//! What a VM is built from: [`VmConfig`] and the parts it names.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::platform::boot::{BootProtocol, KernelSpec};
+use super::platform::cpuid::CpuTemplate;
+
+/// How the guest starts.
+#[derive(Clone, Debug)]
+pub enum BootSource {
+    /// A Linux kernel (ELF `vmlinux`, PVH preferred, or bzImage).
+    Kernel(KernelSpec),
+    /// Raw code loaded at `load_addr` and entered with `protocol` at
+    /// `load_addr`; for tiny test guests.
+    Raw {
+        /// The code.
+        image: Vec<u8>,
+        /// Where it goes, and where the vCPU starts.
+        load_addr: u64,
+        /// CPU mode at entry.
+        protocol: BootProtocol,
+    },
+}
+
+/// A virtio-blk disk slot for the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Backing file; `None` is an empty slot (capacity 0) that
+    /// [`RunningVm::set_disk`](super::RunningVm::set_disk) can fill while
+    /// the VM runs.
+    pub path: Option<PathBuf>,
+    /// Whether the guest may only read it (fixed for the slot's life).
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// A writable disk backed by `path`.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: Some(path.into()),
+            read_only: false,
+        }
+    }
+
+    /// An empty, writable slot.
+    pub fn empty() -> Self {
+        DiskConfig {
+            path: None,
+            read_only: false,
+        }
+    }
+}
+
+/// The guest's virtio-vsock device, served by the hybrid vsock muxer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's CID (3 to 0xfffffffe).
+    pub guest_cid: u64,
+    /// The unix socket host processes connect to (`CONNECT <port>\n`);
+    /// guest connections to host port P go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+/// Where the serial console goes.
+#[derive(Clone, Debug, Default)]
+pub enum SerialOutput {
+    /// This process's stdout.
+    #[default]
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// A shared buffer (tests read the console from it).
+    Buffer(Arc<Mutex<Vec<u8>>>),
+    /// Nowhere.
+    Discard,
+}
+
+/// Everything a VM is built from.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// What to boot.
+    pub boot: BootSource,
+    /// virtio-blk disks, in order (`vda`, `vdb`, ...).
+    pub disks: Vec<DiskConfig>,
+    /// The vsock device, if any (after the disks).
+    pub vsock: Option<VsockConfig>,
+    /// CPU template.
+    pub cpu_template: CpuTemplate,
+    /// Where the serial console goes.
+    pub serial: SerialOutput,
+    /// The instant the boot timer and first-entry figures count from
+    /// (usually process start).
+    pub epoch: Instant,
+}
+
+impl VmConfig {
+    /// How many virtio devices the VM gets: the disks, then the vsock
+    /// device.
+    pub fn virtio_device_count(&self) -> usize {
+        self.disks.len() + usize::from(self.vsock.is_some())
+    }
+}

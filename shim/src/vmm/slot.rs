@@ -1,0 +1,51 @@
+//! A virtio device behind its virtio-mmio transport, as the buses and the
+//! device thread see it.
+
+use std::os::fd::RawFd;
+
+use super::file_disk::FileDisk;
+use super::platform::GuestRam;
+
+/// Errors putting a disk into a slot or taking it out.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskSlotError {
+    /// The VM has only `count` virtio devices.
+    #[error("the VM has {count} virtio devices")]
+    NoSuchSlot {
+        /// How many it has.
+        count: usize,
+    },
+    /// Not a disk.
+    #[error("not a disk")]
+    NotADisk,
+    /// The slot holds a disk already.
+    #[error("the slot holds a disk already")]
+    Occupied,
+    /// The image is empty.
+    #[error("the image is empty")]
+    EmptyImage,
+}
+
+/// A virtio-mmio transport with a device behind it.
+pub trait VirtioSlot: Send {
+    /// A guest read at `offset` in the window.
+    fn read(&self, offset: u64, data: &mut [u8]);
+    /// A guest write at `offset` in the window.
+    fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]);
+    /// The driver notified queue `queue` (its ioeventfd fired).
+    fn notify(&mut self, mem: &GuestRam, queue: u16);
+    /// Number of queues (for ioeventfds).
+    fn queue_count(&self) -> usize;
+    /// An fd the device thread should watch for the device's host side
+    /// (readable when [`VirtioSlot::host_ready`] has work).
+    fn host_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The [`VirtioSlot::host_fd`] is ready: serve the host side.
+    fn host_ready(&mut self, _mem: &GuestRam) {}
+    /// Puts `medium` into this disk slot (which must be empty), or takes the
+    /// medium out (`None`), and signals a configuration change.
+    fn swap_disk(&mut self, _medium: Option<FileDisk>) -> Result<(), DiskSlotError> {
+        Err(DiskSlotError::NotADisk)
+    }
+}
