@@ -1,6 +1,6 @@
 //! A typed client for the skiff agent (`skiff.agent.v1.Agent` over ttrpc).
 //!
-//! It wraps the generated [`skiff_agent::proto::agent_ttrpc::AgentClient`]
+//! It wraps the generated [`skiff_agent_proto::agent_ttrpc::AgentClient`]
 //! with per-call deadlines, and keeps the agent's status code in
 //! [`AgentCallError`] so the TaskService can hand it on to containerd. The
 //! client is cheap to clone and safe to share between threads: ttrpc
@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use skiff_agent::proto::agent as pb;
-use skiff_agent::proto::agent_ttrpc;
+use skiff_agent_proto::agent as pb;
+use skiff_agent_proto::agent_ttrpc;
 use ttrpc::context;
 use ttrpc::Code;
 

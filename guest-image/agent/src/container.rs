@@ -20,6 +20,7 @@ use libcgroups::common::{CgroupConfig, CgroupManager, ControllerOpt};
 use libcontainer::container::{Container as LcContainer, ContainerStatus};
 use libcontainer::error::LibcontainerError;
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
+use skiff_agent_proto::{disk_serial, error_chain, DISK_SERIAL_PREFIX};
 
 use crate::mounts;
 use crate::reaper::{lock, ExitCell, Reaper};
@@ -960,7 +961,7 @@ fn wait_for_medium(
     }
     if let Ok(serial) = std::fs::read_to_string(dir.join("serial")) {
         let serial = serial.trim_end_matches(['\n', '\0']);
-        if serial.starts_with("skiff-") && serial != format!("skiff-{name}") {
+        if serial.starts_with(DISK_SERIAL_PREFIX) && serial != disk_serial(name) {
             return Err(ContainerError::DiskMismatch {
                 device: device.to_owned(),
                 serial: serial.to_owned(),
@@ -1097,21 +1098,6 @@ fn runtime_error(id: &str, operation: &'static str, err: LibcontainerError) -> C
             message: error_chain(&err),
         },
     }
-}
-
-/// Formats an error with its sources, `outer: inner: innermost`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        source = inner.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@ pub mod container;
 pub mod init;
 pub mod mounts;
 pub mod oom;
-pub mod proto;
+/// The agent protocol (the `skiff-agent-proto` crate), under its old path.
+pub use skiff_agent_proto as proto;
 pub mod reaper;
 pub mod server;
 pub mod service;

@@ -12,11 +12,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use libcontainer::container::ContainerStatus;
+use libcontainer::container::ContainerStatus as LcStatus;
+use skiff_agent_proto::{error_chain, ContainerStatus};
 use ttrpc::{Code, TtrpcContext};
 
 use crate::container::{
-    error_chain, Container, ContainerError, CreateRequest, Engine, ErrorKind, Process, StdioRequest,
+    Container, ContainerError, CreateRequest, Engine, ErrorKind, Process, StdioRequest,
 };
 use crate::oom::{oom_kill_count, OomWatcher};
 use crate::proto::agent as pb;
@@ -229,12 +230,13 @@ impl AgentService {
     }
 }
 
-fn status_name(status: ContainerStatus) -> &'static str {
+/// libcontainer's status as the protocol names it.
+fn protocol_status(status: LcStatus) -> ContainerStatus {
     match status {
-        ContainerStatus::Creating | ContainerStatus::Created => "created",
-        ContainerStatus::Running => "running",
-        ContainerStatus::Paused => "paused",
-        ContainerStatus::Stopped => "stopped",
+        LcStatus::Creating | LcStatus::Created => ContainerStatus::Created,
+        LcStatus::Running => ContainerStatus::Running,
+        LcStatus::Paused => ContainerStatus::Paused,
+        LcStatus::Stopped => ContainerStatus::Stopped,
     }
 }
 
@@ -475,7 +477,7 @@ impl Agent for AgentService {
         let container = self.container(&req.container_id)?;
         let (status, pid) = container.status().map_err(AgentError::from)?;
         let mut resp = pb::ContainerStateResponse::new();
-        resp.status = status_name(status).into();
+        resp.status = protocol_status(status).as_str().into();
         resp.pid = pid;
         Ok(resp)
     }

@@ -825,7 +825,7 @@ fn wait_in_agent(agent: &AgentClient, proc: &Proc) -> (u32, Timestamp) {
 }
 
 /// The agent's cgroup statistics as containerd's cgroups v1 metrics.
-fn to_metrics(stats: &skiff_agent::proto::agent::StatsContainerResponse) -> metrics::Metrics {
+fn to_metrics(stats: &skiff_agent_proto::agent::StatsContainerResponse) -> metrics::Metrics {
     let mut m = metrics::Metrics::default();
     if let Some(cpu) = stats.cpu.as_ref() {
         m.cpu = MessageField::some(metrics::CPUStat {
@@ -1039,7 +1039,7 @@ impl Task for TaskService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skiff_agent::proto::agent as pb;
+    use skiff_agent_proto::agent as pb;
 
     #[test]
     fn metrics_conversion() {

@@ -39,8 +39,8 @@ use crate::vmm::{
     VmReport, VsockConfig,
 };
 
-/// The agent's vsock port.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+pub use skiff_agent_proto::AGENT_VSOCK_PORT;
+
 /// The guest's vsock CID.
 const GUEST_CID: u64 = 3;
 const VSOCK_NAME: &str = "vsock.sock";
