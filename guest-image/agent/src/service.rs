@@ -76,10 +76,6 @@ type AgentResult<T> = Result<T, AgentError>;
 #[derive(Debug, Default, Clone)]
 struct Sandbox {
     hostname: String,
-    #[allow(dead_code)]
-    dns: Vec<String>,
-    #[allow(dead_code)]
-    shared_mounts: Vec<String>,
 }
 
 /// Called after DestroySandbox removed every container.
@@ -170,8 +166,8 @@ impl AgentService {
         })
     }
 
-    /// Creates a container (see `CreateContainer`).
-    pub fn create_container(&self, req: &pb::CreateContainerRequest) -> AgentResult<()> {
+    /// Creates a container (see `CreateContainer`) and returns its init pid.
+    pub fn create_container(&self, req: &pb::CreateContainerRequest) -> AgentResult<i32> {
         let _reservation = self.reserve(&req.container_id)?;
         let hostname = lock(&self.sandbox)
             .as_ref()
@@ -188,8 +184,9 @@ impl AgentService {
             default_hostname: hostname.as_deref(),
         })?;
         self.oom.watch(container.id(), container.cgroup_path());
+        let pid = container.process("")?.pid;
         lock(&self.containers).insert(req.container_id.clone(), Arc::new(container));
-        Ok(())
+        Ok(pid)
     }
 
     /// Removes a container (see `RemoveContainer`).
@@ -266,8 +263,6 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<pb::Empty> {
         *lock(&self.sandbox) = Some(Sandbox {
             hostname: req.hostname,
-            dns: req.dns,
-            shared_mounts: req.shared_mounts,
         });
         Ok(pb::Empty::new())
     }
@@ -299,9 +294,12 @@ impl Agent for AgentService {
         &self,
         _ctx: &TtrpcContext,
         req: pb::CreateContainerRequest,
-    ) -> ttrpc::Result<pb::Empty> {
-        AgentService::create_container(self, &req)?;
-        Ok(pb::Empty::new())
+    ) -> ttrpc::Result<pb::CreateContainerResponse> {
+        let pid = AgentService::create_container(self, &req)?;
+        Ok(pb::CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
     fn start_container(

@@ -451,24 +451,22 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        if let Err(err) = agent.create_container(
+        let pid = match agent.create_container(
             &req.id,
             spec_json,
             &agent_rootfs,
             !stdio.stdin.is_empty(),
             stdio.terminal,
         ) {
-            undo_share();
-            return Err(err.into());
-        }
+            Ok(pid) => pid,
+            Err(err) => {
+                undo_share();
+                return Err(err.into());
+            }
+        };
         let init = Arc::new(Proc::new(&req.id, "", stdio, Vec::new()));
-        let setup = agent
-            .state_container(&req.id)
-            .map_err(TaskError::from)
-            .and_then(|(_, pid)| {
-                lock(&init.state).pid = pid;
-                self.start_stdio(&agent, &init).map(|c| (pid, c))
-            });
+        lock(&init.state).pid = pid;
+        let setup = self.start_stdio(&agent, &init).map(|c| (pid, c));
         let (pid, copiers) = match setup {
             Ok(v) => v,
             Err(err) => {
