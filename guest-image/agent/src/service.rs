@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libcontainer::container::ContainerStatus as LcStatus;
+use skiff_agent_proto::agent as pb;
+use skiff_agent_proto::agent_ttrpc::Agent;
 use skiff_agent_proto::{error_chain, ContainerStatus};
 use ttrpc::{Code, TtrpcContext};
 
@@ -20,8 +22,6 @@ use crate::container::{
     Container, ContainerError, CreateRequest, Engine, ErrorKind, Process, StdioRequest,
 };
 use crate::oom::{oom_kill_count, OomWatcher};
-use crate::proto::agent as pb;
-use crate::proto::agent_ttrpc::Agent;
 use crate::reaper::lock;
 use crate::stdio::{OutputBuffer, ReadOutcome};
 

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{ctx, skip, spec, Agent, Rootfs};
-use skiff_agent::proto::agent as pb;
+use skiff_agent_proto::agent as pb;
 
 #[test]
 fn health_and_version() {

@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::Spec;
-use skiff_agent::proto::agent as pb;
-use skiff_agent::proto::agent_ttrpc::AgentClient;
+use skiff_agent_proto::agent as pb;
+use skiff_agent_proto::agent_ttrpc::AgentClient;
 
 pub const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
