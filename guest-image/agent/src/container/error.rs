@@ -1,12 +1,11 @@
-//! The engine's errors ([`ContainerError`]) and their ttrpc-facing class
-//! ([`ErrorKind`]).
+//! The engine's errors ([`ContainerError`], with [`IdError`] saying why an
+//! id was refused) and their ttrpc-facing class ([`ErrorKind`]).
 
 use std::path::PathBuf;
 
 use libcontainer::error::LibcontainerError;
 use skiff_agent_proto::error_chain;
 
-use super::validate::IdError;
 use crate::stdio::StdioError;
 
 /// Errors of the container engine.
@@ -139,6 +138,23 @@ pub enum ContainerError {
     /// Writing to, signalling or resizing a process failed.
     #[error("process I/O failed")]
     ProcessIo(#[source] std::io::Error),
+}
+
+/// Why a container or exec id is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    /// The id is empty.
+    #[error("it is empty")]
+    Empty,
+    /// The id is longer than 64 bytes.
+    #[error("it is {0} bytes long")]
+    TooLong(usize),
+    /// The id is `.` or `..`, which name directories.
+    #[error("{0:?} names a directory")]
+    Dots(String),
+    /// The id has a character outside `[A-Za-z0-9_+.-]`.
+    #[error("it contains {0:?}")]
+    Character(char),
 }
 
 /// The ttrpc-facing class of an error; the service maps it to a status code.

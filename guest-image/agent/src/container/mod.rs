@@ -9,7 +9,8 @@
 //!
 //! - [`engine`]: [`Engine`] creates, execs into and removes containers.
 //! - [`handle`]: the [`Container`] and [`Process`] handles it hands out.
-//! - [`error`]: [`ContainerError`] and its ttrpc-facing [`ErrorKind`].
+//! - [`error`]: [`ContainerError`] (with [`IdError`]) and its ttrpc-facing
+//!   [`ErrorKind`].
 //! - `validate`: checks of ids and of the OCI process.
 //! - `medium`: waiting for a hot-attached disk's medium (and its serial).
 //! - `rootfs`: mounting a block-device rootfs (ext4) and releasing it.
@@ -24,6 +25,5 @@ mod rootfs;
 mod validate;
 
 pub use engine::{CreateRequest, Engine, EngineConfig, StdioRequest};
-pub use error::{ContainerError, ErrorKind};
+pub use error::{ContainerError, ErrorKind, IdError};
 pub use handle::{Container, Process};
-pub use validate::IdError;

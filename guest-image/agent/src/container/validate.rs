@@ -2,27 +2,10 @@
 
 use oci_spec::runtime::Process as OciProcess;
 
-use super::error::ContainerError;
+use super::error::{ContainerError, IdError};
 
 /// The longest container or exec id, in bytes.
 const ID_MAX_LEN: usize = 64;
-
-/// Why a container or exec id is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IdError {
-    /// The id is empty.
-    #[error("it is empty")]
-    Empty,
-    /// The id is longer than 64 bytes.
-    #[error("it is {0} bytes long")]
-    TooLong(usize),
-    /// The id is `.` or `..`, which name directories.
-    #[error("{0:?} names a directory")]
-    Dots(String),
-    /// The id has a character outside `[A-Za-z0-9_+.-]`.
-    #[error("it contains {0:?}")]
-    Character(char),
-}
 
 /// Checks that `id` can name a container or an exec process (and so a
 /// directory of the agent's state): 1-64 characters from `[A-Za-z0-9_+.-]`,
