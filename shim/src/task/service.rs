@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use containerd_shim_protos::api;
@@ -25,13 +25,13 @@ use containerd_shim_protos::Task;
 use ttrpc::TtrpcContext;
 
 use crate::agent_client::AgentClient;
+use crate::sync::{lock, wait};
 use crate::task::config::{config_path_from_any, Config};
 use crate::task::error::TaskError;
 use crate::task::events::{timestamp, timestamp_ms, Event, Publisher};
 use crate::task::rootfs::{self, MountSpec};
 use crate::task::sandbox::{handler_for, Sandbox, SandboxRequest};
 use crate::task::stdio::{open_output, CopierSet, StdinBridge};
-use crate::sync::{lock, wait};
 
 /// How long the agent gets to answer its first Health.
 pub const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(10);
