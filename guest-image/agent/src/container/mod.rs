@@ -7,18 +7,18 @@
 //! plumbing, and the bookkeeping between pids and requests. One job per
 //! file:
 //!
-//! - [`engine`]: [`Engine`] creates, execs into and removes containers.
-//! - [`handle`]: the [`Container`] and [`Process`] handles it hands out.
-//! - [`error`]: [`ContainerError`] (with [`IdError`]) and its ttrpc-facing
+//! - `engine`: [`Engine`] creates, execs into and removes containers.
+//! - `handle`: the [`Container`] and [`Process`] handles it hands out.
+//! - `error`: [`ContainerError`] (with [`IdError`]) and its ttrpc-facing
 //!   [`ErrorKind`].
 //! - `validate`: checks of ids and of the OCI process.
 //! - `medium`: waiting for a hot-attached disk's medium (and its serial).
 //! - `rootfs`: mounting a block-device rootfs (ext4) and releasing it.
 //! - `pty`: receiving a terminal's pty master from the console socket.
 
-pub mod engine;
-pub mod error;
-pub mod handle;
+mod engine;
+mod error;
+mod handle;
 mod medium;
 mod pty;
 mod rootfs;
