@@ -1,6 +1,6 @@
 //! A typed client for the skiff agent (`skiff.agent.v1.Agent` over ttrpc).
 //!
-//! It wraps the generated [`skiff_agent::proto::agent_ttrpc::AgentClient`]
+//! It wraps the generated [`skiff_agent_proto::agent_ttrpc::AgentClient`]
 //! with per-call deadlines, and keeps the agent's status code in
 //! [`AgentCallError`] so the TaskService can hand it on to containerd. The
 //! client is cheap to clone and safe to share between threads: ttrpc
@@ -8,8 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use skiff_agent::proto::agent as pb;
-use skiff_agent::proto::agent_ttrpc;
+use skiff_agent_proto::agent as pb;
+use skiff_agent_proto::{agent_ttrpc, ContainerStatus, UnknownStatusError};
 use ttrpc::context;
 use ttrpc::Code;
 
@@ -34,6 +34,9 @@ pub enum AgentCallError {
     /// The request did not reach the agent, or the answer did not come back.
     #[error("agent connection")]
     Transport(#[source] ttrpc::Error),
+    /// The agent answered a container status the protocol does not name.
+    #[error("the agent's answer is invalid")]
+    InvalidStatus(#[from] UnknownStatusError),
 }
 
 impl AgentCallError {
@@ -42,6 +45,7 @@ impl AgentCallError {
         match self {
             Self::Status { code, .. } => *code,
             Self::Transport(_) => Code::UNAVAILABLE,
+            Self::InvalidStatus(_) => Code::INTERNAL,
         }
     }
 
@@ -183,7 +187,8 @@ impl AgentClient {
         Ok(())
     }
 
-    /// Creates a container from an OCI spec (JSON) on `rootfs`.
+    /// Creates a container from an OCI spec (JSON) on `rootfs`; returns its
+    /// init pid.
     pub fn create_container(
         &self,
         id: &str,
@@ -191,7 +196,7 @@ impl AgentClient {
         rootfs: &str,
         stdin: bool,
         terminal: bool,
-    ) -> CallResult<()> {
+    ) -> CallResult<u32> {
         let req = pb::CreateContainerRequest {
             container_id: id.to_owned(),
             spec_json,
@@ -200,8 +205,8 @@ impl AgentClient {
             terminal,
             ..Default::default()
         };
-        self.inner.create_container(ctx(CREATE_TIMEOUT), &req)?;
-        Ok(())
+        let resp = self.inner.create_container(ctx(CREATE_TIMEOUT), &req)?;
+        Ok(resp.pid.max(0) as u32)
     }
 
     /// Starts a created container's init process.
@@ -319,12 +324,13 @@ impl AgentClient {
             .stats_container(ctx(CALL_TIMEOUT), &container(id))?)
     }
 
-    /// Status ("created", "running", "paused", "stopped") and init pid.
-    pub fn state_container(&self, id: &str) -> CallResult<(String, u32)> {
+    /// Status and init pid.
+    pub fn state_container(&self, id: &str) -> CallResult<(ContainerStatus, u32)> {
         let resp = self
             .inner
             .state_container(ctx(CALL_TIMEOUT), &container(id))?;
-        Ok((resp.status, resp.pid.max(0) as u32))
+        let status = resp.status.parse()?;
+        Ok((status, resp.pid.max(0) as u32))
     }
 
     /// Freezes a container.

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use oci_spec::runtime::Spec;
-use skiff_agent::proto::agent as pb;
-use skiff_agent::proto::agent_ttrpc::AgentClient;
+use skiff_agent_proto::agent as pb;
+use skiff_agent_proto::agent_ttrpc::AgentClient;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use skiff_agent::proto::agent as pb;
-use skiff_agent::proto::agent_ttrpc::AgentClient;
+use skiff_agent_proto::agent as pb;
+use skiff_agent_proto::agent_ttrpc::AgentClient;
 
 const USAGE: &str = "usage: vsock_client --uds PATH [--port 1024] [--wait-secs 300] \
 [--rootfs GUEST_PATH] [--destroy]";
@@ -35,7 +35,7 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut uds = None;
-    let mut port = 1024;
+    let mut port = skiff_agent_proto::AGENT_VSOCK_PORT;
     let mut wait = Duration::from_secs(300);
     let mut rootfs = None;
     let mut destroy = false;

@@ -28,7 +28,7 @@ const USAGE: &str = "usage: skiff-agent [--init] --listen unix:///path.sock|vsoc
 [--log-level error|warn|info|debug|trace]";
 
 /// Where the guest agent listens by default (the shim connects to this port).
-const INIT_LISTEN: ListenAddr = ListenAddr::Vsock(1024);
+const INIT_LISTEN: ListenAddr = ListenAddr::Vsock(skiff_agent_proto::AGENT_VSOCK_PORT);
 /// Time DestroySandbox's reply gets to reach the host before the VM resets.
 const RESET_DELAY: Duration = Duration::from_millis(200);
 

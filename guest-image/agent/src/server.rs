@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use skiff_agent_proto::agent_ttrpc::create_agent;
+
 use crate::container::{Engine, EngineConfig};
 use crate::oom::{OomError, OomWatcher};
-use crate::proto::agent_ttrpc::create_agent;
 use crate::reaper::{Reaper, ReaperError};
 use crate::service::AgentService;
 use crate::spawner::{Spawner, SpawnerError};

@@ -12,15 +12,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use libcontainer::container::ContainerStatus;
+use libcontainer::container::ContainerStatus as LcStatus;
+use skiff_agent_proto::agent as pb;
+use skiff_agent_proto::agent_ttrpc::Agent;
+use skiff_agent_proto::{error_chain, ContainerStatus};
 use ttrpc::{Code, TtrpcContext};
 
 use crate::container::{
-    error_chain, Container, ContainerError, CreateRequest, Engine, ErrorKind, Process, StdioRequest,
+    Container, ContainerError, CreateRequest, Engine, ErrorKind, Process, StdioRequest,
 };
 use crate::oom::{oom_kill_count, OomWatcher};
-use crate::proto::agent as pb;
-use crate::proto::agent_ttrpc::Agent;
 use crate::reaper::lock;
 use crate::stdio::{OutputBuffer, ReadOutcome};
 
@@ -75,10 +76,6 @@ type AgentResult<T> = Result<T, AgentError>;
 #[derive(Debug, Default, Clone)]
 struct Sandbox {
     hostname: String,
-    #[allow(dead_code)]
-    dns: Vec<String>,
-    #[allow(dead_code)]
-    shared_mounts: Vec<String>,
 }
 
 /// Called after DestroySandbox removed every container.
@@ -169,8 +166,8 @@ impl AgentService {
         })
     }
 
-    /// Creates a container (see `CreateContainer`).
-    pub fn create_container(&self, req: &pb::CreateContainerRequest) -> AgentResult<()> {
+    /// Creates a container (see `CreateContainer`) and returns its init pid.
+    pub fn create_container(&self, req: &pb::CreateContainerRequest) -> AgentResult<i32> {
         let _reservation = self.reserve(&req.container_id)?;
         let hostname = lock(&self.sandbox)
             .as_ref()
@@ -187,8 +184,9 @@ impl AgentService {
             default_hostname: hostname.as_deref(),
         })?;
         self.oom.watch(container.id(), container.cgroup_path());
+        let pid = container.process("")?.pid;
         lock(&self.containers).insert(req.container_id.clone(), Arc::new(container));
-        Ok(())
+        Ok(pid)
     }
 
     /// Removes a container (see `RemoveContainer`).
@@ -229,12 +227,13 @@ impl AgentService {
     }
 }
 
-fn status_name(status: ContainerStatus) -> &'static str {
+/// libcontainer's status as the protocol names it.
+fn protocol_status(status: LcStatus) -> ContainerStatus {
     match status {
-        ContainerStatus::Creating | ContainerStatus::Created => "created",
-        ContainerStatus::Running => "running",
-        ContainerStatus::Paused => "paused",
-        ContainerStatus::Stopped => "stopped",
+        LcStatus::Creating | LcStatus::Created => ContainerStatus::Created,
+        LcStatus::Running => ContainerStatus::Running,
+        LcStatus::Paused => ContainerStatus::Paused,
+        LcStatus::Stopped => ContainerStatus::Stopped,
     }
 }
 
@@ -264,8 +263,6 @@ impl Agent for AgentService {
     ) -> ttrpc::Result<pb::Empty> {
         *lock(&self.sandbox) = Some(Sandbox {
             hostname: req.hostname,
-            dns: req.dns,
-            shared_mounts: req.shared_mounts,
         });
         Ok(pb::Empty::new())
     }
@@ -297,9 +294,12 @@ impl Agent for AgentService {
         &self,
         _ctx: &TtrpcContext,
         req: pb::CreateContainerRequest,
-    ) -> ttrpc::Result<pb::Empty> {
-        AgentService::create_container(self, &req)?;
-        Ok(pb::Empty::new())
+    ) -> ttrpc::Result<pb::CreateContainerResponse> {
+        let pid = AgentService::create_container(self, &req)?;
+        Ok(pb::CreateContainerResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
     fn start_container(
@@ -475,7 +475,7 @@ impl Agent for AgentService {
         let container = self.container(&req.container_id)?;
         let (status, pid) = container.status().map_err(AgentError::from)?;
         let mut resp = pb::ContainerStateResponse::new();
-        resp.status = status_name(status).into();
+        resp.status = protocol_status(status).as_str().into();
         resp.pid = pid;
         Ok(resp)
     }

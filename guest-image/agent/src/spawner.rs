@@ -31,6 +31,7 @@ use nix::sys::socket::{
     SockFlag, SockType,
 };
 use serde::{Deserialize, Serialize};
+use skiff_agent_proto::error_chain;
 
 use crate::reaper::lock;
 
@@ -243,7 +244,7 @@ fn spawn_here(request: &SpawnRequest, fds: Vec<OwnedFd>) -> SpawnReply {
         Err(LibcontainerError::IncorrectStatus(status)) => {
             SpawnReply::IncorrectStatus(status.to_string())
         }
-        Err(err) => SpawnReply::Failed(crate::container::error_chain(&err)),
+        Err(err) => SpawnReply::Failed(error_chain(&err)),
     }
 }
 

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{ctx, skip, spec, Agent, Rootfs};
-use skiff_agent::proto::agent as pb;
+use skiff_agent_proto::agent as pb;
 
 #[test]
 fn health_and_version() {
@@ -440,7 +440,8 @@ fn bad_input_is_typed_and_leaves_nothing_behind() {
             })
             .sum::<usize>()
     };
-    let code = |result: ttrpc::Result<pb::Empty>| common::code_of(&result.unwrap_err());
+    let code =
+        |result: ttrpc::Result<pb::CreateContainerResponse>| common::code_of(&result.unwrap_err());
 
     // Invalid JSON, and JSON that is not a runtime spec.
     assert_eq!(
@@ -665,11 +666,13 @@ fn joins_a_namespace_by_path() {
     let agent = Agent::start();
     let mut first = spec(&["sleep", "1000"]);
     first.set_hostname(Some("shared-uts".into()));
-    agent.create("first", &first, rootfs.path(), false, false);
+    let created = agent.create("first", &first, rootfs.path(), false, false);
     agent.start_container("first");
     let mut req = pb::ContainerRequest::new();
     req.container_id = "first".into();
     let pid = agent.client.state_container(ctx(), &req).unwrap().pid;
+    // CreateContainer answered the same init pid.
+    assert_eq!(pid, created);
 
     // The second container joins the first's UTS namespace by path.
     let mut second = spec(&["hostname"]);

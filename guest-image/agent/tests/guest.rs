@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use common::{code_of, ctx, skip, spec, Agent, Rootfs};
 use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, VsockAddr};
-use skiff_agent::proto::agent as pb;
-use skiff_agent::proto::agent_ttrpc::AgentClient;
+use skiff_agent_proto::agent as pb;
+use skiff_agent_proto::agent_ttrpc::AgentClient;
 
 /// VMADDR_CID_LOCAL: the local host, served by the `vsock_loopback` transport.
 const CID_LOCAL: u32 = 1;

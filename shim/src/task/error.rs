@@ -98,7 +98,7 @@ impl TaskError {
 
 /// The message with every `source` appended once (shared with the agent, so
 /// both sides of the protocol word errors alike).
-pub use skiff_agent::container::error_chain;
+pub use skiff_agent_proto::error_chain;
 
 impl From<TaskError> for ttrpc::Error {
     fn from(err: TaskError) -> Self {

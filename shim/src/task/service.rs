@@ -474,7 +474,7 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        agent.create_container(
+        let pid = agent.create_container(
             &req.id,
             encode_spec(&spec)?,
             &agent_rootfs,
@@ -482,7 +482,6 @@ impl TaskService {
             stdio.terminal,
         )?;
         undo.agent_container = Some((agent.clone(), req.id.clone()));
-        let (_, pid) = agent.state_container(&req.id)?;
         let init = Arc::new(Proc::new(&req.id, "", stdio, Vec::new()));
         lock(&init.state).pid = pid;
         let copiers = self.start_stdio(&agent, &init)?;
@@ -837,7 +836,7 @@ fn wait_in_agent(agent: &AgentClient, proc: &Proc) -> (u32, Timestamp) {
 }
 
 /// The agent's cgroup statistics as containerd's cgroups v1 metrics.
-fn to_metrics(stats: &skiff_agent::proto::agent::StatsContainerResponse) -> metrics::Metrics {
+fn to_metrics(stats: &skiff_agent_proto::agent::StatsContainerResponse) -> metrics::Metrics {
     let mut m = metrics::Metrics::default();
     if let Some(cpu) = stats.cpu.as_ref() {
         m.cpu = MessageField::some(metrics::CPUStat {
@@ -1051,7 +1050,7 @@ impl Task for TaskService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skiff_agent::proto::agent as pb;
+    use skiff_agent_proto::agent as pb;
 
     #[test]
     fn metrics_conversion() {

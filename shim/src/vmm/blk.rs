@@ -13,13 +13,13 @@ use super::slot::{DiskSlotError, VirtioSlot};
 /// What GET_ID answers for disk `index` (Linux: `/sys/block/vdX/serial`):
 /// `skiff-vda`, `skiff-vdb`, ... in slot order, the order Linux names them.
 pub fn disk_id(index: usize) -> String {
-    let mut name = String::from("skiff-vd");
+    let mut name = String::from("vd");
     // vda..vdz, then vdaa.. as Linux does (never reached: 19 devices at most).
     if index >= 26 {
         name.push((b'a' + (index / 26 - 1) as u8) as char);
     }
     name.push((b'a' + (index % 26) as u8) as char);
-    name
+    skiff_agent_proto::disk_serial(&name)
 }
 
 /// A virtio-blk device whose medium can be swapped while the VM runs.

@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::Spec;
-use skiff_agent::proto::agent as pb;
-use skiff_agent::proto::agent_ttrpc::AgentClient;
+use skiff_agent_proto::agent as pb;
+use skiff_agent_proto::agent_ttrpc::AgentClient;
 
 pub const BUSYBOX: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
@@ -247,9 +247,11 @@ impl Agent {
         count
     }
 
-    pub fn create(&self, id: &str, spec: &Spec, rootfs: &Path, stdin: bool, terminal: bool) {
+    /// Creates a container; returns its init pid.
+    pub fn create(&self, id: &str, spec: &Spec, rootfs: &Path, stdin: bool, terminal: bool) -> i32 {
         self.try_create(id, &spec_json(spec), rootfs, stdin, terminal)
-            .unwrap_or_else(|e| panic!("create {id}: {e:?}"));
+            .unwrap_or_else(|e| panic!("create {id}: {e:?}"))
+            .pid
     }
 
     pub fn try_create(
@@ -259,7 +261,7 @@ impl Agent {
         rootfs: &Path,
         stdin: bool,
         terminal: bool,
-    ) -> ttrpc::Result<pb::Empty> {
+    ) -> ttrpc::Result<pb::CreateContainerResponse> {
         let mut req = pb::CreateContainerRequest::new();
         req.container_id = id.into();
         req.spec_json = spec_json.to_vec();

@@ -10,8 +10,7 @@ use crate::agent_client::AgentClient;
 use crate::sandbox::error::SandboxError;
 use crate::vmm::{self, ExitReason, RunningVm};
 
-/// The agent's vsock port.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+pub use skiff_agent_proto::AGENT_VSOCK_PORT;
 /// Bound on one handshake's answer; the muxer stays silent while the guest
 /// does not listen yet.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

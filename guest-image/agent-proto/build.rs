@@ -2,7 +2,7 @@
 //! with the pure-Rust codegen (no `protoc`).
 //!
 //! The generated files carry inner attributes (`#![allow(..)]`), which
-//! `include!` cannot take; they are stripped here and `src/proto.rs` puts the
+//! `include!` cannot take; they are stripped here and `src/lib.rs` puts the
 //! equivalent outer attributes on the including modules.
 
 use std::path::Path;
