@@ -13,6 +13,10 @@ use skiff_agent_proto::{agent_ttrpc, ContainerStatus, UnknownStatusError};
 use ttrpc::context;
 use ttrpc::Code;
 
+/// A container's cgroup statistics as the agent reports them (protocol
+/// messages, handed on as they are: every field is already typed).
+pub use pb::{CpuStats, IoStats, MemoryStats, PidsStats, StatsContainerResponse as ContainerStats};
+
 /// Deadline of ordinary requests.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline of one long poll (Wait, Read*, GetOOMEvent); callers loop.
@@ -34,6 +38,10 @@ pub enum AgentCallError {
     /// The request did not reach the agent, or the answer did not come back.
     #[error("agent connection")]
     Transport(#[source] ttrpc::Error),
+    /// No answer within the request's deadline (a long poll that found
+    /// nothing to report ends this way; call again).
+    #[error("the agent did not answer within {0:?}")]
+    DeadlineExceeded(Duration),
     /// The agent answered a container status the protocol does not name.
     #[error("the agent's answer is invalid")]
     InvalidStatus(#[from] UnknownStatusError),
@@ -45,16 +53,18 @@ impl AgentCallError {
         match self {
             Self::Status { code, .. } => *code,
             Self::Transport(_) => Code::UNAVAILABLE,
+            Self::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
             Self::InvalidStatus(_) => Code::INTERNAL,
         }
     }
 
-    /// True when a long poll ran out its deadline (call again).
+    /// True when a long poll ran out its deadline, the client's or the
+    /// agent's (call again).
     pub fn is_timeout(&self) -> bool {
         match self {
             Self::Status { code, .. } => *code == Code::DEADLINE_EXCEEDED,
-            Self::Transport(ttrpc::Error::Others(msg)) => msg.contains("timeout"),
-            _ => false,
+            Self::DeadlineExceeded(_) => true,
+            Self::Transport(_) | Self::InvalidStatus(_) => false,
         }
     }
 }
@@ -103,8 +113,21 @@ impl std::fmt::Debug for AgentClient {
     }
 }
 
-fn ctx(timeout: Duration) -> context::Context {
-    context::with_duration(timeout)
+/// Sends one request with deadline `timeout`. ttrpc's sync client reports
+/// an answer that did not come in time only as a transport error with a
+/// text, so a transport error once the deadline has passed is taken for
+/// the deadline, and every other one stays a transport error.
+fn call<T>(
+    timeout: Duration,
+    request: impl FnOnce(context::Context) -> ttrpc::Result<T>,
+) -> CallResult<T> {
+    let sent = Instant::now();
+    request(context::with_duration(timeout)).map_err(|err| match err {
+        ttrpc::Error::Others(_) if sent.elapsed() >= timeout => {
+            AgentCallError::DeadlineExceeded(timeout)
+        }
+        other => other.into(),
+    })
 }
 
 fn process(container_id: &str, exec_id: &str) -> pb::ProcessRequest {
@@ -166,7 +189,7 @@ impl AgentClient {
 
     /// Health check.
     pub fn health(&self, timeout: Duration) -> CallResult<()> {
-        self.inner.health(ctx(timeout), &pb::Empty::new())?;
+        call(timeout, |c| self.inner.health(c, &pb::Empty::new()))?;
         Ok(())
     }
 
@@ -176,14 +199,15 @@ impl AgentClient {
             hostname: hostname.to_owned(),
             ..Default::default()
         };
-        self.inner.create_sandbox(ctx(CALL_TIMEOUT), &req)?;
+        call(CALL_TIMEOUT, |c| self.inner.create_sandbox(c, &req))?;
         Ok(())
     }
 
     /// Removes every container of the sandbox.
     pub fn destroy_sandbox(&self) -> CallResult<()> {
-        self.inner
-            .destroy_sandbox(ctx(CREATE_TIMEOUT), &pb::Empty::new())?;
+        call(CREATE_TIMEOUT, |c| {
+            self.inner.destroy_sandbox(c, &pb::Empty::new())
+        })?;
         Ok(())
     }
 
@@ -205,14 +229,15 @@ impl AgentClient {
             terminal,
             ..Default::default()
         };
-        let resp = self.inner.create_container(ctx(CREATE_TIMEOUT), &req)?;
+        let resp = call(CREATE_TIMEOUT, |c| self.inner.create_container(c, &req))?;
         Ok(resp.pid.max(0) as u32)
     }
 
     /// Starts a created container's init process.
     pub fn start_container(&self, id: &str) -> CallResult<()> {
-        self.inner
-            .start_container(ctx(CALL_TIMEOUT), &container(id))?;
+        call(CALL_TIMEOUT, |c| {
+            self.inner.start_container(c, &container(id))
+        })?;
         Ok(())
     }
 
@@ -233,15 +258,15 @@ impl AgentClient {
             terminal,
             ..Default::default()
         };
-        let resp = self.inner.exec_process(ctx(CREATE_TIMEOUT), &req)?;
+        let resp = call(CREATE_TIMEOUT, |c| self.inner.exec_process(c, &req))?;
         Ok(u32::try_from(resp.pid).unwrap_or(0))
     }
 
     /// Waits (one long poll) for a process to exit.
     pub fn wait_process(&self, id: &str, exec_id: &str) -> CallResult<ExitStatus> {
-        let resp = self
-            .inner
-            .wait_process(ctx(POLL_TIMEOUT), &process(id, exec_id))?;
+        let resp = call(POLL_TIMEOUT, |c| {
+            self.inner.wait_process(c, &process(id, exec_id))
+        })?;
         Ok(ExitStatus {
             status: resp.exit_status as u32,
             exited_at_ms: resp.exited_at_ms,
@@ -263,7 +288,7 @@ impl AgentClient {
             all,
             ..Default::default()
         };
-        self.inner.signal_process(ctx(CALL_TIMEOUT), &req)?;
+        call(CALL_TIMEOUT, |c| self.inner.signal_process(c, &req))?;
         Ok(())
     }
 
@@ -276,9 +301,9 @@ impl AgentClient {
             ..Default::default()
         };
         let resp = if stderr {
-            self.inner.read_stderr(ctx(POLL_TIMEOUT), &req)?
+            call(POLL_TIMEOUT, |c| self.inner.read_stderr(c, &req))?
         } else {
-            self.inner.read_stdout(ctx(POLL_TIMEOUT), &req)?
+            call(POLL_TIMEOUT, |c| self.inner.read_stdout(c, &req))?
         };
         Ok(Chunk {
             data: resp.data,
@@ -294,13 +319,14 @@ impl AgentClient {
             data: data.to_vec(),
             ..Default::default()
         };
-        Ok(self.inner.write_stdin(ctx(CALL_TIMEOUT), &req)?.len as usize)
+        Ok(call(CALL_TIMEOUT, |c| self.inner.write_stdin(c, &req))?.len as usize)
     }
 
     /// Closes a process's stdin.
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> CallResult<()> {
-        self.inner
-            .close_stdin(ctx(CALL_TIMEOUT), &process(id, exec_id))?;
+        call(CALL_TIMEOUT, |c| {
+            self.inner.close_stdin(c, &process(id, exec_id))
+        })?;
         Ok(())
     }
 
@@ -313,37 +339,39 @@ impl AgentClient {
             cols,
             ..Default::default()
         };
-        self.inner.tty_win_resize(ctx(CALL_TIMEOUT), &req)?;
+        call(CALL_TIMEOUT, |c| self.inner.tty_win_resize(c, &req))?;
         Ok(())
     }
 
     /// cgroup statistics of a container.
-    pub fn stats_container(&self, id: &str) -> CallResult<pb::StatsContainerResponse> {
-        Ok(self
-            .inner
-            .stats_container(ctx(CALL_TIMEOUT), &container(id))?)
+    pub fn stats_container(&self, id: &str) -> CallResult<ContainerStats> {
+        call(CALL_TIMEOUT, |c| {
+            self.inner.stats_container(c, &container(id))
+        })
     }
 
     /// Status and init pid.
     pub fn state_container(&self, id: &str) -> CallResult<(ContainerStatus, u32)> {
-        let resp = self
-            .inner
-            .state_container(ctx(CALL_TIMEOUT), &container(id))?;
+        let resp = call(CALL_TIMEOUT, |c| {
+            self.inner.state_container(c, &container(id))
+        })?;
         let status = resp.status.parse()?;
         Ok((status, resp.pid.max(0) as u32))
     }
 
     /// Freezes a container.
     pub fn pause_container(&self, id: &str) -> CallResult<()> {
-        self.inner
-            .pause_container(ctx(CALL_TIMEOUT), &container(id))?;
+        call(CALL_TIMEOUT, |c| {
+            self.inner.pause_container(c, &container(id))
+        })?;
         Ok(())
     }
 
     /// Thaws a container.
     pub fn resume_container(&self, id: &str) -> CallResult<()> {
-        self.inner
-            .resume_container(ctx(CALL_TIMEOUT), &container(id))?;
+        call(CALL_TIMEOUT, |c| {
+            self.inner.resume_container(c, &container(id))
+        })?;
         Ok(())
     }
 
@@ -354,30 +382,66 @@ impl AgentClient {
             resources_json,
             ..Default::default()
         };
-        self.inner.update_container(ctx(CALL_TIMEOUT), &req)?;
+        call(CALL_TIMEOUT, |c| self.inner.update_container(c, &req))?;
         Ok(())
     }
 
     /// Pids of the container's processes.
     pub fn list_processes(&self, id: &str) -> CallResult<Vec<i32>> {
-        Ok(self
-            .inner
-            .list_processes(ctx(CALL_TIMEOUT), &container(id))?
-            .pids)
+        Ok(call(CALL_TIMEOUT, |c| {
+            self.inner.list_processes(c, &container(id))
+        })?
+        .pids)
     }
 
     /// Removes a container (killing what still runs in it).
     pub fn remove_container(&self, id: &str) -> CallResult<()> {
-        self.inner
-            .remove_container(ctx(CREATE_TIMEOUT), &container(id))?;
+        call(CREATE_TIMEOUT, |c| {
+            self.inner.remove_container(c, &container(id))
+        })?;
         Ok(())
     }
 
     /// Waits (one long poll) for an OOM kill; returns the container id.
     pub fn get_oom_event(&self) -> CallResult<String> {
-        Ok(self
-            .inner
-            .get_oom_event(ctx(POLL_TIMEOUT), &pb::Empty::new())?
-            .container_id)
+        Ok(call(POLL_TIMEOUT, |c| {
+            self.inner.get_oom_event(c, &pb::Empty::new())
+        })?
+        .container_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_passed_deadline_is_a_timeout() {
+        let late = call(Duration::from_millis(5), |_| -> ttrpc::Result<()> {
+            std::thread::sleep(Duration::from_millis(10));
+            Err(ttrpc::Error::Others("no answer".into()))
+        })
+        .unwrap_err();
+        assert!(
+            matches!(late, AgentCallError::DeadlineExceeded(d) if d == Duration::from_millis(5))
+        );
+        assert!(late.is_timeout());
+        assert_eq!(late.code(), Code::DEADLINE_EXCEEDED);
+        // The text says "timeout", the clock says otherwise: a dead channel.
+        let gone = call(Duration::from_secs(30), |_| -> ttrpc::Result<()> {
+            Err(ttrpc::Error::Others(
+                "Receive packet from Receiver timeout: channel disconnected".into(),
+            ))
+        })
+        .unwrap_err();
+        assert!(matches!(gone, AgentCallError::Transport(_)), "{gone:?}");
+        assert!(!gone.is_timeout());
+        let agent = AgentCallError::from(ttrpc::Error::RpcStatus(ttrpc::get_status(
+            Code::DEADLINE_EXCEEDED,
+            "nothing yet",
+        )));
+        assert!(agent.is_timeout());
+        let ok = call(Duration::from_secs(1), |_| Ok(7)).unwrap();
+        assert_eq!(ok, 7);
     }
 }

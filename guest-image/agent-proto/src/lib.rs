@@ -16,6 +16,10 @@ mod status;
 
 pub use status::{ContainerStatus, UnknownStatusError};
 
+/// The protocol version the agent reports in `Version`; bumped on
+/// incompatible changes (2: CreateContainer answers the init pid).
+pub const PROTOCOL_VERSION: u32 = 2;
+
 /// The vsock port the agent listens on in the micro-VM; the shim connects
 /// to it through the VMM's hybrid vsock (`CONNECT 1024`).
 pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -25,8 +25,7 @@ use crate::oom::{oom_kill_count, OomWatcher};
 use crate::reaper::lock;
 use crate::stdio::{OutputBuffer, ReadOutcome};
 
-/// The protocol version reported by `Version`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub use skiff_agent_proto::PROTOCOL_VERSION;
 /// Bytes returned by one `ReadStdout`/`ReadStderr` when the request says 0.
 pub const DEFAULT_READ_LEN: usize = 1 << 20;
 /// The most bytes one read returns (ttrpc messages are capped at 4 MiB).

@@ -14,7 +14,10 @@ fn health_and_version() {
     let health = agent.client.health(ctx(), &pb::Empty::new()).unwrap();
     assert_eq!(health.status, "SERVING");
     let version = agent.client.version(ctx(), &pb::Empty::new()).unwrap();
-    assert_eq!(version.protocol_version, 1);
+    assert_eq!(
+        version.protocol_version,
+        skiff_agent_proto::PROTOCOL_VERSION
+    );
 }
 
 #[test]

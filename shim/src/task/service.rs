@@ -24,7 +24,7 @@ use containerd_shim_protos::types::task::Status;
 use containerd_shim_protos::Task;
 use ttrpc::TtrpcContext;
 
-use crate::agent_client::AgentClient;
+use crate::agent_client::{AgentClient, ContainerStats};
 use crate::config::{config_path_from_any, Config};
 use crate::sandbox::{handler_for, Sandbox, SandboxHandler, SandboxRequest};
 use crate::sync::{lock, wait};
@@ -836,7 +836,7 @@ fn wait_in_agent(agent: &AgentClient, proc: &Proc) -> (u32, Timestamp) {
 }
 
 /// The agent's cgroup statistics as containerd's cgroups v1 metrics.
-fn to_metrics(stats: &skiff_agent_proto::agent::StatsContainerResponse) -> metrics::Metrics {
+fn to_metrics(stats: &ContainerStats) -> metrics::Metrics {
     let mut m = metrics::Metrics::default();
     if let Some(cpu) = stats.cpu.as_ref() {
         m.cpu = MessageField::some(metrics::CPUStat {
@@ -1050,11 +1050,11 @@ impl Task for TaskService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skiff_agent_proto::agent as pb;
+    use crate::agent_client as pb;
 
     #[test]
     fn metrics_conversion() {
-        let stats = pb::StatsContainerResponse {
+        let stats = pb::ContainerStats {
             cpu: MessageField::some(pb::CpuStats {
                 usage_total_ns: 10,
                 ..Default::default()
