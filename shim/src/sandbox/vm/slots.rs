@@ -6,13 +6,16 @@
 
 use std::path::{Path, PathBuf};
 
+use skiff_agent_proto::DISK_SERIAL_PREFIX;
+
 use super::error::VmSandboxError;
 use crate::vmm;
 
 /// The guest's device for disk slot `slot`: `/dev/vda`, `/dev/vdb`, ...
 pub fn guest_disk(slot: usize) -> String {
     let id = vmm::disk_id(slot);
-    format!("/dev/{}", id.strip_prefix("skiff-").unwrap_or(&id))
+    let name = id.strip_prefix(DISK_SERIAL_PREFIX).unwrap_or(&id);
+    format!("/dev/{name}")
 }
 
 /// A disk slot's use.
