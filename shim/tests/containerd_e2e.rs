@@ -217,16 +217,19 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
-    fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .arg("-a")
+    fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("-a")
             .arg(self.sock())
             .arg("-n")
             .arg(NAMESPACE)
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_command(args).output().unwrap()
     }
 
     /// Runs ctr, asserts success, returns stdout.
@@ -631,6 +634,76 @@ fn killed_shim_is_cleaned_up_by_delete() {
         Duration::from_secs(10),
         || !pid_alive(task_pid),
     );
+}
+
+/// The `linux` handler's agent is SIGKILLed under an attached `ctr run
+/// --rm`: the shim sees its sandbox end and stops the task, so `ctr run`
+/// (blocked in the task's Wait) returns 137 within 30 s; the container's
+/// process (which outlived the agent) is removed, and with `--rm` nothing
+/// of the shim is left.
+#[test]
+fn linux_agent_death_stops_the_task() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    ctrd.import(&image);
+    let id = unique("agent-death");
+    let mut run = ctrd
+        .ctr_command(&[
+            "run",
+            "--rm",
+            "--runtime",
+            SKIFF,
+            IMAGE,
+            &id,
+            "sleep",
+            "1000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the task to run", Duration::from_secs(30), || {
+        ctrd.ctr_ok(&["tasks", "ls"])
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("RUNNING"))
+    });
+    let fp = Footprint::read(&ctrd.bundle(&id));
+    let agent = fp.agent_pid.expect("the linux handler's agent pid");
+    let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+    let task_pid: i32 = ls
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {ls}"));
+    assert!(pid_alive(task_pid) && pid_alive(agent));
+
+    let t = Instant::now();
+    // SAFETY: kill(2) on the agent this test's shim started.
+    unsafe { libc::kill(agent, libc::SIGKILL) };
+    wait_until("ctr run to return", Duration::from_secs(30), || {
+        run.try_wait().unwrap().is_some()
+    });
+    eprintln!(
+        "ctr run returned {:.1} s after the agent's death",
+        t.elapsed().as_secs_f64()
+    );
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "stderr: {}
+--- containerd log ---
+{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&ctrd.log(), 8000)
+    );
+    wait_until(
+        "the container process to go",
+        Duration::from_secs(10),
+        || !pid_alive(task_pid),
+    );
+    fp.assert_gone();
 }
 
 #[test]

@@ -77,6 +77,12 @@ pub trait Sandbox: Send + Sync + std::fmt::Debug {
         Ok(Vec::new())
     }
 
+    /// If the sandbox has ended on its own (the VM stopped, the agent
+    /// process died), stops what it left running and says how it ended;
+    /// `None` while it runs and after [`Sandbox::stop`]. Callers poll it:
+    /// it is cheap until the end, and says so at least once.
+    fn ended(&self) -> Option<String>;
+
     /// Stops the sandbox: removes its containers, stops the agent (waiting
     /// at most `timeout` for it to go), removes the state directory.
     fn stop(&self, timeout: Duration) -> Result<(), SandboxError>;

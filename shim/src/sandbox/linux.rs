@@ -195,6 +195,8 @@ impl SandboxHandler for LinuxHandler {
         )?;
         let sandbox = LinuxSandbox {
             state_dir: req.state_dir.to_owned(),
+            agent_path: agent_path.clone(),
+            log_level: req.config.log_level.name(),
             client: agent.client.clone(),
             child: Mutex::new(Some(agent.child)),
         };
@@ -223,28 +225,37 @@ impl SandboxHandler for LinuxHandler {
             }
             kill_and_wait(pid, Duration::from_secs(5));
         }
-        if !destroyed && state_dir.join(STATE_NAME).exists() {
-            // A fresh agent on the old state force-removes the containers
-            // the dead one left (their processes and cgroups).
-            let agent_path = find_agent(config)?;
-            let mut agent = spawn_agent(
-                &agent_path,
-                state_dir,
-                config.log_level.name(),
-                CLEANUP_START_TIMEOUT,
-            )?;
-            let _ = agent.client.destroy_sandbox();
-            let _ = agent.child.kill();
-            let _ = agent.child.wait();
+        if !destroyed {
+            remove_leftovers(&find_agent(config)?, state_dir, config.log_level.name())?;
         }
         state_dir::remove(state_dir)
     }
+}
+
+/// Removes the containers a dead agent left on `state_dir` (they are not
+/// its threads, so they outlive it): a fresh agent on the old state
+/// force-removes them, processes and cgroups, and is killed.
+fn remove_leftovers(
+    agent_path: &Path,
+    state_dir: &Path,
+    log_level: &str,
+) -> Result<(), SandboxError> {
+    if !state_dir.join(STATE_NAME).exists() {
+        return Ok(());
+    }
+    let mut agent = spawn_agent(agent_path, state_dir, log_level, CLEANUP_START_TIMEOUT)?;
+    let _ = agent.client.destroy_sandbox();
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+    Ok(())
 }
 
 /// A running agent process and its client.
 #[derive(Debug)]
 pub struct LinuxSandbox {
     state_dir: PathBuf,
+    agent_path: PathBuf,
+    log_level: &'static str,
     client: AgentClient,
     child: Mutex<Option<Child>>,
 }
@@ -263,6 +274,20 @@ impl Sandbox for LinuxSandbox {
     fn share_path(&self, host: &Path) -> Result<String, SandboxError> {
         // Same host, same mount namespace: the agent sees the path as is.
         Ok(host.display().to_string())
+    }
+
+    fn ended(&self) -> Option<String> {
+        let status = {
+            let mut child = lock(&self.child);
+            let status = child.as_mut()?.try_wait().ok()??;
+            // Reaped: the sandbox is over, and `stop` has no agent to stop.
+            *child = None;
+            status
+        };
+        if let Err(err) = remove_leftovers(&self.agent_path, &self.state_dir, self.log_level) {
+            log::warn!("cannot remove the containers the dead agent left: {err}");
+        }
+        Some(format!("the agent exited ({status})"))
     }
 
     fn stop(&self, _timeout: Duration) -> Result<(), SandboxError> {

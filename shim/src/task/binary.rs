@@ -405,12 +405,7 @@ fn serve(args: &Args) -> CommandResult<()> {
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").unwrap_or_default();
     let publisher = Publisher::start(&ttrpc_address, &args.namespace);
     let (shutdown_tx, shutdown_rx) = mpsc::channel();
-    let service = Arc::new(TaskService::new(
-        info,
-        config.clone(),
-        publisher,
-        shutdown_tx,
-    ));
+    let service = TaskService::new(info, config.clone(), publisher, shutdown_tx);
 
     // Per connection ttrpc runs a reader, a writer, a connection thread and
     // `default` idle handlers, and starts more whenever fewer than `min` are
@@ -645,7 +640,7 @@ mod tests {
     #[test]
     fn both_task_service_versions_are_registered() {
         let (tx, _rx) = mpsc::channel();
-        let service = Arc::new(TaskService::new(
+        let service = TaskService::new(
             ShimInfo {
                 namespace: "ns".into(),
                 sandbox_id: "s".into(),
@@ -654,7 +649,7 @@ mod tests {
             Config::default(),
             Publisher::discard(),
             tx,
-        ));
+        );
         let methods = task_methods(service);
         for version in ["v2", "v3"] {
             for method in ["Create", "Start", "Wait", "Delete", "Shutdown", "Stats"] {

@@ -147,6 +147,13 @@ impl Publisher {
         Self { tx: None }
     }
 
+    /// A publisher whose events the returned receiver gets, in order.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn capture() -> (Self, mpsc::Receiver<(Timestamp, Event)>) {
+        let (tx, rx) = mpsc::channel();
+        (Self { tx: Some(tx) }, rx)
+    }
+
     /// Queues `event`, stamped now.
     pub fn publish(&self, event: Event) {
         log::debug!("event {:?}", event.topic_and_any().0);

@@ -10,8 +10,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{mpsc, Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use containerd_shim_protos::api;
 use containerd_shim_protos::cgroups::metrics;
@@ -38,6 +38,18 @@ use crate::task::stdio::{open_output, CopierSet, StdinBridge};
 pub const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long TaskExit waits for the output copiers after the process exited.
 pub const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the sandbox watcher asks whether the sandbox has ended.
+pub const SANDBOX_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the sandbox watcher sends the agent a Health request.
+pub const AGENT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// The bound on one such Health answer.
+pub const AGENT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Health requests in a row without an answer after which the agent
+/// counts as gone (with the interval and bound: about 25 s).
+pub const AGENT_PROBE_MISSES: u32 = 2;
+/// The exit status of a process whose sandbox ended under it: killed, as
+/// containerd reports a task whose shim died.
+pub const SANDBOX_ENDED_STATUS: u32 = 128 + libc::SIGKILL as u32;
 /// How long Shutdown gives the sandbox to stop.
 pub const SANDBOX_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `type_url` containerd decodes Stats with.
@@ -128,8 +140,32 @@ impl Proc {
         lock(&self.state).status
     }
 
-    fn set_exited(&self, status: u32, exited_at: Timestamp) {
+    /// Publishes TaskExit and records the exit, once: the first caller
+    /// (its waiter, or the end of the sandbox) wins; returns whether this
+    /// one did. The event goes out before `Wait` returns, as containerd
+    /// expects.
+    fn finish(&self, publisher: &Publisher, status: u32, exited_at: Timestamp) -> bool {
         let mut st = lock(&self.state);
+        if st.status == ProcStatus::Stopped {
+            return false;
+        }
+        publisher.publish(Event::Exit(ev::TaskExit {
+            container_id: self.container_id.clone(),
+            id: if self.exec_id.is_empty() {
+                self.container_id.clone()
+            } else {
+                self.exec_id.clone()
+            },
+            pid: st.pid,
+            exit_status: status,
+            exited_at: MessageField::some(exited_at.clone()),
+            ..Default::default()
+        }));
+        self.record_exit(&mut st, status, exited_at);
+        true
+    }
+
+    fn record_exit(&self, st: &mut ProcState, status: u32, exited_at: Timestamp) {
         st.status = ProcStatus::Stopped;
         st.exit_status = status;
         st.exited_at = Some(exited_at);
@@ -247,6 +283,10 @@ pub struct TaskService {
     sandbox_start: Mutex<()>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     shutdown_tx: Mutex<Option<mpsc::Sender<()>>>,
+    /// How the sandbox ended on its own, once it has.
+    ended: Mutex<Option<String>>,
+    /// This service, for the threads it starts.
+    me: Weak<TaskService>,
 }
 
 impl TaskService {
@@ -257,8 +297,8 @@ impl TaskService {
         config: Config,
         publisher: Publisher,
         shutdown_tx: mpsc::Sender<()>,
-    ) -> Self {
-        Self {
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             info,
             setup: Mutex::new(Setup::new(config)),
             publisher,
@@ -266,7 +306,9 @@ impl TaskService {
             sandbox_start: Mutex::new(()),
             containers: Mutex::new(HashMap::new()),
             shutdown_tx: Mutex::new(Some(shutdown_tx)),
-        }
+            ended: Mutex::new(None),
+            me: me.clone(),
+        })
     }
 
     fn container(&self, id: &str) -> TaskResult<Arc<Container>> {
@@ -280,7 +322,18 @@ impl TaskService {
         self.container(id)?.process(exec_id)
     }
 
+    /// The error for a request that needs a sandbox that has ended.
+    fn sandbox_gone(&self) -> TaskResult<()> {
+        match lock(&self.ended).as_ref() {
+            Some(how) => Err(TaskError::FailedPrecondition(format!(
+                "the sandbox has ended: {how}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn agent(&self) -> TaskResult<AgentClient> {
+        self.sandbox_gone()?;
         lock(&self.sandbox)
             .as_ref()
             .map(|s| s.agent().clone())
@@ -295,6 +348,7 @@ impl TaskService {
         hostname: &str,
         rootfs: &Path,
     ) -> TaskResult<Arc<dyn Sandbox>> {
+        self.sandbox_gone()?;
         if let Some(s) = lock(&self.sandbox).as_ref() {
             return Ok(Arc::clone(s));
         }
@@ -312,7 +366,79 @@ impl TaskService {
         })?);
         self.spawn_oom_watcher(sandbox.agent().clone());
         *lock(&self.sandbox) = Some(Arc::clone(&sandbox));
+        self.spawn_sandbox_watcher(Arc::clone(&sandbox));
         Ok(sandbox)
+    }
+
+    /// Watches `sandbox` until it is stopped or ends on its own: each
+    /// [`SANDBOX_WATCH_INTERVAL`] it asks [`Sandbox::ended`], and each
+    /// [`AGENT_PROBE_INTERVAL`] it sends the agent a Health request; an
+    /// end, or [`AGENT_PROBE_MISSES`] unanswered requests in a row, ends
+    /// every task ([`TaskService::sandbox_ended`]).
+    fn spawn_sandbox_watcher(&self, sandbox: Arc<dyn Sandbox>) {
+        let service = self.me.clone();
+        let spawned = std::thread::Builder::new()
+            .name("sandbox-watch".into())
+            .stack_size(crate::task::THREAD_STACK_SIZE)
+            .spawn(move || {
+                let mut last_probe = Instant::now();
+                let mut misses = 0;
+                loop {
+                    std::thread::sleep(SANDBOX_WATCH_INTERVAL);
+                    let Some(service) = service.upgrade() else {
+                        return;
+                    };
+                    let current = lock(&service.sandbox)
+                        .as_ref()
+                        .is_some_and(|s| Arc::ptr_eq(s, &sandbox));
+                    if !current {
+                        return; // stopped by Shutdown
+                    }
+                    let mut end = sandbox.ended();
+                    if end.is_none() && last_probe.elapsed() >= AGENT_PROBE_INTERVAL {
+                        last_probe = Instant::now();
+                        match sandbox.agent().health(AGENT_PROBE_TIMEOUT) {
+                            Ok(()) => misses = 0,
+                            Err(err) => {
+                                misses += 1;
+                                log::warn!("the agent did not answer Health ({misses}): {err}");
+                                if misses >= AGENT_PROBE_MISSES {
+                                    end = Some(format!(
+                                        "the agent did not answer {misses} Health requests in a row: {err}"
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    if let Some(how) = end {
+                        service.sandbox_ended(&how);
+                        return;
+                    }
+                }
+            });
+        if let Err(err) = spawned {
+            log::error!("cannot start the sandbox watcher: {err}");
+        }
+    }
+
+    /// The sandbox ended on its own (`how`): every task of it that has not
+    /// exited is stopped with [`SANDBOX_ENDED_STATUS`] and its TaskExit
+    /// published, so `Wait` returns and containerd can delete it; later
+    /// requests that need the sandbox fail with what happened.
+    fn sandbox_ended(&self, how: &str) {
+        log::error!(
+            "sandbox {} ended: {how}; stopping its tasks",
+            self.info.sandbox_id
+        );
+        *lock(&self.ended) = Some(how.to_owned());
+        let containers: Vec<Arc<Container>> = lock(&self.containers).values().cloned().collect();
+        let now = timestamp(SystemTime::now());
+        for container in containers {
+            let execs: Vec<Arc<Proc>> = lock(&container.execs).values().cloned().collect();
+            for proc in execs.iter().chain([&container.init]) {
+                proc.finish(&self.publisher, SANDBOX_ENDED_STATUS, now.clone());
+            }
+        }
     }
 
     fn spawn_oom_watcher(&self, agent: AgentClient) {
@@ -390,20 +516,7 @@ impl TaskService {
                         proc.exec_id
                     );
                 }
-                let pid = lock(&proc.state).pid;
-                publisher.publish(Event::Exit(ev::TaskExit {
-                    container_id: proc.container_id.clone(),
-                    id: if proc.exec_id.is_empty() {
-                        proc.container_id.clone()
-                    } else {
-                        proc.exec_id.clone()
-                    },
-                    pid,
-                    exit_status: status,
-                    exited_at: MessageField::some(exited_at.clone()),
-                    ..Default::default()
-                }));
-                proc.set_exited(status, exited_at);
+                proc.finish(&publisher, status, exited_at);
             });
         if let Err(err) = spawned {
             log::error!("cannot start a waiter thread: {err}");
@@ -610,10 +723,13 @@ impl TaskService {
                 req.id
             )));
         }
-        let agent = self.agent()?;
-        if let Err(err) = agent.remove_container(&req.id) {
-            if err.code() != ttrpc::Code::NOT_FOUND {
-                return Err(err.into());
+        // A sandbox that ended took the container with it.
+        if lock(&self.ended).is_none() {
+            let agent = self.agent()?;
+            if let Err(err) = agent.remove_container(&req.id) {
+                if err.code() != ttrpc::Code::NOT_FOUND {
+                    return Err(err.into());
+                }
             }
         }
         if status == ProcStatus::Created {
@@ -816,6 +932,13 @@ impl TaskService {
 fn wait_in_agent(agent: &AgentClient, proc: &Proc) -> (u32, Timestamp) {
     let mut failures = 0;
     loop {
+        {
+            // Ended meanwhile with its sandbox: nothing to wait for.
+            let st = lock(&proc.state);
+            if st.status == ProcStatus::Stopped {
+                return (st.exit_status, st.exited_at.clone().unwrap_or_default());
+            }
+        }
         match agent.wait_process(&proc.container_id, &proc.exec_id) {
             Ok(exit) => return (exit.status, timestamp_ms(exit.exited_at_ms)),
             Err(err) if err.is_timeout() => {}
@@ -1089,10 +1212,87 @@ mod tests {
         let t = std::thread::spawn(move || p.wait());
         std::thread::sleep(Duration::from_millis(20));
         assert!(!t.is_finished());
-        proc.set_exited(3, timestamp_ms(1000));
+        let publisher = Publisher::discard();
+        assert!(proc.finish(&publisher, 3, timestamp_ms(1000)));
+        // Recorded once: a second finisher (the sandbox's end) changes nothing.
+        assert!(!proc.finish(&publisher, 137, timestamp_ms(2000)));
         let (status, at) = t.join().unwrap();
         assert_eq!(status, 3);
         assert_eq!(at.seconds, 1);
         assert_eq!(proc.status(), ProcStatus::Stopped);
+    }
+
+    #[test]
+    fn a_sandbox_that_ends_stops_every_task_once() {
+        let (publisher, events) = Publisher::capture();
+        let (tx, _rx) = mpsc::channel();
+        let service = TaskService::new(
+            ShimInfo {
+                namespace: "ns".into(),
+                sandbox_id: "pod".into(),
+                state_dir: "/nonexistent".into(),
+            },
+            Config::default(),
+            publisher,
+            tx,
+        );
+        let proc = |exec_id: &str, pid: u32| {
+            let p = Arc::new(Proc::new("c1", exec_id, StdioPaths::default(), Vec::new()));
+            lock(&p.state).pid = pid;
+            p
+        };
+        let init = proc("", 42);
+        let running = proc("e1", 43);
+        let done = proc("e2", 44);
+        assert!(done.finish(&Publisher::discard(), 0, timestamp_ms(1000)));
+        let execs = HashMap::from([
+            ("e1".to_owned(), Arc::clone(&running)),
+            ("e2".to_owned(), done),
+        ]);
+        lock(&service.containers).insert(
+            "c1".into(),
+            Arc::new(Container {
+                id: "c1".into(),
+                bundle: "/nonexistent/c1".into(),
+                rootfs: "/nonexistent/c1/rootfs".into(),
+                rootfs_mounted: false,
+                volumes: Vec::new(),
+                init: Arc::clone(&init),
+                execs: Mutex::new(execs),
+            }),
+        );
+        let waiting = Arc::clone(&init);
+        let wait = std::thread::spawn(move || waiting.wait());
+
+        service.sandbox_ended("the VM ended (Reset)");
+        assert_eq!(wait.join().unwrap().0, SANDBOX_ENDED_STATUS);
+        assert_eq!(running.status(), ProcStatus::Stopped);
+        let mut exits: Vec<(String, u32, u32)> = events
+            .try_iter()
+            .filter_map(|(_, event)| match event {
+                Event::Exit(e) => Some((e.id, e.pid, e.exit_status)),
+                _ => None,
+            })
+            .collect();
+        exits.sort();
+        // The exec that had already exited is not reported again.
+        assert_eq!(
+            exits,
+            [("c1".to_owned(), 42, 137), ("e1".to_owned(), 43, 137)]
+        );
+        // What needs the sandbox says what happened; Delete needs none.
+        let err = service.agent().unwrap_err().to_string();
+        assert!(
+            err.contains("the sandbox has ended: the VM ended (Reset)"),
+            "{err}"
+        );
+        let resp = service
+            .delete_impl(api::DeleteRequest {
+                id: "c1".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!((resp.pid, resp.exit_status), (42, 137));
+        assert!(lock(&service.containers).is_empty());
     }
 }

@@ -272,6 +272,18 @@ impl RunningVm {
         self.shared.stop.load(Ordering::SeqCst)
     }
 
+    /// Why the VM ended, once it has (without waiting or joining).
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        if !self.has_exited() {
+            return None;
+        }
+        Some(
+            lock(&self.shared.exit)
+                .clone()
+                .unwrap_or(ExitReason::Stopped),
+        )
+    }
+
     /// Waits until the VM ends, joins all its threads and reports.
     pub fn wait(mut self) -> VmReport {
         // Block on the exit eventfd until some thread requests an exit.

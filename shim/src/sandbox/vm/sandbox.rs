@@ -71,8 +71,11 @@ impl VmSandbox {
         let Some(vm) = vm else {
             return Ok(None);
         };
-        if let Err(err) = self.client.destroy_sandbox() {
-            log::warn!("agent DestroySandbox failed: {err}");
+        // An ended VM has no agent left to ask.
+        if !vm.has_exited() {
+            if let Err(err) = self.client.destroy_sandbox() {
+                log::warn!("agent DestroySandbox failed: {err}");
+            }
         }
         let deadline = Instant::now() + timeout;
         while !vm.has_exited() && Instant::now() < deadline {
@@ -197,6 +200,12 @@ impl Sandbox for VmSandbox {
             }
         }
         result.map(|()| shared)
+    }
+
+    fn ended(&self) -> Option<String> {
+        // A VM takes everything in it along: nothing is left to stop.
+        let exit = lock(&self.vm).as_ref()?.exit_reason()?;
+        Some(format!("the VM ended ({exit:?})"))
     }
 
     fn stop(&self, timeout: Duration) -> Result<(), SandboxError> {
