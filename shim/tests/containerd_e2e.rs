@@ -1065,6 +1065,66 @@ fn vm_detached_exec_kill_delete() {
     fp.assert_gone();
 }
 
+/// The guest reboots under an attached `ctr run --rm` (a privileged
+/// container in the guest's root PID namespace calls reboot(2)): the VM
+/// ends, the shim sees its sandbox end and stops the task, so `ctr run`
+/// returns 137 within 30 s of the VM's end, and nothing is left.
+#[test]
+fn vm_guest_reboot_stops_the_task() {
+    let Some(image) = prerequisites() else { return };
+    let ctrd = Containerd::start();
+    let Some(config) = vm_config(&ctrd) else {
+        return;
+    };
+    ctrd.import(&image);
+    let id = unique("vm-reboot");
+    let t = Instant::now();
+    let mut run = ctrd
+        .ctr_command(&[
+            "run",
+            "--rm",
+            "--runtime",
+            SKIFF,
+            "--runtime-config-path",
+            config.to_str().unwrap(),
+            "--privileged",
+            "--with-ns",
+            "pid:/proc/1/ns/pid",
+            IMAGE,
+            &id,
+            "reboot",
+            "-f",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The shim writes its state while the VM boots, long before the reboot.
+    let bundle = ctrd.bundle(&id);
+    wait_until("the shim to start", Duration::from_secs(60), || {
+        bundle.join("skiff-state").exists() && bundle.join("shim.pid").exists()
+    });
+    let fp = Footprint::read(&bundle);
+    // Boot (bounded by the config's 300 s) plus the 30 s the end may take.
+    wait_until("ctr run to return", Duration::from_secs(330), || {
+        run.try_wait().unwrap().is_some()
+    });
+    eprintln!(
+        "ctr run with a rebooting guest took {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(137),
+        "stdout: {}\nstderr: {}\n--- containerd log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        tail(&ctrd.log(), 8000)
+    );
+    fp.assert_gone();
+}
+
 /// The `vm` handler's shim is killed with its container running: the VM
 /// (threads and memory of that process) dies with it, and containerd's
 /// `delete` removes what it left: the disk images, vsock socket and serial

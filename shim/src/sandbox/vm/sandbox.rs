@@ -166,7 +166,8 @@ impl Sandbox for VmSandbox {
         let Some(slot) = disks.drop_user(host) else {
             return Ok(());
         };
-        if let Some(vm) = lock(&self.vm).as_ref() {
+        // An ended VM has no guest to tell.
+        if let Some(vm) = lock(&self.vm).as_ref().filter(|vm| !vm.has_exited()) {
             vm.set_disk(slot, None).map_err(VmSandboxError::Disk)?;
         }
         disks.release(slot);
