@@ -12,6 +12,7 @@
 //! state dir, which force-removes what the old one left — and kills it.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -83,6 +84,18 @@ struct AgentProcess {
     client: AgentClient,
 }
 
+/// Opens (or creates) the agent's log for appending, mode 0600 whatever
+/// the umask.
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(state_dir::STATE_FILE_MODE)
+        .open(path)?;
+    state_dir::make_private(&log)?;
+    Ok(log)
+}
+
 /// Spawns the agent on `state_dir` and waits until it answers.
 fn spawn_agent(
     agent_path: &Path,
@@ -92,10 +105,7 @@ fn spawn_agent(
 ) -> Result<AgentProcess, SandboxError> {
     let socket = state_dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&socket);
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state_dir.join(LOG_NAME))
+    let log = open_log(&state_dir.join(LOG_NAME))
         .map_err(|e| SandboxError::io("cannot create the agent log", e))?;
     let mut cmd = Command::new(agent_path);
     cmd.arg("--listen")
@@ -321,6 +331,23 @@ mod tests {
         let err = find_agent(&config).unwrap_err().to_string();
         assert!(err.contains("skiff-agent binary was not found"), "{err}");
         assert!(err.contains("/nonexistent/skiff-agent"), "{err}");
+    }
+
+    #[test]
+    fn the_agent_log_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let fresh = dir.path().join("fresh.log");
+        drop(open_log(&fresh).unwrap());
+        assert_eq!(mode(&fresh), 0o600);
+        // One left world-readable by an older shim is narrowed, and kept.
+        let old = dir.path().join("old.log");
+        std::fs::write(&old, "before\n").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(open_log(&old).unwrap());
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "before\n");
     }
 
     #[test]

@@ -343,7 +343,7 @@ fn start(args: &Args) -> CommandResult<()> {
         io("cannot spawn the shim daemon")(e)
     })?;
     drop(listener_fd);
-    let _ = std::fs::create_dir_all(&state_dir);
+    let _ = crate::sandbox::state_dir::create(&state_dir);
     let _ = std::fs::write(state_dir.join("shim.pid"), child.id().to_string());
     let _ = std::fs::write(
         state_dir.join(CONFIG_FILE),

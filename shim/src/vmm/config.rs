@@ -69,7 +69,9 @@ pub enum SerialOutput {
     /// This process's stdout.
     #[default]
     Stdout,
-    /// A file (created or truncated).
+    /// A file (created or truncated, mode 0600), rotated to `<path>.1` when
+    /// it would pass [`SERIAL_LOG_CAP_BYTES`](super::SERIAL_LOG_CAP_BYTES)
+    /// bytes.
     File(PathBuf),
     /// A shared buffer (tests read the console from it).
     Buffer(Arc<Mutex<Vec<u8>>>),

@@ -5,7 +5,6 @@
 //! once and then only read, so lookups take no lock; each device has its own
 //! mutex, held only for the duration of one access.
 
-use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -27,6 +26,7 @@ use super::file_disk::{FileDisk, FileDiskError};
 use super::irq::IrqFd;
 use super::platform::layout;
 use super::platform::GuestRam;
+use super::serial_log::{SerialLog, SERIAL_LOG_CAP_BYTES};
 use super::shared::{ExitReason, Shared};
 use super::slot::{DiskSlotError, VirtioSlot};
 use super::vsock::{VsockSetupError, VsockSlot};
@@ -112,7 +112,13 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqFd, DeviceSetupError> {
     Ok(IrqFd(evt))
 }
 
-/// The serial console's host end: line-buffered output.
+/// Most bytes the serial console buffers before it writes them out: a
+/// guest that never prints a newline gets its output written in pieces of
+/// this size, not held without bound.
+pub const SERIAL_LINE_MAX_BYTES: usize = 256;
+
+/// The serial console's host end: line-buffered output (a line longer than
+/// [`SERIAL_LINE_MAX_BYTES`] goes out in pieces).
 pub struct SerialWriter {
     out: Box<dyn Write + Send>,
     line: Vec<u8>,
@@ -122,20 +128,20 @@ impl SerialWriter {
     fn new(output: &SerialOutput) -> Result<Self, DeviceSetupError> {
         let out: Box<dyn Write + Send> = match output {
             SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::File(path) => {
-                Box::new(
-                    File::create(path).map_err(|source| DeviceSetupError::SerialFile {
+            SerialOutput::File(path) => Box::new(
+                SerialLog::create(path, SERIAL_LOG_CAP_BYTES).map_err(|source| {
+                    DeviceSetupError::SerialFile {
                         path: path.clone(),
                         source,
-                    })?,
-                )
-            }
+                    }
+                })?,
+            ),
             SerialOutput::Buffer(buf) => Box::new(SharedBuffer(buf.clone())),
             SerialOutput::Discard => Box::new(std::io::sink()),
         };
         Ok(SerialWriter {
             out,
-            line: Vec::with_capacity(256),
+            line: Vec::with_capacity(SERIAL_LINE_MAX_BYTES),
         })
     }
 
@@ -150,7 +156,7 @@ impl SerialWriter {
 impl SerialSink for SerialWriter {
     fn write_byte(&mut self, byte: u8) {
         self.line.push(byte);
-        if byte == b'\n' || self.line.len() >= 256 {
+        if byte == b'\n' || self.line.len() >= SERIAL_LINE_MAX_BYTES {
             self.flush_line();
         }
     }
@@ -426,4 +432,68 @@ pub fn spawn_device_thread(
                 }
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use super::*;
+    use crate::vmm::serial_log::rotated_path;
+
+    fn send(writer: &mut SerialWriter, bytes: &[u8]) {
+        for &b in bytes {
+            writer.write_byte(b);
+        }
+    }
+
+    #[test]
+    fn a_line_without_newline_is_flushed_at_the_bound() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let mut writer = SerialWriter::new(&SerialOutput::Buffer(buf.clone())).unwrap();
+        send(&mut writer, b"short\n");
+        assert_eq!(lock(&buf).as_slice(), b"short\n");
+        send(&mut writer, &[b'z'; 3 * SERIAL_LINE_MAX_BYTES + 10]);
+        assert_eq!(lock(&buf).len(), 6 + 3 * SERIAL_LINE_MAX_BYTES);
+        assert_eq!(writer.line.len(), 10);
+        assert!(writer.line.capacity() <= 2 * SERIAL_LINE_MAX_BYTES);
+        send(&mut writer, b"\n");
+        assert_eq!(lock(&buf).len(), 6 + 3 * SERIAL_LINE_MAX_BYTES + 11);
+        assert!(writer.line.is_empty());
+        send(&mut writer, b"tail");
+        drop(writer);
+        assert!(lock(&buf).ends_with(b"z\ntail"));
+    }
+
+    #[test]
+    fn the_serial_file_is_capped_rotated_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        let old = rotated_path(&path);
+        let mut writer = SerialWriter::new(&SerialOutput::File(path.clone())).unwrap();
+        let cap = SERIAL_LOG_CAP_BYTES;
+        // 100-byte lines, a cap and a half of them.
+        let mut line = vec![b'g'; 99];
+        line.push(b'\n');
+        let lines = (cap + cap / 2) / 100;
+        for _ in 0..lines {
+            send(&mut writer, &line);
+        }
+        let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+        assert!(size(&old) <= cap, "{}", size(&old));
+        assert!(size(&old) > cap - 100, "{}", size(&old));
+        assert!(size(&path) <= cap);
+        assert_eq!(size(&old) + size(&path), lines * 100);
+        // Whole lines in each file.
+        assert_eq!(size(&old) % 100, 0);
+        // A guest that never prints a newline is capped as well.
+        for _ in 0..2 * cap / SERIAL_LINE_MAX_BYTES as u64 + 5 {
+            send(&mut writer, &[b'n'; SERIAL_LINE_MAX_BYTES]);
+        }
+        drop(writer);
+        assert!(size(&old) <= cap && size(&path) <= cap);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&path), mode(&old)), (0o600, 0o600));
+    }
 }

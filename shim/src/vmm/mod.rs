@@ -14,6 +14,7 @@ mod devices;
 mod file_disk;
 mod irq;
 mod platform;
+mod serial_log;
 mod shared;
 mod slot;
 mod vcpu;
@@ -37,6 +38,7 @@ pub use blk::disk_id;
 pub use config::{BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig};
 pub use platform::boot::{BootInfo, BootProtocol, KernelSpec};
 pub use platform::cpuid::CpuTemplate;
+pub use serial_log::SERIAL_LOG_CAP_BYTES;
 pub use shared::ExitReason;
 pub use vsock::connect as vsock_connect;
 

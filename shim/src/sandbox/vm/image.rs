@@ -1,10 +1,13 @@
 //! A container's rootfs (or a volume's) directory as an ext4 image, the
 //! contents of a guest disk.
 
+use std::fs::Permissions;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::error::VmSandboxError;
+use crate::sandbox::state_dir::STATE_FILE_MODE;
 
 /// Smallest image.
 const MIN_IMAGE_BYTES: u64 = 16 << 20;
@@ -80,6 +83,9 @@ pub(super) fn build_image(rootfs: &Path, image: &Path) -> Result<u64, VmSandboxE
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
+    // mke2fs creates the file with the umask's mode: make it private.
+    std::fs::set_permissions(image, Permissions::from_mode(STATE_FILE_MODE))
+        .map_err(|e| fail(format!("cannot make the image private: {e}")))?;
     // mke2fs may drop a last, too small block group: report what it made.
     std::fs::metadata(image)
         .map(|m| m.len())
@@ -109,7 +115,9 @@ mod tests {
         std::fs::write(root.join("etc/hello"), b"hi").unwrap();
         let image = dir.path().join("img");
         let size = build_image(&root, &image).unwrap();
-        assert_eq!(std::fs::metadata(&image).unwrap().len(), size);
+        let meta = std::fs::metadata(&image).unwrap();
+        assert_eq!(meta.len(), size);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         assert!(
             (IMAGE_MARGIN_BYTES - (64 << 20)..=image_size(1 << 20)).contains(&size),
             "{size}"

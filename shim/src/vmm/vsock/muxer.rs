@@ -16,8 +16,10 @@
 //! the guest was given.
 
 use std::collections::{HashMap, VecDeque};
+use std::fs::Permissions;
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -35,6 +37,9 @@ pub const MAX_HANDSHAKES: usize = 64;
 const MAX_LINE: usize = 32;
 /// First host port given to host-initiated connections.
 const FIRST_HOST_PORT: u32 = 1 << 30;
+/// The mode of the VM's socket: only its owner may connect (a process
+/// that can connect can talk to the guest's agent).
+const SOCKET_MODE: u32 = 0o600;
 /// Epoll token of the listener.
 const LISTENER: u64 = 0;
 /// Readiness events taken per [`Muxer::poll`].
@@ -185,8 +190,9 @@ pub struct Muxer {
 }
 
 impl Muxer {
-    /// Listens on `uds_path` (which must not exist) for host connections;
-    /// guest connections to port `P` go to `<uds_path>_<P>`.
+    /// Listens on `uds_path` (which must not exist; mode 0600 whatever the
+    /// umask) for host connections; guest connections to port `P` go to
+    /// `<uds_path>_<P>`.
     pub fn new(uds_path: &Path) -> Result<Self, MuxerError> {
         Self::with_buf_alloc(uds_path, CONN_BUF_SIZE)
     }
@@ -198,6 +204,10 @@ impl Muxer {
             source,
         };
         let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
+        if let Err(e) = std::fs::set_permissions(uds_path, Permissions::from_mode(SOCKET_MODE)) {
+            let _ = std::fs::remove_file(uds_path);
+            return Err(listen_err(e));
+        }
         listener.set_nonblocking(true).map_err(listen_err)?;
         let epoll = Epoll::new().map_err(MuxerError::Epoll)?;
         epoll

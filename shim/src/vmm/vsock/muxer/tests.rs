@@ -276,6 +276,21 @@ fn socket_file_is_removed_on_drop() {
     let m = Muxer::new(&path).unwrap();
     assert!(path.exists());
     assert!(Muxer::new(&path).is_err(), "the path is taken");
+    assert!(
+        path.exists(),
+        "a failed second bind leaves the first socket"
+    );
     drop(m);
     assert!(!path.exists());
+}
+
+#[test]
+fn socket_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    let path = dir.0.join("vm.sock");
+    let _m = Muxer::new(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    // bind(2) gives 0777 less the umask; the muxer narrows it.
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 }
