@@ -235,11 +235,16 @@ impl SandboxHandler for LinuxHandler {
             }
             kill_and_wait(pid, Duration::from_secs(5));
         }
-        if !destroyed {
+        if !destroyed && has_leftovers(state_dir) {
             remove_leftovers(&find_agent(config)?, state_dir, config.log_level.name())?;
         }
         state_dir::remove(state_dir)
     }
+}
+
+/// Whether a dead agent left container state on `state_dir`.
+fn has_leftovers(state_dir: &Path) -> bool {
+    state_dir.join(STATE_NAME).exists()
 }
 
 /// Removes the containers a dead agent left on `state_dir` (they are not
@@ -250,7 +255,7 @@ fn remove_leftovers(
     state_dir: &Path,
     log_level: &str,
 ) -> Result<(), SandboxError> {
-    if !state_dir.join(STATE_NAME).exists() {
+    if !has_leftovers(state_dir) {
         return Ok(());
     }
     let mut agent = spawn_agent(agent_path, state_dir, log_level, CLEANUP_START_TIMEOUT)?;
