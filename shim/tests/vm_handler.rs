@@ -67,7 +67,10 @@ fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32,
         let mut rw = spec.clone();
         rw["mounts"] = serde_json::json!([mount(&["rbind", "rw"])]);
         let rw: Spec = serde_json::from_value(rw).unwrap();
-        let err = VmHandler.volumes(&rw).unwrap_err().to_string();
+        let err = VmHandler
+            .volumes(rw.mounts().as_deref().unwrap_or_default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("read-write bind mounts need"), "{err}");
         let mounts = spec["mounts"].as_array_mut().expect("spec_json has mounts");
         mounts.push(mount(&["rbind", "ro", "nosuid"]));
@@ -79,9 +82,10 @@ fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32,
     script.push_str("exit 5");
     spec["process"]["args"][2] = script.into();
     let mut spec: Spec = serde_json::from_value(spec).unwrap();
-    let volumes = VmHandler.volumes(&spec).expect("volumes the VM serves");
+    let mounts = spec.mounts_mut().get_or_insert_with(Vec::new);
+    let volumes = VmHandler.volumes(mounts).expect("volumes the VM serves");
     let volumes = sandbox
-        .share_volumes(&mut spec, &volumes)
+        .share_volumes(mounts, &volumes)
         .expect("volumes shared");
     if volume {
         let mount = spec.mounts().as_ref().unwrap().last().unwrap().clone();

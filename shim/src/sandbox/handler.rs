@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::Mount;
 
 use super::error::SandboxError;
 use super::mounts::BindMount;
@@ -35,11 +35,11 @@ pub trait SandboxHandler: Send + Sync + std::fmt::Debug {
     /// Starts a sandbox and waits (bounded) until its agent answers.
     fn start(&self, req: &SandboxRequest<'_>) -> Result<Box<dyn Sandbox>, SandboxError>;
 
-    /// The bind mounts of `spec` that this kind of sandbox must share for
-    /// the container, validated: a mount it cannot provide is refused
-    /// here, before anything starts. The default (a sandbox that sees the
-    /// host's paths) shares none.
-    fn volumes(&self, _spec: &Spec) -> Result<Vec<BindMount>, SandboxError> {
+    /// The bind mounts among a container spec's `mounts` that this kind of
+    /// sandbox must share for the container, validated: a mount it cannot
+    /// provide is refused here, before anything starts. The default (a
+    /// sandbox that sees the host's paths) shares none.
+    fn volumes(&self, _mounts: &[Mount]) -> Result<Vec<BindMount>, SandboxError> {
         Ok(Vec::new())
     }
 
@@ -63,15 +63,15 @@ pub trait Sandbox: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Makes `volumes` (what [`SandboxHandler::volumes`] gave for `spec`)
-    /// reachable in the sandbox, rewriting their entries of `spec` in
+    /// Makes `volumes` (what [`SandboxHandler::volumes`] gave for `mounts`)
+    /// reachable in the sandbox, rewriting their entries of `mounts` in
     /// place; returns the host paths shared for them, for
     /// [`Sandbox::unshare_path`] when the container goes. On error nothing
     /// stays shared. The default (a sandbox that sees the host's paths)
     /// changes nothing.
     fn share_volumes(
         &self,
-        _spec: &mut Spec,
+        _mounts: &mut [Mount],
         _volumes: &[BindMount],
     ) -> Result<Vec<PathBuf>, SandboxError> {
         Ok(Vec::new())

@@ -1,9 +1,9 @@
-//! The bind mounts of a container's OCI spec, parsed once into one type
-//! that handlers validate and share.
+//! The bind mounts of a container's OCI spec (its `mounts`, as `oci-spec`
+//! types), parsed once into one type that handlers validate and share.
 
 use std::path::PathBuf;
 
-use oci_spec::runtime::{Mount, Spec};
+use oci_spec::runtime::Mount;
 
 /// A bind mount of a container spec: a host path the container sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,11 +46,10 @@ impl BindMount {
         })
     }
 
-    /// Every bind mount of `spec`, in spec order.
-    pub fn all(spec: &Spec) -> Vec<Self> {
-        spec.mounts()
+    /// Every bind mount of a spec's `mounts`, in spec order.
+    pub fn all(mounts: &[Mount]) -> Vec<Self> {
+        mounts
             .iter()
-            .flatten()
             .enumerate()
             .filter_map(|(i, m)| Self::parse(i, m))
             .collect()
@@ -61,9 +60,8 @@ impl BindMount {
 mod tests {
     use super::*;
 
-    fn spec(mounts: serde_json::Value) -> Spec {
-        serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "mounts": mounts}))
-            .unwrap()
+    fn spec(mounts: serde_json::Value) -> Vec<Mount> {
+        serde_json::from_value(mounts).unwrap()
     }
 
     #[test]
@@ -94,6 +92,6 @@ mod tests {
         );
         assert_eq!(binds[0].destination, PathBuf::from("/v"));
         assert_eq!(binds[0].options, ["rbind", "ro"]);
-        assert!(BindMount::all(&Spec::default()).is_empty());
+        assert!(BindMount::all(&oci_spec::runtime::get_default_mounts()).is_empty());
     }
 }

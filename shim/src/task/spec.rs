@@ -1,9 +1,17 @@
-//! A bundle's OCI runtime spec (`config.json`), read once as `oci-spec`
-//! types, and what the shim takes from it.
+//! A bundle's OCI runtime spec (`config.json`), read once, and what the
+//! shim takes from it.
+//!
+//! The shim reads and rewrites only a few of the spec's fields; those are
+//! typed (`oci-spec`'s [`Mount`] and [`Root`]), and everything else is kept
+//! as it came and handed on to the agent, which reads the whole spec. Not
+//! decoding the rest into `oci-spec`'s types keeps their deserializers (a
+//! few MiB of code) out of the shim's binary, which never looks at them.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{Mount, Root};
+use serde::{Deserialize, Serialize};
 
 /// Annotations grouping containers into one shim (one sandbox).
 pub const GROUP_ANNOTATIONS: [&str; 2] = [
@@ -37,8 +45,41 @@ pub enum SpecError {
     Encode(#[source] serde_json::Error),
 }
 
+/// The fields of a container's OCI spec the shim reads or rewrites, and
+/// the rest as it came.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+pub struct BundleSpec {
+    /// `hostname`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// `root`: where the rootfs is, if containerd did not mount one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<Root>,
+    /// `mounts`: the sandbox validates and rewrites the binds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounts: Option<Vec<Mount>>,
+    /// `annotations`: the pod grouping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<HashMap<String, String>>,
+    /// Every other field, for the agent.
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, serde_json::Value>,
+}
+
+impl BundleSpec {
+    /// The spec's mounts (none if it has no `mounts`).
+    pub fn mounts(&self) -> &[Mount] {
+        self.mounts.as_deref().unwrap_or_default()
+    }
+
+    /// The spec's mounts, to rewrite in place.
+    pub fn mounts_mut(&mut self) -> &mut [Mount] {
+        self.mounts.as_deref_mut().unwrap_or_default()
+    }
+}
+
 /// Reads `<bundle>/config.json`.
-pub fn read_spec(bundle: &Path) -> Result<Spec, SpecError> {
+pub fn read_spec(bundle: &Path) -> Result<BundleSpec, SpecError> {
     let path = bundle.join("config.json");
     let bytes = std::fs::read(&path).map_err(|source| SpecError::Read {
         path: path.clone(),
@@ -48,13 +89,13 @@ pub fn read_spec(bundle: &Path) -> Result<Spec, SpecError> {
 }
 
 /// The spec as the agent takes it (JSON).
-pub fn encode_spec(spec: &Spec) -> Result<Vec<u8>, SpecError> {
+pub fn encode_spec(spec: &BundleSpec) -> Result<Vec<u8>, SpecError> {
     serde_json::to_vec(spec).map_err(SpecError::Encode)
 }
 
 /// The sandbox a container belongs to: its group annotation, else itself.
-pub fn sandbox_id(spec: &Spec, id: &str) -> String {
-    let annotations = spec.annotations().as_ref();
+pub fn sandbox_id(spec: &BundleSpec, id: &str) -> String {
+    let annotations = spec.annotations.as_ref();
     GROUP_ANNOTATIONS
         .iter()
         .find_map(|key| annotations.and_then(|a| a.get(*key)))
@@ -66,12 +107,12 @@ pub fn sandbox_id(spec: &Spec, id: &str) -> String {
 /// The container's root on the host: `<bundle>/rootfs` when containerd
 /// mounts a snapshot there (`snapshot`), else the spec's `root.path`
 /// (relative to the bundle, `rootfs` if unset).
-pub fn rootfs_path(bundle: &Path, spec: &Spec, snapshot: bool) -> PathBuf {
+pub fn rootfs_path(bundle: &Path, spec: &BundleSpec, snapshot: bool) -> PathBuf {
     if snapshot {
         return bundle.join("rootfs");
     }
     let root = spec
-        .root()
+        .root
         .as_ref()
         .map_or_else(|| PathBuf::from("rootfs"), |r| r.path().clone());
     if root.is_absolute() {
@@ -85,7 +126,7 @@ pub fn rootfs_path(bundle: &Path, spec: &Spec, snapshot: bool) -> PathBuf {
 mod tests {
     use super::*;
 
-    fn spec(json: serde_json::Value) -> Spec {
+    fn spec(json: serde_json::Value) -> BundleSpec {
         serde_json::from_value(json).unwrap()
     }
 
@@ -118,6 +159,30 @@ mod tests {
     }
 
     #[test]
+    fn what_the_shim_does_not_read_reaches_the_agent_as_it_came() {
+        let json = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs", "readonly": true},
+            "hostname": "h",
+            "mounts": [{"destination": "/v", "type": "bind", "source": "/src",
+                        "options": ["rbind", "ro"]}],
+            "linux": {"namespaces": [{"type": "pid"}], "future": {"x": 1}},
+            "annotations": {"a": "b"},
+        });
+        let mut spec = spec(json.clone());
+        assert_eq!(spec.mounts().len(), 1);
+        let back: serde_json::Value = serde_json::from_slice(&encode_spec(&spec).unwrap()).unwrap();
+        assert_eq!(back, json);
+        // A rewritten mount goes out rewritten, the rest unchanged.
+        spec.mounts_mut()[0].set_source(Some("/dev/vdb".into()));
+        let back: serde_json::Value = serde_json::from_slice(&encode_spec(&spec).unwrap()).unwrap();
+        assert_eq!(back["mounts"][0]["source"], "/dev/vdb");
+        assert_eq!(back["linux"], json["linux"]);
+        assert_eq!(back["process"], json["process"]);
+    }
+
+    #[test]
     fn bad_specs_are_typed_errors() {
         let dir = tempfile::tempdir().unwrap();
         let err = read_spec(dir.path()).unwrap_err();
@@ -134,8 +199,8 @@ mod tests {
         )
         .unwrap();
         let spec = read_spec(dir.path()).unwrap();
-        assert_eq!(spec.hostname().as_deref(), Some("h"));
-        let again: Spec = serde_json::from_slice(&encode_spec(&spec).unwrap()).unwrap();
+        assert_eq!(spec.hostname.as_deref(), Some("h"));
+        let again: BundleSpec = serde_json::from_slice(&encode_spec(&spec).unwrap()).unwrap();
         assert_eq!(again, spec);
     }
 }

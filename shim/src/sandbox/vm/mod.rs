@@ -34,7 +34,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::Mount;
 
 mod boot;
 mod connect;
@@ -132,8 +132,8 @@ impl SandboxHandler for VmHandler {
         Ok(Box::new(self.start_vm(req)?))
     }
 
-    fn volumes(&self, spec: &Spec) -> Result<Vec<BindMount>, SandboxError> {
-        Ok(volumes::vm_volumes(spec)?)
+    fn volumes(&self, mounts: &[Mount]) -> Result<Vec<BindMount>, SandboxError> {
+        Ok(volumes::vm_volumes(mounts)?)
     }
 
     fn cleanup(&self, state_dir: &Path, _config: &Config) -> Result<(), SandboxError> {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::Mount;
 
 use super::error::VmSandboxError;
 use super::image::{build_image, image_path};
@@ -111,18 +111,18 @@ impl VmSandbox {
         attached
     }
 
-    /// Shares each volume and mounts its disk in `spec`; pushes each
+    /// Shares each volume and mounts its disk in `mounts`; pushes each
     /// shared directory to `shared`.
     fn share_each(
         &self,
-        spec: &mut Spec,
+        mounts: &mut [Mount],
         volumes: &[BindMount],
         shared: &mut Vec<PathBuf>,
     ) -> Result<(), SandboxError> {
         for volume in volumes {
             let device = self.share_path(&volume.source)?;
             shared.push(volume.source.clone());
-            mount_disk(spec, volume, &device)?;
+            mount_disk(mounts, volume, &device)?;
             log::info!(
                 "volume {} at {}: read-only copy on {device}",
                 volume.source.display(),
@@ -188,11 +188,11 @@ impl Sandbox for VmSandbox {
 
     fn share_volumes(
         &self,
-        spec: &mut Spec,
+        mounts: &mut [Mount],
         volumes: &[BindMount],
     ) -> Result<Vec<PathBuf>, SandboxError> {
         let mut shared = Vec::new();
-        let result = self.share_each(spec, volumes, &mut shared);
+        let result = self.share_each(mounts, volumes, &mut shared);
         if result.is_err() {
             for host in shared.iter().rev() {
                 if let Err(err) = self.unshare_path(host) {

@@ -2,7 +2,7 @@
 //! directories, as read-only disks holding a copy) and the spec rewriting
 //! that mounts their disks instead.
 
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::Mount;
 
 use super::error::VmSandboxError;
 use crate::sandbox::mounts::BindMount;
@@ -10,11 +10,11 @@ use crate::sandbox::mounts::BindMount;
 /// Options of a bind mount that carry over to its disk's mount.
 const KEPT_MOUNT_OPTIONS: [&str; 5] = ["nosuid", "nodev", "noexec", "noatime", "relatime"];
 
-/// The bind mounts of `spec`, each checked to be one the VM can serve.
+/// The bind mounts among `mounts`, each checked to be one the VM can serve.
 /// Read-write or non-directory binds are errors: the VM gets a copy of the
 /// source, and writes to a copy would not reach the host.
-pub(super) fn vm_volumes(spec: &Spec) -> Result<Vec<BindMount>, VmSandboxError> {
-    BindMount::all(spec)
+pub(super) fn vm_volumes(mounts: &[Mount]) -> Result<Vec<BindMount>, VmSandboxError> {
+    BindMount::all(mounts)
         .into_iter()
         .map(|bind| {
             let refuse = |reason| VmSandboxError::Volume {
@@ -37,17 +37,15 @@ pub(super) fn vm_volumes(spec: &Spec) -> Result<Vec<BindMount>, VmSandboxError> 
         .collect()
 }
 
-/// Rewrites `volume`'s entry of `spec` into a read-only ext4 mount of the
+/// Rewrites `volume`'s entry of `mounts` into a read-only ext4 mount of the
 /// guest disk `device` that holds its copy.
 pub(super) fn mount_disk(
-    spec: &mut Spec,
+    mounts: &mut [Mount],
     volume: &BindMount,
     device: &str,
 ) -> Result<(), VmSandboxError> {
-    let mount = spec
-        .mounts_mut()
-        .as_mut()
-        .and_then(|mounts| mounts.get_mut(volume.index))
+    let mount = mounts
+        .get_mut(volume.index)
         .filter(|mount| *mount.destination() == volume.destination)
         .ok_or_else(|| VmSandboxError::Volume {
             host: volume.source.clone(),
@@ -73,11 +71,11 @@ pub(super) fn mount_disk(
 mod tests {
     use super::*;
 
-    fn spec_with(ty: &str, source: &str, opts: &[&str]) -> Spec {
-        serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "mounts": [
+    fn spec_with(ty: &str, source: &str, opts: &[&str]) -> Vec<Mount> {
+        serde_json::from_value(serde_json::json!([
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/v", "type": ty, "source": source, "options": opts},
-        ]}))
+        ]))
         .unwrap()
     }
 
@@ -131,7 +129,7 @@ mod tests {
         let mut spec = spec_with("bind", src, &["rbind", "ro", "nosuid", "rprivate"]);
         let volumes = vm_volumes(&spec).unwrap();
         mount_disk(&mut spec, &volumes[0], "/dev/vdb").unwrap();
-        let mount = &spec.mounts().as_ref().unwrap()[1];
+        let mount = &spec[1];
         assert_eq!(mount.typ().as_deref(), Some("ext4"));
         assert_eq!(mount.source().as_deref(), Some("/dev/vdb".as_ref()));
         assert_eq!(
@@ -139,7 +137,7 @@ mod tests {
             Some(&["ro".into(), "nosuid".into()][..])
         );
         // Another spec's volume does not fit this one.
-        let mut other = Spec::default();
+        let mut other = oci_spec::runtime::get_default_mounts();
         assert!(mount_disk(&mut other, &volumes[0], "/dev/vdb").is_err());
     }
 }
