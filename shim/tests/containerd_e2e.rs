@@ -593,6 +593,52 @@ fn large_output_is_intact() {
     );
 }
 
+/// The pid `ctr tasks ls` shows for the task `id`.
+fn task_pid(ctrd: &Containerd, id: &str) -> i32 {
+    let ls = ctrd.ctr_ok(&["tasks", "ls"]);
+    ls.lines()
+        .find(|l| l.starts_with(id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for {id} in {ls}"))
+}
+
+/// Starts an attached `ctr` command (e.g. `run --rm`, which returns once
+/// the task's Wait does), its output captured.
+fn spawn_ctr(ctrd: &Containerd, args: &[&str]) -> std::process::Child {
+    ctrd.ctr_command(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits at most `bound` for the attached `ctr` to return (saying how long
+/// it took since `since`, and after what), and checks its exit code.
+fn expect_ctr_exit(
+    ctrd: &Containerd,
+    mut ctr: std::process::Child,
+    bound: Duration,
+    since: (Instant, &str),
+    code: i32,
+) {
+    wait_until("ctr to return", bound, || ctr.try_wait().unwrap().is_some());
+    eprintln!(
+        "ctr returned {:.1} s after {}",
+        since.0.elapsed().as_secs_f64(),
+        since.1
+    );
+    let out = ctr.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}\n--- containerd log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        tail(&ctrd.log(), 8000)
+    );
+}
+
 /// SIGKILLs the shim of container `id`, waits until containerd sees the
 /// task stop (it notices the dead shim and runs `delete`), deletes the task
 /// (an explicit delete finds it gone or removes it) and the container, and
@@ -620,13 +666,7 @@ fn killed_shim_is_cleaned_up_by_delete() {
     let id = unique("killed");
     ctrd.ctr_ok(&["run", "-d", "--runtime", SKIFF, IMAGE, &id, "sleep", "1000"]);
     let fp = Footprint::read(&ctrd.bundle(&id));
-    let ls = ctrd.ctr_ok(&["tasks", "ls"]);
-    let task_pid: i32 = ls
-        .lines()
-        .find(|l| l.starts_with(&id))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {ls}"));
+    let task_pid = task_pid(&ctrd, &id);
     assert!(pid_alive(task_pid));
     kill_shim_then_delete(&ctrd, &fp, &id);
     wait_until(
@@ -647,8 +687,9 @@ fn linux_agent_death_stops_the_task() {
     let ctrd = Containerd::start();
     ctrd.import(&image);
     let id = unique("agent-death");
-    let mut run = ctrd
-        .ctr_command(&[
+    let run = spawn_ctr(
+        &ctrd,
+        &[
             "run",
             "--rm",
             "--runtime",
@@ -657,11 +698,8 @@ fn linux_agent_death_stops_the_task() {
             &id,
             "sleep",
             "1000",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     wait_until("the task to run", Duration::from_secs(30), || {
         ctrd.ctr_ok(&["tasks", "ls"])
             .lines()
@@ -669,34 +707,18 @@ fn linux_agent_death_stops_the_task() {
     });
     let fp = Footprint::read(&ctrd.bundle(&id));
     let agent = fp.agent_pid.expect("the linux handler's agent pid");
-    let ls = ctrd.ctr_ok(&["tasks", "ls"]);
-    let task_pid: i32 = ls
-        .lines()
-        .find(|l| l.starts_with(&id))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {ls}"));
+    let task_pid = task_pid(&ctrd, &id);
     assert!(pid_alive(task_pid) && pid_alive(agent));
 
-    let t = Instant::now();
+    let killed = Instant::now();
     // SAFETY: kill(2) on the agent this test's shim started.
     unsafe { libc::kill(agent, libc::SIGKILL) };
-    wait_until("ctr run to return", Duration::from_secs(30), || {
-        run.try_wait().unwrap().is_some()
-    });
-    eprintln!(
-        "ctr run returned {:.1} s after the agent's death",
-        t.elapsed().as_secs_f64()
-    );
-    let out = run.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(137),
-        "stderr: {}
---- containerd log ---
-{}",
-        String::from_utf8_lossy(&out.stderr),
-        tail(&ctrd.log(), 8000)
+    expect_ctr_exit(
+        &ctrd,
+        run,
+        Duration::from_secs(30),
+        (killed, "the agent's SIGKILL"),
+        137,
     );
     wait_until(
         "the container process to go",
@@ -1078,9 +1100,10 @@ fn vm_guest_reboot_stops_the_task() {
     };
     ctrd.import(&image);
     let id = unique("vm-reboot");
-    let t = Instant::now();
-    let mut run = ctrd
-        .ctr_command(&[
+    let started = Instant::now();
+    let run = spawn_ctr(
+        &ctrd,
+        &[
             "run",
             "--rm",
             "--runtime",
@@ -1094,11 +1117,8 @@ fn vm_guest_reboot_stops_the_task() {
             &id,
             "reboot",
             "-f",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     // The shim writes its state while the VM boots, long before the reboot.
     let bundle = ctrd.bundle(&id);
     wait_until("the shim to start", Duration::from_secs(60), || {
@@ -1106,21 +1126,12 @@ fn vm_guest_reboot_stops_the_task() {
     });
     let fp = Footprint::read(&bundle);
     // Boot (bounded by the config's 300 s) plus the 30 s the end may take.
-    wait_until("ctr run to return", Duration::from_secs(330), || {
-        run.try_wait().unwrap().is_some()
-    });
-    eprintln!(
-        "ctr run with a rebooting guest took {:.1} s",
-        t.elapsed().as_secs_f64()
-    );
-    let out = run.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(137),
-        "stdout: {}\nstderr: {}\n--- containerd log ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        tail(&ctrd.log(), 8000)
+    expect_ctr_exit(
+        &ctrd,
+        run,
+        Duration::from_secs(330),
+        (started, "ctr run started (boot included)"),
+        137,
     );
     fp.assert_gone();
 }
