@@ -50,6 +50,8 @@ pub const AGENT_PROBE_MISSES: u32 = 2;
 /// The exit status of a process whose sandbox ended under it: killed, as
 /// containerd reports a task whose shim died.
 pub const SANDBOX_ENDED_STATUS: u32 = 128 + libc::SIGKILL as u32;
+/// At most one TaskOOM per container in this long (see [`OomFilter`]).
+pub const OOM_EVENT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long Shutdown gives the sandbox to stop.
 pub const SANDBOX_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The `type_url` containerd decodes Stats with.
@@ -228,6 +230,33 @@ impl Setup {
             handler: handler_for(config.handler),
             config,
         })
+    }
+}
+
+/// Which OOM events from the agent become TaskOOM events: only those for
+/// containers this shim knows, and at most one per container each
+/// [`OOM_EVENT_INTERVAL`]. The guest reports as often as it likes;
+/// containerd gets a bounded stream, and the shim keeps a bounded table.
+#[derive(Debug, Default)]
+struct OomFilter {
+    /// When each container's last event went out (only the last
+    /// interval's are kept).
+    last: HashMap<String, Instant>,
+}
+
+impl OomFilter {
+    /// Whether an event for `id` (`known` to the shim) goes out at `now`.
+    fn accept(&mut self, id: &str, known: bool, now: Instant) -> bool {
+        if !known {
+            return false;
+        }
+        self.last
+            .retain(|_, at| now.saturating_duration_since(*at) < OOM_EVENT_INTERVAL);
+        if self.last.contains_key(id) {
+            return false;
+        }
+        self.last.insert(id.to_owned(), now);
+        true
     }
 }
 
@@ -443,15 +472,28 @@ impl TaskService {
 
     fn spawn_oom_watcher(&self, agent: AgentClient) {
         let publisher = self.publisher.clone();
+        let service = self.me.clone();
         let _ = std::thread::Builder::new()
             .name("oom".into())
             .stack_size(crate::task::THREAD_STACK_SIZE)
             .spawn(move || {
                 let mut failures = 0;
+                let mut filter = OomFilter::default();
                 while failures < 10 {
                     match agent.get_oom_event() {
                         Ok(id) => {
                             failures = 0;
+                            let known = service
+                                .upgrade()
+                                .is_some_and(|s| lock(&s.containers).contains_key(&id));
+                            if !filter.accept(&id, known, Instant::now()) {
+                                // The guest chose the id: debug only, cut.
+                                log::debug!(
+                                    "OOM event dropped (unknown container, or too soon): {:?}",
+                                    id.chars().take(64).collect::<String>()
+                                );
+                                continue;
+                            }
                             log::info!("container {id} was OOM-killed");
                             publisher.publish(Event::Oom(ev::TaskOOM {
                                 container_id: id,
@@ -1295,5 +1337,29 @@ mod tests {
             .unwrap();
         assert_eq!((resp.pid, resp.exit_status), (42, 137));
         assert!(lock(&service.containers).is_empty());
+    }
+
+    #[test]
+    fn oom_events_only_for_known_containers_and_bounded() {
+        let mut filter = OomFilter::default();
+        let t0 = Instant::now();
+        assert!(!filter.accept("stranger", false, t0), "unknown id");
+        assert!(filter.accept("c1", true, t0));
+        assert!(
+            !filter.accept("c1", true, t0 + Duration::from_millis(10)),
+            "too soon"
+        );
+        assert!(filter.accept("c2", true, t0 + Duration::from_millis(10)));
+        assert!(filter.accept("c1", true, t0 + OOM_EVENT_INTERVAL));
+        // A flood leaves one entry per container of the last interval.
+        for i in 0..10_000u32 {
+            filter.accept(
+                "c1",
+                true,
+                t0 + OOM_EVENT_INTERVAL + Duration::from_micros(u64::from(i)),
+            );
+            filter.accept(&format!("x{i}"), false, t0);
+        }
+        assert!(filter.last.len() <= 2, "{}", filter.last.len());
     }
 }
