@@ -10,16 +10,22 @@ use super::irq::IrqFd;
 use super::platform::GuestRam;
 use super::slot::{DiskSlotError, VirtioSlot};
 
-/// What GET_ID answers for disk `index` (Linux: `/sys/block/vdX/serial`):
-/// `skiff-vda`, `skiff-vdb`, ... in slot order, the order Linux names them.
-pub fn disk_id(index: usize) -> String {
+/// The name Linux gives disk `index`: `vda`, `vdb`, ... (it names
+/// virtio-blk disks in probe order, which is slot order).
+pub fn disk_name(index: usize) -> String {
     let mut name = String::from("vd");
     // vda..vdz, then vdaa.. as Linux does (never reached: 19 devices at most).
     if index >= 26 {
         name.push((b'a' + (index / 26 - 1) as u8) as char);
     }
     name.push((b'a' + (index % 26) as u8) as char);
-    skiff_agent_proto::disk_serial(&name)
+    name
+}
+
+/// What GET_ID answers for disk `index` (Linux: `/sys/block/vdX/serial`):
+/// `skiff-vda`, `skiff-vdb`, ..., which the agent checks.
+fn disk_id(index: usize) -> String {
+    skiff_agent_proto::disk_serial(&disk_name(index))
 }
 
 /// A virtio-blk device whose medium can be swapped while the VM runs.

@@ -34,7 +34,7 @@ use file_disk::FileDisk;
 use shared::Shared;
 use slot::DiskSlotError;
 
-pub use blk::disk_id;
+pub use blk::disk_name;
 pub use config::{BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig};
 pub use platform::boot::{BootInfo, BootProtocol, KernelSpec};
 pub use platform::cpuid::CpuTemplate;

@@ -4,13 +4,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use skiff_agent_proto::AGENT_VSOCK_PORT;
+
 use super::error::VmSandboxError;
 use super::serial::serial_tail;
 use crate::agent_client::AgentClient;
 use crate::sandbox::error::SandboxError;
 use crate::vmm::{self, ExitReason, RunningVm};
 
-pub use skiff_agent_proto::AGENT_VSOCK_PORT;
 /// Bound on one handshake's answer; the muxer stays silent while the guest
 /// does not listen yet.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

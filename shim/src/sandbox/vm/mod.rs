@@ -45,7 +45,6 @@ mod serial;
 mod slots;
 mod volumes;
 
-pub use connect::AGENT_VSOCK_PORT;
 pub use error::VmSandboxError;
 pub use sandbox::VmSandbox;
 pub use slots::guest_disk;

@@ -6,16 +6,12 @@
 
 use std::path::{Path, PathBuf};
 
-use skiff_agent_proto::DISK_SERIAL_PREFIX;
-
 use super::error::VmSandboxError;
 use crate::vmm;
 
 /// The guest's device for disk slot `slot`: `/dev/vda`, `/dev/vdb`, ...
 pub fn guest_disk(slot: usize) -> String {
-    let id = vmm::disk_id(slot);
-    let name = id.strip_prefix(DISK_SERIAL_PREFIX).unwrap_or(&id);
-    format!("/dev/{name}")
+    format!("/dev/{}", vmm::disk_name(slot))
 }
 
 /// A disk slot's use.
