@@ -14,6 +14,9 @@
 //! kernel_params = ""           # `vm`: appended to the guest kernel command line
 //! cpu_template = "pvm-compat"  # `vm`: default | pvm-compat (unset: what `skiff check` picks)
 //! vm_disks = 4                 # `vm`: virtio-blk slots: most containers a pod's VM holds at once
+//! vmm = "process"              # `vm`: "process" (a jailed VMM child process) or "inline" (VMM threads in the shim)
+//! vmm_uid = 65534              # `vm`, `vmm = "process"`: the VMM process's user
+//! vmm_gid = 65534              # `vm`, `vmm = "process"`: the VMM process's group
 //! ```
 //!
 //! Unknown keys and bad values are errors; `start` reports them, so
@@ -70,6 +73,18 @@ pub enum HandlerKind {
     Linux,
     /// The agent inside a skiff micro-VM.
     Vm,
+}
+
+/// Where the VMM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmMode {
+    /// A jailed child process of the shim (the default): its own
+    /// namespaces, cgroup and user, no capabilities.
+    Process,
+    /// Threads in the shim's own process (the smallest footprint; the
+    /// seccomp filters are then a speed bump, not a boundary).
+    Inline,
 }
 
 /// Log verbosity.
@@ -149,6 +164,12 @@ pub struct Config {
     /// containers a pod holds at once. Empty slots cost the guest a probe
     /// at boot and the host one idle device.
     pub vm_disks: u32,
+    /// Where the VMM runs (`vm` handler).
+    pub vmm: VmmMode,
+    /// The jailed VMM's user (`vmm = "process"`).
+    pub vmm_uid: u32,
+    /// The jailed VMM's group (`vmm = "process"`).
+    pub vmm_gid: u32,
 }
 
 impl Default for Config {
@@ -165,6 +186,9 @@ impl Default for Config {
             kernel_params: String::new(),
             cpu_template: None,
             vm_disks: DEFAULT_VM_DISKS,
+            vmm: VmmMode::Process,
+            vmm_uid: NOBODY,
+            vmm_gid: NOBODY,
         }
     }
 }
@@ -172,6 +196,9 @@ impl Default for Config {
 /// Default bound on a VM's boot and its agent's first answer: guest boots
 /// take 60 to 120 s on a PVM host.
 pub const DEFAULT_VM_READY_TIMEOUT_SECS: u64 = 300;
+
+/// The default user and group of a jailed VMM (`nobody`).
+pub const NOBODY: u32 = 65534;
 
 /// Default number of virtio-blk slots.
 pub const DEFAULT_VM_DISKS: u32 = 4;
@@ -241,6 +268,12 @@ impl Config {
             return Err(invalid(format!(
                 "vm_disks = {} is out of range (1 to {MAX_VM_DISKS})",
                 self.vm_disks
+            )));
+        }
+        if self.vmm_uid == 0 || self.vmm_gid == 0 {
+            return Err(invalid(format!(
+                "vmm_uid = {} / vmm_gid = {}: the jailed VMM must not run as root",
+                self.vmm_uid, self.vmm_gid
             )));
         }
         if self.vm_ready_timeout_secs == Some(0) {
@@ -388,6 +421,13 @@ mod tests {
         let e = parse("vm_disks = 0\n").unwrap_err().to_string();
         assert!(e.contains("vm_disks = 0 is out of range (1 to 16)"), "{e}");
         assert_eq!(parse("vm_disks = 16\n").unwrap().vm_disks, 16);
+        assert_eq!(Config::default().vmm, VmmMode::Process);
+        let c = parse("vmm = \"inline\"\nvmm_uid = 1000\nvmm_gid = 1001\n").unwrap();
+        assert_eq!((c.vmm, c.vmm_uid, c.vmm_gid), (VmmMode::Inline, 1000, 1001));
+        let e = parse("vmm = \"jailer\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown variant `jailer`"), "{e}");
+        let e = parse("vmm_uid = 0\n").unwrap_err().to_string();
+        assert!(e.contains("vmm_uid = 0"), "{e}");
         let e = parse("vm_ready_timeout_secs = 0\n")
             .unwrap_err()
             .to_string();

@@ -67,7 +67,7 @@ fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32,
         let mut rw = spec.clone();
         rw["mounts"] = serde_json::json!([mount(&["rbind", "rw"])]);
         let rw: Spec = serde_json::from_value(rw).unwrap();
-        let err = VmHandler
+        let err = VmHandler::with_vmm_exe(env!("CARGO_BIN_EXE_skiff"))
             .volumes(rw.mounts().as_deref().unwrap_or_default())
             .unwrap_err()
             .to_string();
@@ -83,7 +83,9 @@ fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32,
     spec["process"]["args"][2] = script.into();
     let mut spec: Spec = serde_json::from_value(spec).unwrap();
     let mounts = spec.mounts_mut().get_or_insert_with(Vec::new);
-    let volumes = VmHandler.volumes(mounts).expect("volumes the VM serves");
+    let volumes = VmHandler::default()
+        .volumes(mounts)
+        .expect("volumes the VM serves");
     let volumes = sandbox
         .share_volumes(mounts, &volumes)
         .expect("volumes shared");
@@ -172,7 +174,7 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
     let state_dir = dir.path().join("state");
     eprintln!("[{:6.1}s] rootfs ready", t0.elapsed().as_secs_f64());
 
-    let sandbox = VmHandler
+    let sandbox = VmHandler::with_vmm_exe(env!("CARGO_BIN_EXE_skiff"))
         .start_vm(&SandboxRequest {
             id: "vm-handler-test",
             state_dir: &state_dir,

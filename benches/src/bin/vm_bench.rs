@@ -96,7 +96,21 @@ fn rss_split(guest_bytes: u64) -> anyhow::Result<(u64, u64)> {
     Ok((other, guest))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    // The jailed VMM re-executes this binary.
+    if let Some(code) = shim::vmm::jail::main_if_vmm() {
+        return code;
+    }
+    match bench() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vm_bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench() -> anyhow::Result<()> {
     let args = Args::parse();
     let probe = probe_binary().map_err(anyhow::Error::msg)?;
     let dir = tempfile::Builder::new()
@@ -128,7 +142,7 @@ fn main() -> anyhow::Result<()> {
     linux.stop(Duration::from_secs(10))?;
 
     let t = Instant::now();
-    let vm = VmHandler.start_vm(&request("bench-vm", &vm_state))?;
+    let vm = VmHandler::default().start_vm(&request("bench-vm", &vm_state))?;
     eprintln!("VM agent ready after {:.1} s", t.elapsed().as_secs_f64());
     let (v50, v99) = health(&vm, args.calls)?;
 

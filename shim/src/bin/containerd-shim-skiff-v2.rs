@@ -4,5 +4,8 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    if let Some(code) = shim::vmm::jail::main_if_vmm() {
+        return code;
+    }
     shim::task::binary::main(std::env::args_os().skip(1).collect())
 }

@@ -155,6 +155,9 @@ impl log::Log for StderrLogger {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = shim::vmm::jail::main_if_vmm() {
+        return code;
+    }
     let epoch = Instant::now();
     let level = std::env::var("SKIFF_LOG")
         .ok()

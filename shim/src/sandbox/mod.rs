@@ -32,6 +32,6 @@ use crate::config::HandlerKind;
 pub fn handler_for(kind: HandlerKind) -> Box<dyn SandboxHandler> {
     match kind {
         HandlerKind::Linux => Box::new(linux::LinuxHandler),
-        HandlerKind::Vm => Box::new(vm::VmHandler),
+        HandlerKind::Vm => Box::new(vm::VmHandler::default()),
     }
 }

@@ -51,7 +51,19 @@ impl FileDisk {
             .write(!disk.read_only)
             .open(path)
             .map_err(err)?;
-        let size = file.metadata().map_err(err)?.len();
+        Self::from_file(file, path.clone())
+    }
+
+    /// The open image `file` (named `path` in logs and errors), e.g. one
+    /// another process opened and passed over a socket.
+    pub fn from_file(file: File, path: PathBuf) -> Result<Self, FileDiskError> {
+        let size = file
+            .metadata()
+            .map_err(|source| FileDiskError {
+                path: path.clone(),
+                source,
+            })?
+            .len();
         if size % SECTOR_SIZE != 0 {
             log::warn!(
                 "disk {}: size {size} is not a multiple of 512; the last {} bytes are ignored",
@@ -61,7 +73,7 @@ impl FileDisk {
         }
         Ok(FileDisk {
             file: Some(file),
-            path: Some(path.clone()),
+            path: Some(path),
             capacity: size - size % SECTOR_SIZE,
         })
     }

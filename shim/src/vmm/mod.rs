@@ -13,6 +13,7 @@ mod config;
 mod devices;
 mod file_disk;
 mod irq;
+pub mod jail;
 mod platform;
 mod serial_log;
 mod shared;
@@ -30,12 +31,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::sync::lock;
 use devices::{DeviceSetupError, Devices};
-use file_disk::FileDisk;
 use shared::Shared;
 use slot::DiskSlotError;
 
 pub use blk::disk_name;
 pub use config::{BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig};
+pub use file_disk::{FileDisk, FileDiskError};
 pub use platform::boot::{BootInfo, BootProtocol, KernelSpec};
 pub use platform::cpuid::CpuTemplate;
 pub use serial_log::SERIAL_LOG_CAP_BYTES;
@@ -43,7 +44,7 @@ pub use shared::ExitReason;
 pub use vsock::connect as vsock_connect;
 
 /// How a VM ran.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmReport {
     /// Why it ended.
     pub exit: ExitReason,
@@ -98,6 +99,9 @@ pub enum VmmError {
         #[source]
         source: DiskSlotError,
     },
+    /// The jailed VMM process failed.
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
     /// An OS resource (eventfd, thread) could not be created.
     #[error("cannot create {what}")]
     Os {
@@ -128,8 +132,8 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
 pub struct Vm;
 
 impl Vm {
-    /// Builds the VM and starts its threads.
-    pub fn start(config: VmConfig) -> Result<RunningVm, VmmError> {
+    /// Builds the VM: everything but starting its threads.
+    pub fn build(config: VmConfig) -> Result<BuiltVm, VmmError> {
         if config.vcpus == 0 || config.vcpus > platform::mptable::MAX_CPUS {
             return Err(VmmError::Config(format!(
                 "{} vCPUs requested; 1 to {} are supported",
@@ -216,6 +220,40 @@ impl Vm {
             fds.push(fd);
         }
 
+        Ok(BuiltVm {
+            vm,
+            shared,
+            devices,
+            vcpu_fds: fds,
+        })
+    }
+
+    /// Builds the VM and starts its threads.
+    pub fn start(config: VmConfig) -> Result<RunningVm, VmmError> {
+        Self::build(config)?.start()
+    }
+}
+
+/// A VM that is built — memory mapped, kernel loaded, devices and vCPUs
+/// created, every file it needs open — but not yet running: nothing of the
+/// guest has run. The jailed VMM confines itself between
+/// [`Vm::build`] and [`BuiltVm::start`].
+pub struct BuiltVm {
+    vm: Arc<platform::KvmVm>,
+    shared: Arc<Shared>,
+    devices: Arc<Devices>,
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+}
+
+impl BuiltVm {
+    /// Starts the device thread and one thread per vCPU.
+    pub fn start(self) -> Result<RunningVm, VmmError> {
+        let BuiltVm {
+            vm,
+            shared,
+            devices,
+            vcpu_fds: fds,
+        } = self;
         vcpu::install_kick_handler();
         let device_thread = devices::spawn_device_thread(devices.clone(), shared.clone())
             .map_err(os("the device thread"))?;
@@ -259,6 +297,11 @@ impl RunningVm {
             .map(FileDisk::open)
             .transpose()
             .map_err(DeviceSetupError::from)?;
+        self.set_medium(index, medium)
+    }
+
+    /// Like [`RunningVm::set_disk`], with the medium already open.
+    pub fn set_medium(&self, index: usize, medium: Option<FileDisk>) -> Result<(), VmmError> {
         let slot_error = |source| VmmError::DiskSlot { index, source };
         if medium
             .as_ref()
@@ -267,6 +310,13 @@ impl RunningVm {
             return Err(slot_error(DiskSlotError::EmptyImage));
         }
         self.devices.swap_disk(index, medium).map_err(slot_error)
+    }
+
+    /// Readable once the VM is to end (an eventfd; do not read it): for
+    /// an owner that polls it next to other fds, then calls
+    /// [`RunningVm::wait`].
+    pub fn exit_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.shared.exit_evt)
     }
 
     /// Whether the VM has ended (without waiting).
@@ -330,4 +380,68 @@ impl Drop for RunningVm {
 /// Builds the VM, runs it to the end, and reports.
 pub fn run(config: VmConfig) -> Result<VmReport, VmmError> {
     Ok(Vm::start(config)?.wait())
+}
+
+/// A running VM, in this process or in a jailed VMM process: what the
+/// sandbox layer drives.
+pub enum VmHandle {
+    /// VMM threads in this process.
+    Inline(RunningVm),
+    /// A jailed VMM process.
+    Jailed(jail::JailedVm),
+}
+
+impl VmHandle {
+    /// Starts `config` inline (`jail` `None`) or in a jailed VMM process.
+    pub fn start(config: VmConfig, jail: Option<&jail::JailConfig>) -> Result<Self, VmmError> {
+        Ok(match jail {
+            None => VmHandle::Inline(Vm::start(config)?),
+            Some(jail) => VmHandle::Jailed(jail::JailedVm::start(&config, jail)?),
+        })
+    }
+
+    /// Asks the VM to stop.
+    pub fn stop(&self) {
+        match self {
+            VmHandle::Inline(vm) => vm.stop(),
+            VmHandle::Jailed(vm) => vm.stop(),
+        }
+    }
+
+    /// Why the VM ended, once it has (without waiting).
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        match self {
+            VmHandle::Inline(vm) => vm.exit_reason(),
+            VmHandle::Jailed(vm) => vm.exit_reason(),
+        }
+    }
+
+    /// Whether the VM has ended (without waiting).
+    pub fn has_exited(&self) -> bool {
+        self.exit_reason().is_some()
+    }
+
+    /// See [`RunningVm::set_disk`].
+    pub fn set_disk(&self, index: usize, disk: Option<&DiskConfig>) -> Result<(), VmmError> {
+        match self {
+            VmHandle::Inline(vm) => vm.set_disk(index, disk),
+            VmHandle::Jailed(vm) => Ok(vm.set_disk(index, disk)?),
+        }
+    }
+
+    /// The jailed VMM's pid; `None` inline.
+    pub fn vmm_pid(&self) -> Option<i32> {
+        match self {
+            VmHandle::Inline(_) => None,
+            VmHandle::Jailed(vm) => Some(vm.pid()),
+        }
+    }
+
+    /// Waits until the VM ends and reports.
+    pub fn wait(self) -> VmReport {
+        match self {
+            VmHandle::Inline(vm) => vm.wait(),
+            VmHandle::Jailed(vm) => vm.wait(),
+        }
+    }
 }

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::sync::lock;
 
 /// Why the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ExitReason {
     /// The guest reset the machine through the i8042 (Linux `reboot=k`;
     /// also what `panic=-1` ends in).
@@ -21,6 +21,9 @@ pub enum ExitReason {
     Stopped,
     /// A vCPU failed: KVM could not run it, or it hit an exit we can't serve.
     VcpuError(String),
+    /// The jailed VMM process ended without reporting how the VM ended:
+    /// killed (by a signal, a seccomp filter, the OOM killer) or crashed.
+    VmmDied(String),
 }
 
 /// State the vCPU threads, the device thread and the owner share.

@@ -10,7 +10,7 @@ use super::error::VmSandboxError;
 use super::serial::serial_tail;
 use crate::agent_client::AgentClient;
 use crate::sandbox::error::SandboxError;
-use crate::vmm::{self, ExitReason, RunningVm};
+use crate::vmm::{self, VmHandle};
 
 /// Bound on one handshake's answer; the muxer stays silent while the guest
 /// does not listen yet.
@@ -23,7 +23,7 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Retries the handshake and a first Health until `timeout` has passed
 /// since the call, the agent answers, or the VM ends.
 pub(super) fn connect_agent(
-    vm: &RunningVm,
+    vm: &VmHandle,
     uds: &Path,
     serial: &Path,
     timeout: Duration,
@@ -31,9 +31,9 @@ pub(super) fn connect_agent(
     let start = Instant::now();
     let mut attempts = 0u32;
     loop {
-        if vm.has_exited() {
+        if let Some(exit) = vm.exit_reason() {
             return Err(VmSandboxError::EndedEarly {
-                exit: ExitReason::Stopped,
+                exit,
                 elapsed: start.elapsed(),
                 serial: serial_tail(serial),
             }

@@ -31,7 +31,7 @@
 //!
 //! This is the only module of the sandbox layer that depends on the VMM.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use oci_spec::runtime::Mount;
@@ -54,22 +54,53 @@ use self::connect::connect_agent;
 use self::image::{build_image, image_path};
 use self::serial::SERIAL_NAME;
 use self::slots::DiskSlots;
-use crate::config::Config;
+use crate::config::{Config, VmmMode};
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::handler::{Sandbox, SandboxHandler, SandboxRequest};
 use crate::sandbox::mounts::BindMount;
 use crate::sandbox::state_dir;
 use crate::vmm;
+use crate::vmm::jail::cgroup::VmmCgroup;
+use crate::vmm::jail::JailConfig;
 
 /// The hybrid vsock's socket in the sandbox's state dir.
 const VSOCK_NAME: &str = "vsock.sock";
 
 /// Boots one micro-VM per sandbox, with the first container's rootfs as
 /// its disk.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct VmHandler;
+#[derive(Debug, Default, Clone)]
+pub struct VmHandler {
+    vmm_exe: Option<PathBuf>,
+}
 
 impl VmHandler {
+    /// A handler whose jailed VMMs run `exe` (a skiff binary) instead of
+    /// re-executing this one; for tests, whose binary is the test harness.
+    pub fn with_vmm_exe(exe: impl Into<PathBuf>) -> Self {
+        VmHandler {
+            vmm_exe: Some(exe.into()),
+        }
+    }
+
+    /// How `req`'s VMM is jailed; `None`: it runs inline.
+    fn jail(&self, req: &SandboxRequest<'_>) -> Option<JailConfig> {
+        if req.config.vmm == VmmMode::Inline {
+            return None;
+        }
+        let name = req
+            .state_dir
+            .file_name()
+            .map_or_else(|| req.id.to_owned(), |n| n.to_string_lossy().into_owned());
+        let mut jail = JailConfig::new(req.state_dir, &name, req.id);
+        if let Some(exe) = &self.vmm_exe {
+            jail.exe = exe.clone();
+        }
+        jail.uid = req.config.vmm_uid;
+        jail.gid = req.config.vmm_gid;
+        jail.log_level = req.config.log_level.filter();
+        Some(jail)
+    }
+
     /// Starts a sandbox (see the module docs); the concrete type, for
     /// callers that want the VM's report on stop. The bound on boot plus
     /// the agent's first answer is the config's `vm_ready_timeout_secs`
@@ -98,7 +129,8 @@ impl VmHandler {
             serial: &serial,
         };
         let booted = Instant::now();
-        let vm = vmm::Vm::start(vm_config(req.config, artifacts, &files))
+        let jail = self.jail(req);
+        let vm = vmm::VmHandle::start(vm_config(req.config, artifacts, &files), jail.as_ref())
             .map_err(VmSandboxError::Start)?;
         let timeout = req.config.vm_ready_timeout();
         let client = match connect_agent(&vm, &uds, &serial, timeout) {
@@ -136,8 +168,16 @@ impl SandboxHandler for VmHandler {
     }
 
     fn cleanup(&self, state_dir: &Path, _config: &Config) -> Result<(), SandboxError> {
-        // The VM lived in the dead shim's process and died with it; only
-        // its files (image, socket, serial log) are left.
+        // An inline VM lived in the dead shim's process and died with it; a
+        // jailed VMM stops its VM and exits when its control channel
+        // closes. Its cgroup, and the files (images, socket, serial log),
+        // are left.
+        if let Some(name) = state_dir.file_name() {
+            let name = name.to_string_lossy();
+            if let Err(err) = VmmCgroup::remove_leftover(&name, Duration::from_secs(5)) {
+                log::warn!("{err}");
+            }
+        }
         state_dir::remove(state_dir)
     }
 }
@@ -153,7 +193,7 @@ mod tests {
             initrd: Some("/nonexistent/initramfs.cpio".into()),
             ..Config::default()
         };
-        let err = VmHandler
+        let err = VmHandler::default()
             .start(&SandboxRequest {
                 id: "x",
                 state_dir: Path::new("/nonexistent"),

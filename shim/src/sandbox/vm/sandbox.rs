@@ -18,14 +18,14 @@ use crate::sandbox::handler::Sandbox;
 use crate::sandbox::mounts::BindMount;
 use crate::sandbox::state_dir;
 use crate::sync::lock;
-use crate::vmm::{DiskConfig, RunningVm, VmReport};
+use crate::vmm::{DiskConfig, VmHandle, VmReport};
 
 /// A running micro-VM and its agent client.
 pub struct VmSandbox {
     state_dir: PathBuf,
     disks: Mutex<DiskSlots>,
     client: AgentClient,
-    vm: Mutex<Option<RunningVm>>,
+    vm: Mutex<Option<VmHandle>>,
     ready_after: Duration,
 }
 
@@ -45,7 +45,7 @@ impl VmSandbox {
         state_dir: &Path,
         disks: DiskSlots,
         client: AgentClient,
-        vm: RunningVm,
+        vm: VmHandle,
         ready_after: Duration,
     ) -> Self {
         Self {
@@ -55,6 +55,12 @@ impl VmSandbox {
             vm: Mutex::new(Some(vm)),
             ready_after,
         }
+    }
+
+    /// The jailed VMM process's pid (`None`: the VMM runs inline, or the
+    /// VM is stopped).
+    pub fn vmm_pid(&self) -> Option<i32> {
+        lock(&self.vm).as_ref()?.vmm_pid()
     }
 
     /// How long the VM took from start to the agent's first answer.
@@ -216,7 +222,8 @@ impl Sandbox for VmSandbox {
 
 impl Drop for VmSandbox {
     fn drop(&mut self) {
-        // RunningVm's own Drop stops and joins the VM's threads.
+        // The handle's own Drop stops the VM (joins its threads, or kills
+        // and reaps its process).
         drop(lock(&self.vm).take());
     }
 }

@@ -1,0 +1,230 @@
+//! The VMM process: the shim's binary re-executed as `skiff-vmm` by
+//! [`super::JailedVm::start`], in fresh mount, PID, IPC, UTS and network
+//! namespaces, with the control socket as fd 3 and a log pipe as stderr.
+//!
+//! It reads `Start`, builds the VM while it may still open files, confines
+//! itself ([`super::confine`]), starts the vCPU and device threads (each
+//! installs its seccomp filter before it runs anything of the guest's),
+//! installs the control thread's filter, answers `Done`, and then serves
+//! `SetDisk` and `Stop` until the VM ends; it reports `Exited` and exits.
+//! A closed control socket (the shim is gone) stops the VM.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use super::confine::confine;
+use super::wire::{self, BootSpec, Reply, Request, VmSpec};
+use crate::vmm::{
+    BootProtocol, BootSource, DiskConfig, FileDisk, KernelSpec, RunningVm, SerialOutput, Vm,
+    VmConfig, VsockConfig,
+};
+
+/// The VMM process's `argv[0]`: how `ps` shows it, and how the binaries
+/// know to run [`main`].
+pub const VMM_ARGV0: &str = "skiff-vmm";
+/// The control socket's fd in the VMM process.
+pub const CONTROL_FD: i32 = 3;
+
+/// Runs the VMM process if this process was started as one: call first
+/// thing in `main` of every binary that starts jailed VMMs.
+pub fn main_if_vmm() -> Option<ExitCode> {
+    let argv0 = std::env::args_os().next()?;
+    if argv0 != VMM_ARGV0 {
+        return None;
+    }
+    let _ = log::set_logger(&PipeLogger).map(|()| log::set_max_level(log::LevelFilter::Info));
+    // SAFETY: the shim put the control socket at CONTROL_FD for this
+    // process (see `JailedVm::start`); nothing else in it owns that fd.
+    let control = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
+    Some(match serve(&control) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            log::error!("{message}");
+            let _ = wire::send(&control, &Reply::Failed(message), None);
+            ExitCode::FAILURE
+        }
+    })
+}
+
+/// Log lines for the shim, which re-logs them: `LEVEL message`.
+struct PipeLogger;
+
+impl log::Log for PipeLogger {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let line = format!("{} {}", r.level(), r.args()).replace('\n', " ");
+            eprintln!("{line}");
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The VM config `spec` describes.
+fn vm_config(spec: VmSpec, seccomp: bool) -> Result<VmConfig, String> {
+    let boot = match spec.boot {
+        BootSpec::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => BootSource::Kernel(KernelSpec {
+            kernel,
+            initrd,
+            cmdline,
+        }),
+        BootSpec::Raw {
+            image,
+            load_addr,
+            mode,
+        } => BootSource::Raw {
+            image,
+            load_addr,
+            protocol: match mode.as_str() {
+                "real" => BootProtocol::RealMode,
+                "pvh" => BootProtocol::Pvh,
+                "linux64" => BootProtocol::Linux64,
+                other => return Err(format!("unknown boot mode {other:?}")),
+            },
+        },
+    };
+    let _ = seccomp;
+    Ok(VmConfig {
+        vcpus: spec.vcpus,
+        mem_mib: spec.mem_mib,
+        boot,
+        disks: spec
+            .disks
+            .into_iter()
+            .map(|d| DiskConfig {
+                path: d.path,
+                read_only: d.read_only,
+            })
+            .collect(),
+        vsock: spec.vsock.map(|(guest_cid, uds_path)| VsockConfig {
+            guest_cid,
+            uds_path,
+        }),
+        cpu_template: spec
+            .cpu_template
+            .parse()
+            .map_err(|e| format!("cpu template {:?}: {e}", spec.cpu_template))?,
+        serial: spec
+            .serial
+            .map_or(SerialOutput::Discard, SerialOutput::File),
+        epoch: Instant::now(),
+    })
+}
+
+fn serve(control: &OwnedFd) -> Result<(), String> {
+    let (request, _) = wire::recv::<Request>(control).map_err(|e| chain(&e))?;
+    let Request::Start {
+        vm,
+        jail,
+        log_level,
+    } = request
+    else {
+        return Err(format!("expected Start, got {request:?}"));
+    };
+    if let Ok(level) = log_level.parse() {
+        log::set_max_level(level);
+    }
+    // Relative paths (serial log, vsock socket) name the same files before
+    // and after the pivot into the root.
+    std::env::set_current_dir(&jail.root)
+        .map_err(|e| format!("cannot enter {}: {e}", jail.root.display()))?;
+    let config = vm_config(*vm, jail.seccomp)?;
+    let built = Vm::build(config).map_err(|e| chain(&e))?;
+    confine(&jail).map_err(|e| chain(&e))?;
+    let vm = built.start().map_err(|e| chain(&e))?;
+    wire::send(control, &Reply::Done, None).map_err(|e| chain(&e))?;
+    log::debug!("VM started, confined in {}", jail.root.display());
+    run(control, vm)
+}
+
+/// Serves the shim until the VM ends.
+fn run(control: &OwnedFd, vm: RunningVm) -> Result<(), String> {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: control.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: vm.exit_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfds for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 || vm.has_exited() {
+            let report = vm.wait();
+            log::debug!("VM ended: {:?}", report.exit);
+            let _ = wire::send(control, &Reply::Exited(report), None);
+            return Ok(());
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        match wire::recv::<Request>(control) {
+            Ok((Request::Stop, _)) => vm.stop(),
+            Ok((Request::SetDisk { index, path }, file)) => {
+                let reply = match set_disk(&vm, index, path, file) {
+                    Ok(()) => Reply::Done,
+                    Err(message) => Reply::Failed(message),
+                };
+                wire::send(control, &reply, None).map_err(|e| chain(&e))?;
+            }
+            Ok((other, _)) => {
+                let reply = Reply::Failed(format!("unexpected request {other:?}"));
+                wire::send(control, &reply, None).map_err(|e| chain(&e))?;
+            }
+            Err(wire::WireError::Closed) => {
+                log::warn!("the shim closed the control channel; stopping the VM");
+                vm.stop();
+                let _ = vm.wait();
+                return Ok(());
+            }
+            Err(e) => {
+                let reply = Reply::Failed(chain(&e));
+                wire::send(control, &reply, None).map_err(|e| chain(&e))?;
+            }
+        }
+    }
+}
+
+fn set_disk(
+    vm: &RunningVm,
+    index: usize,
+    path: Option<PathBuf>,
+    file: Option<OwnedFd>,
+) -> Result<(), String> {
+    let medium = match (path, file) {
+        (Some(path), Some(fd)) => {
+            Some(FileDisk::from_file(std::fs::File::from(fd), path).map_err(|e| chain(&e))?)
+        }
+        (None, None) => None,
+        (Some(_), None) => return Err("SetDisk named an image but passed no file".into()),
+        (None, Some(_)) => return Err("SetDisk passed a file but named no image".into()),
+    };
+    vm.set_medium(index, medium).map_err(|e| chain(&e))
+}
