@@ -1,5 +1,7 @@
-//! The `vm` sandbox handler: `skiff-agent` as PID 1 of a skiff micro-VM
-//! that runs in the shim's own process.
+//! The `vm` sandbox handler: `skiff-agent` as PID 1 of a skiff micro-VM,
+//! run by a jailed VMM child process (`vmm = "process"`, the default; see
+//! [`crate::vmm::jail`]) or by VMM threads in the shim's own process
+//! (`vmm = "inline"`).
 //!
 //! Start: the container's rootfs directory becomes an ext4 image
 //! (`mkfs.ext4 -d`) in the sandbox's state dir, attached as the guest's
