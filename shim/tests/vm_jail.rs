@@ -237,3 +237,38 @@ fn disks_cross_the_control_channel_and_bad_input_is_a_clear_error() {
     let err = JailedVm::start(&spinner(&root, vec![]), &missing).unwrap_err();
     assert!(err.to_string().contains("127"), "{err}");
 }
+
+/// Writes the test panic port (test builds only), then spins.
+fn panicker(root: &Path) -> VmConfig {
+    let [lo, hi] = shim::vmm::TEST_PANIC_PORT.to_le_bytes();
+    VmConfig {
+        boot: BootSource::Raw {
+            #[rustfmt::skip]
+            image: vec![
+                0xba, lo, hi,   // mov dx, TEST_PANIC_PORT
+                0xee,           // out dx, al
+                0xeb, 0xfe,     // jmp $
+            ],
+            load_addr: 0x1000,
+            protocol: BootProtocol::RealMode,
+        },
+        ..spinner(root, vec![])
+    }
+}
+
+#[test]
+fn a_panicking_vcpu_thread_ends_the_vm_inline_and_jailed() {
+    if !can_jail() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let expect = |exit: ExitReason| match exit {
+        ExitReason::VcpuError(text) => assert!(text.contains("panicked"), "{text}"),
+        other => panic!("{other:?}"),
+    };
+    let inline = shim::vmm::Vm::start(panicker(&root)).unwrap();
+    expect(inline.wait().exit);
+    let jailed = JailedVm::start(&panicker(&root), &jail(&root, "panic")).unwrap();
+    expect(jailed.wait().exit);
+}

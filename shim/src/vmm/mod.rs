@@ -41,6 +41,8 @@ pub use platform::boot::{BootInfo, BootProtocol, KernelSpec};
 pub use platform::cpuid::CpuTemplate;
 pub use serial_log::SERIAL_LOG_CAP_BYTES;
 pub use shared::ExitReason;
+#[cfg(feature = "test-utils")]
+pub use vcpu::TEST_PANIC_PORT;
 pub use vsock::connect as vsock_connect;
 
 /// How a VM ran.

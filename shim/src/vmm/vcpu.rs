@@ -40,8 +40,25 @@ pub fn spawn(
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || run(id, fd, &devices, &shared))
+        .spawn(move || {
+            // A bug that panics a vCPU thread ends the VM with a reason
+            // instead of leaving a guest with a vCPU that never runs again.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(id, fd, &devices, &shared)
+            }));
+            if ran.is_err() {
+                shared.request_exit(ExitReason::VcpuError(format!(
+                    "vCPU {id}: the thread panicked"
+                )));
+            }
+        })
 }
+
+/// A port that makes the vCPU thread panic, in test builds only: how the
+/// tests prove a panicking vCPU thread ends the VM (QEMU's `isa-debug-exit`
+/// port, which no Linux guest touches).
+#[cfg(feature = "test-utils")]
+pub const TEST_PANIC_PORT: u16 = 0xf4;
 
 fn run(id: u8, mut fd: VcpuFd, devices: &Devices, shared: &Shared) {
     let mut first = id == 0;
@@ -69,6 +86,10 @@ fn run(id: u8, mut fd: VcpuFd, devices: &Devices, shared: &Shared) {
 fn handle_exit(id: u8, exit: VcpuExit<'_>, devices: &Devices) -> Option<ExitReason> {
     match exit {
         VcpuExit::IoIn(port, data) => devices.pio_read(port, data),
+        #[cfg(feature = "test-utils")]
+        VcpuExit::IoOut(TEST_PANIC_PORT, _) => {
+            panic!("vCPU {id}: the guest wrote the test panic port")
+        }
         VcpuExit::IoOut(port, data) => devices.pio_write(port, data),
         VcpuExit::MmioRead(addr, data) => devices.mmio_read(addr, data),
         VcpuExit::MmioWrite(addr, data) => devices.mmio_write(addr, data),
