@@ -102,7 +102,6 @@ fn vm_config(spec: VmSpec, seccomp: bool) -> Result<VmConfig, String> {
             },
         },
     };
-    let _ = seccomp;
     Ok(VmConfig {
         vcpus: spec.vcpus,
         mem_mib: spec.mem_mib,
@@ -127,6 +126,7 @@ fn vm_config(spec: VmSpec, seccomp: bool) -> Result<VmConfig, String> {
             .serial
             .map_or(SerialOutput::Discard, SerialOutput::File),
         epoch: Instant::now(),
+        seccomp,
     })
 }
 
