@@ -98,6 +98,21 @@ fn a_jailed_vmm_is_confined_and_reports_its_end() {
     for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert_eq!(field(&st, key), "0000000000000000", "{key}:\n{st}");
     }
+    // Every thread of the VMM (the control thread, devices, vcpu0; KVM's
+    // own workers inherit the control thread's) runs under a seccomp
+    // filter.
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+        let st = std::fs::read_to_string(dir.join("status")).unwrap();
+        assert_eq!(field(&st, "Seccomp"), "2", "{}:\n{st}", comm.trim());
+        names.push(comm.trim().to_owned());
+    }
+    assert_eq!(field(&st, "Seccomp"), "2", "control thread:\n{st}");
+    for name in ["devices", "vcpu0"] {
+        assert!(names.iter().any(|n| n == name), "{names:?}");
+    }
     assert_eq!(field(&st, "NoNewPrivs"), "1", "{st}");
     assert!(
         field(&st, "Uid").split_whitespace().all(|u| u == "65534"),

@@ -197,6 +197,12 @@ fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
                 }
             );
             println!("kernel command line: {}", r.cmdline());
+            println!(
+                "seccomp filters (one per VMM thread kind; any other system call kills the VMM):"
+            );
+            for filter in vmm::seccomp::describe() {
+                println!("  {filter}");
+            }
             Ok(if r.kind == check::HostKind::NoKvm {
                 ExitCode::FAILURE
             } else {

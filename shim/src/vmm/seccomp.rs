@@ -127,6 +127,38 @@ pub struct FilterDescription {
     pub syscalls: Vec<AllowedSyscall>,
 }
 
+impl std::fmt::Display for AllowedSyscall {
+    /// `read`, or `ioctl(arg 1: KVM_RUN)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)?;
+        if let Some(only) = &self.only {
+            write!(f, "(arg {}: ", only.arg)?;
+            for (i, (name, _)) in only.values.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(" or ")?;
+                }
+                f.write_str(name)?;
+            }
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for FilterDescription {
+    /// `vcpu: 40 syscalls: brk, ..., write`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} syscalls: ", self.kind, self.syscalls.len())?;
+        for (i, s) in self.syscalls.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{s}")?;
+        }
+        Ok(())
+    }
+}
+
 /// One allow-list entry: a syscall number, and optionally the values one
 /// of its arguments may take.
 struct Rule {
@@ -516,6 +548,16 @@ mod tests {
             Some((1, vec![("FIONBIO", libc::FIONBIO as u64)]))
         );
         assert_eq!(ioctl(ThreadKind::Control), None);
+        let vcpu = described[0].to_string();
+        assert!(
+            vcpu.starts_with(&format!("vcpu: {} syscalls: ", described[0].syscalls.len())),
+            "{vcpu}"
+        );
+        assert!(vcpu.contains(", ioctl(arg 1: KVM_RUN), "), "{vcpu}");
+        assert!(
+            vcpu.contains("openat(arg 2: O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC or "),
+            "{vcpu}"
+        );
         assert!(!names(ThreadKind::Control).contains(&"ioctl"));
         // The control thread opens nothing and makes no sockets; only it
         // passes fds.

@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use super::confine::confine;
 use super::wire::{self, BootSpec, Reply, Request, VmSpec};
+use crate::vmm::seccomp::{install, ThreadKind};
 use crate::vmm::{
     BootProtocol, BootSource, DiskConfig, FileDisk, KernelSpec, RunningVm, SerialOutput, Vm,
     VmConfig, VsockConfig,
@@ -151,6 +152,9 @@ fn serve(control: &OwnedFd) -> Result<(), String> {
     let built = Vm::build(config).map_err(|e| chain(&e))?;
     confine(&jail).map_err(|e| chain(&e))?;
     let vm = built.start().map_err(|e| chain(&e))?;
+    if jail.seccomp {
+        install(ThreadKind::Control).map_err(|e| chain(&e))?;
+    }
     wire::send(control, &Reply::Done, None).map_err(|e| chain(&e))?;
     log::debug!("VM started, confined in {}", jail.root.display());
     run(control, vm)
