@@ -348,7 +348,7 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         };
-        map.insert(i64::from(rule.nr), conditions);
+        map.insert(rule.nr, conditions);
     }
     let filter = SeccompFilter::new(
         map,
@@ -545,7 +545,7 @@ mod tests {
         );
         assert_eq!(
             ioctl(ThreadKind::Devices),
-            Some((1, vec![("FIONBIO", libc::FIONBIO as u64)]))
+            Some((1, vec![("FIONBIO", libc::FIONBIO)]))
         );
         assert_eq!(ioctl(ThreadKind::Control), None);
         let vcpu = described[0].to_string();
