@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use shim::vmm::jail::{JailConfig, JailError, JailedVm};
-use shim::vmm::{BootProtocol, BootSource, DiskConfig, ExitReason, SerialOutput, VmConfig};
+use shim::vmm::{
+    BootProtocol, BootSource, DiskConfig, ExitReason, SerialOutput, VmConfig, VsockConfig,
+};
 
 mod common;
 use common::kvm_available;
@@ -42,7 +44,12 @@ fn spinner(root: &Path, disks: Vec<DiskConfig>) -> VmConfig {
             protocol: BootProtocol::RealMode,
         },
         disks,
-        vsock: None,
+        // The muxer's socket file is removed at the VM's end, by the
+        // control thread under its filter.
+        vsock: Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: root.join("vsock.sock"),
+        }),
         cpu_template: shim::check::detect().template,
         serial: SerialOutput::File(root.join("serial.log")),
         epoch: Instant::now(),
