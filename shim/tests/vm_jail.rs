@@ -140,13 +140,14 @@ fn a_jailed_vmm_is_confined_and_reports_its_end() {
         let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         assert_ne!(ours, its, "the VMM shares our {ns} namespace");
     }
-    // Its `/` is the jail root: the serial log, nothing of the host's.
+    // Its `/` is the jail root: the serial log and the vsock socket,
+    // nothing of the host's.
     let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["serial.log"]);
+    assert_eq!(names, ["serial.log", "vsock.sock"]);
     assert!(!Path::new(&format!("/proc/{pid}/root/run/containerd")).exists());
     // Its own cgroup.
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
