@@ -17,7 +17,13 @@
 //! vmm = "process"              # `vm`: "process" (a jailed VMM child process) or "inline" (VMM threads in the shim)
 //! vmm_uid = 65534              # `vm`, `vmm = "process"`: the VMM process's user
 //! vmm_gid = 65534              # `vm`, `vmm = "process"`: the VMM process's group
+//! seccomp = true               # `vm`: per-thread seccomp filters in the VMM (false: debugging only)
 //! ```
+//!
+//! `seccomp = false` runs the VMM's vCPU, device and control threads
+//! without their seccomp filters (`crate::vmm::seccomp`; `skiff check`
+//! lists them): only to find out which system call a filter denied. Every
+//! VM start then logs a warning that the filters are off.
 //!
 //! Unknown keys and bad values are errors; `start` reports them, so
 //! containerd shows them on the failing `ctr run`.
@@ -170,6 +176,9 @@ pub struct Config {
     pub vmm_uid: u32,
     /// The jailed VMM's group (`vmm = "process"`).
     pub vmm_gid: u32,
+    /// Whether the VMM's threads install their seccomp filters (`vm`
+    /// handler). `false` is for debugging only.
+    pub seccomp: bool,
 }
 
 impl Default for Config {
@@ -189,6 +198,7 @@ impl Default for Config {
             vmm: VmmMode::Process,
             vmm_uid: NOBODY,
             vmm_gid: NOBODY,
+            seccomp: true,
         }
     }
 }
@@ -422,6 +432,10 @@ mod tests {
         assert!(e.contains("vm_disks = 0 is out of range (1 to 16)"), "{e}");
         assert_eq!(parse("vm_disks = 16\n").unwrap().vm_disks, 16);
         assert_eq!(Config::default().vmm, VmmMode::Process);
+        assert!(Config::default().seccomp);
+        assert!(!parse("seccomp = false\n").unwrap().seccomp);
+        let e = parse("seccomp = \"off\"\n").unwrap_err().to_string();
+        assert!(e.contains("seccomp"), "{e}");
         let c = parse("vmm = \"inline\"\nvmm_uid = 1000\nvmm_gid = 1001\n").unwrap();
         assert_eq!((c.vmm, c.vmm_uid, c.vmm_gid), (VmmMode::Inline, 1000, 1001));
         let e = parse("vmm = \"jailer\"\n").unwrap_err().to_string();

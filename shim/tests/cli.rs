@@ -185,6 +185,11 @@ fn check_reports_the_host() {
         stdout.contains(&format!("kernel command line: {cmdline}")),
         "{stdout}"
     );
+    for filter in shim::vmm::seccomp::describe() {
+        assert!(stdout.contains(&format!("  {filter}\n")), "{stdout}");
+    }
+    assert!(stdout.contains("  vcpu: "), "{stdout}");
+    assert!(stdout.contains("ioctl(arg 1: KVM_RUN)"), "{stdout}");
     let kind = shim::check::detect().kind;
     assert_eq!(out.status.success(), kind != shim::check::HostKind::NoKvm);
     assert!(stdout.contains(&kind.to_string()), "{stdout}");

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use shim::vmm::jail::{JailConfig, JailError, JailedVm};
-use shim::vmm::{BootProtocol, BootSource, DiskConfig, ExitReason, SerialOutput, VmConfig};
+use shim::vmm::{
+    BootProtocol, BootSource, DiskConfig, ExitReason, SerialOutput, VmConfig, VsockConfig,
+};
 
 mod common;
 use common::kvm_available;
@@ -42,10 +44,16 @@ fn spinner(root: &Path, disks: Vec<DiskConfig>) -> VmConfig {
             protocol: BootProtocol::RealMode,
         },
         disks,
-        vsock: None,
+        // The muxer's socket file is removed at the VM's end, by the
+        // control thread under its filter.
+        vsock: Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: root.join("vsock.sock"),
+        }),
         cpu_template: shim::check::detect().template,
         serial: SerialOutput::File(root.join("serial.log")),
         epoch: Instant::now(),
+        seccomp: true,
     }
 }
 
@@ -97,6 +105,21 @@ fn a_jailed_vmm_is_confined_and_reports_its_end() {
     for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert_eq!(field(&st, key), "0000000000000000", "{key}:\n{st}");
     }
+    // Every thread of the VMM (the control thread, devices, vcpu0; KVM's
+    // own workers inherit the control thread's) runs under a seccomp
+    // filter.
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+        let st = std::fs::read_to_string(dir.join("status")).unwrap();
+        assert_eq!(field(&st, "Seccomp"), "2", "{}:\n{st}", comm.trim());
+        names.push(comm.trim().to_owned());
+    }
+    assert_eq!(field(&st, "Seccomp"), "2", "control thread:\n{st}");
+    for name in ["devices", "vcpu0"] {
+        assert!(names.iter().any(|n| n == name), "{names:?}");
+    }
     assert_eq!(field(&st, "NoNewPrivs"), "1", "{st}");
     assert!(
         field(&st, "Uid").split_whitespace().all(|u| u == "65534"),
@@ -117,13 +140,14 @@ fn a_jailed_vmm_is_confined_and_reports_its_end() {
         let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         assert_ne!(ours, its, "the VMM shares our {ns} namespace");
     }
-    // Its `/` is the jail root: the serial log, nothing of the host's.
+    // Its `/` is the jail root: the serial log and the vsock socket,
+    // nothing of the host's.
     let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["serial.log"]);
+    assert_eq!(names, ["serial.log", "vsock.sock"]);
     assert!(!Path::new(&format!("/proc/{pid}/root/run/containerd")).exists());
     // Its own cgroup.
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();

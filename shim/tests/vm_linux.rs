@@ -67,6 +67,7 @@ fn linux_boots_to_init_with_a_virtio_disk() {
         cpu_template: host.template,
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
+        seccomp: true,
     })
     .expect("the VM runs");
     let _ = std::fs::remove_file(&disk);

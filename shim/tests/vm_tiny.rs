@@ -32,6 +32,7 @@ fn config(
             cpu_template: template,
             serial: SerialOutput::Buffer(out.clone()),
             epoch: Instant::now(),
+            seccomp: true,
         },
         out,
     )
@@ -121,6 +122,54 @@ fn long_mode_uart_then_triple_fault() {
     assert_eq!(serial(&out), "L\n");
 }
 
+/// The `Seccomp:` line of each VMM thread (`vcpuN`, `devices`) of this
+/// process, by thread name.
+fn vmm_thread_seccomp_modes() -> Vec<(String, String)> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        // A thread may end while we look.
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("status")),
+        ) else {
+            continue;
+        };
+        let name = comm.trim().to_owned();
+        if !(name.starts_with("vcpu") || name == "devices") {
+            continue;
+        }
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim()
+            .to_owned();
+        modes.push((name, mode));
+    }
+    modes
+}
+
+/// Every VMM thread runs under its filter (mode 2). Other tests' VMs run
+/// in parallel threads and may be between spawning a thread and its
+/// filter, so a straggler gets a moment.
+fn every_vmm_thread_is_filtered() {
+    let mut modes = vmm_thread_seccomp_modes();
+    for _ in 0..100 {
+        if modes.iter().all(|(_, mode)| mode == "2") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        modes = vmm_thread_seccomp_modes();
+    }
+    assert!(modes.iter().any(|(n, _)| n == "vcpu0"), "{modes:?}");
+    assert!(modes.iter().any(|(n, _)| n == "devices"), "{modes:?}");
+    assert!(modes.iter().all(|(_, mode)| mode == "2"), "{modes:?}");
+    // The test's own thread is not filtered.
+    let ours = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    assert!(ours.contains("Seccomp:\t0\n"), "{ours}");
+}
+
 #[test]
 fn host_stop_ends_a_spinning_guest_and_leaks_nothing() {
     if !kvm_available() {
@@ -131,6 +180,7 @@ fn host_stop_ends_a_spinning_guest_and_leaks_nothing() {
     let vm = vmm::Vm::start(cfg).expect("VM starts");
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert!(!vm.has_exited());
+    every_vmm_thread_is_filtered();
     vm.stop();
     let report = vm.wait();
     assert_eq!(report.exit, ExitReason::Stopped);

@@ -74,6 +74,7 @@ fn vsock_device_is_wired_and_torn_down() {
         cpu_template: shim::check::detect().template,
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
+        seccomp: true,
     };
     let vm = vmm::Vm::start(cfg).expect("VM starts");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -237,6 +238,7 @@ fn garbage_from_the_guest_driver_is_answered_with_rst() {
         cpu_template: shim::check::detect().template,
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
+        seccomp: true,
     };
     let vm = vmm::Vm::start(cfg).expect("VM starts");
     let deadline = Instant::now() + Duration::from_secs(10);

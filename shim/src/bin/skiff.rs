@@ -64,6 +64,10 @@ struct RunArgs {
     /// Extra guest kernel parameters (`vm`; appended to the config's).
     #[arg(long, value_name = "PARAMS")]
     kernel_params: Option<String>,
+    /// Run the VMM threads without their seccomp filters (`vm`; for
+    /// debugging only; overrides the config's `seccomp`).
+    #[arg(long)]
+    no_seccomp: bool,
     /// An environment entry NAME=value. Repeatable.
     #[arg(long = "env", short = 'e', value_name = "NAME=VALUE")]
     env: Vec<String>,
@@ -117,6 +121,10 @@ struct BootArgs {
     /// The guest's vsock CID (with --vsock-uds).
     #[arg(long, default_value_t = 3, requires = "vsock_uds")]
     vsock_cid: u64,
+    /// Run the VMM threads without their seccomp filters (for debugging
+    /// only: a denied system call then shows up as what it is).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -189,6 +197,12 @@ fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
                 }
             );
             println!("kernel command line: {}", r.cmdline());
+            println!(
+                "seccomp filters (one per VMM thread kind; any other system call kills the VMM):"
+            );
+            for filter in vmm::seccomp::describe() {
+                println!("  {filter}");
+            }
             Ok(if r.kind == check::HostKind::NoKvm {
                 ExitCode::FAILURE
             } else {
@@ -216,6 +230,9 @@ fn run_container(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(params) = a.kernel_params {
         config.kernel_params = format!("{} {params}", config.kernel_params);
+    }
+    if a.no_seccomp {
+        config.seccomp = false;
     }
     for entry in &a.env {
         if !entry.contains('=') {
@@ -281,6 +298,7 @@ fn boot(a: BootArgs, epoch: Instant) -> anyhow::Result<ExitCode> {
             .map(vmm::SerialOutput::File)
             .unwrap_or(vmm::SerialOutput::Stdout),
         epoch,
+        seccomp: !a.no_seccomp,
     };
     let report = vmm::run(config).context("cannot run the VM")?;
     if let Some(t) = report.first_entry {

@@ -99,6 +99,10 @@ pub struct VmConfig {
     /// The instant the boot timer and first-entry figures count from
     /// (usually process start).
     pub epoch: Instant,
+    /// Whether each VMM thread installs its seccomp filter
+    /// ([`super::seccomp`]); `false` is for debugging only, and every
+    /// start says so in the log.
+    pub seccomp: bool,
 }
 
 impl VmConfig {

@@ -26,6 +26,7 @@ use super::file_disk::{FileDisk, FileDiskError};
 use super::irq::IrqFd;
 use super::platform::layout;
 use super::platform::GuestRam;
+use super::seccomp::Installer;
 use super::serial_log::{SerialLog, SERIAL_LOG_CAP_BYTES};
 use super::shared::{ExitReason, Shared};
 use super::slot::{DiskSlotError, VirtioSlot};
@@ -364,10 +365,12 @@ impl Devices {
 
 /// Starts the thread that passes queue-notification ioeventfds to their
 /// transports ([`VirtioSlot::notify`]), and serves the devices' host
-/// sides (the vsock muxer's sockets) when their fds are ready.
+/// sides (the vsock muxer's sockets) when their fds are ready. The thread
+/// installs its seccomp filter with `filter` before it serves anything.
 pub fn spawn_device_thread(
     devices: Arc<Devices>,
     shared: Arc<Shared>,
+    filter: Installer,
 ) -> std::io::Result<JoinHandle<()>> {
     let epoll = Epoll::new()?;
     const WAKE: u64 = u64::MAX;
@@ -399,6 +402,9 @@ pub fn spawn_device_thread(
     std::thread::Builder::new()
         .name("devices".into())
         .spawn(move || {
+            if !filter.install() {
+                return;
+            }
             let mut events = vec![EpollEvent::default(); devices.notifiers.len() + host_fds + 1];
             while !shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let n = match epoll.wait(-1, &mut events) {

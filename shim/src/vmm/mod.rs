@@ -15,6 +15,7 @@ mod file_disk;
 mod irq;
 pub mod jail;
 mod platform;
+pub mod seccomp;
 mod serial_log;
 mod shared;
 mod slot;
@@ -101,6 +102,10 @@ pub enum VmmError {
         #[source]
         source: DiskSlotError,
     },
+    /// A VMM thread could not install its seccomp filter; the VM did not
+    /// start.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// The jailed VMM process failed.
     #[error(transparent)]
     Jail(#[from] jail::JailError),
@@ -227,6 +232,7 @@ impl Vm {
             shared,
             devices,
             vcpu_fds: fds,
+            seccomp: config.seccomp,
         })
     }
 
@@ -245,19 +251,30 @@ pub struct BuiltVm {
     shared: Arc<Shared>,
     devices: Arc<Devices>,
     vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    seccomp: bool,
 }
 
 impl BuiltVm {
-    /// Starts the device thread and one thread per vCPU.
+    /// Starts the device thread and one thread per vCPU; each installs
+    /// its seccomp filter ([`seccomp`]) before it serves anything, and the
+    /// VM starts only once every one has.
     pub fn start(self) -> Result<RunningVm, VmmError> {
         let BuiltVm {
             vm,
             shared,
             devices,
             vcpu_fds: fds,
+            seccomp,
         } = self;
+        if !seccomp {
+            log::warn!(
+                "seccomp filters are OFF for this VM's threads (seccomp = false): \
+                 for debugging only"
+            );
+        }
         vcpu::install_kick_handler();
-        let device_thread = devices::spawn_device_thread(devices.clone(), shared.clone())
+        let (filter, installed) = seccomp::handoff(seccomp::ThreadKind::Devices, seccomp);
+        let device_thread = devices::spawn_device_thread(devices.clone(), shared.clone(), filter)
             .map_err(os("the device thread"))?;
         let mut running = RunningVm {
             shared: shared.clone(),
@@ -266,17 +283,21 @@ impl BuiltVm {
             devices: devices.clone(),
             _vm: vm,
         };
-        for (id, fd) in fds.into_iter().enumerate() {
-            let t = vcpu::spawn(id as u8, fd, devices.clone(), shared.clone())
-                .map_err(os("a vCPU thread"));
-            match t {
-                Ok(t) => running.vcpus.push(t),
-                Err(e) => {
-                    running.shared.request_exit(ExitReason::Stopped);
-                    running.join();
-                    return Err(e);
-                }
+        let started = installed.wait().map_err(VmmError::from);
+        let started = started.and_then(|()| {
+            for (id, fd) in fds.into_iter().enumerate() {
+                let (filter, installed) = seccomp::handoff(seccomp::ThreadKind::Vcpu, seccomp);
+                let t = vcpu::spawn(id as u8, fd, devices.clone(), shared.clone(), filter)
+                    .map_err(os("a vCPU thread"))?;
+                running.vcpus.push(t);
+                installed.wait()?;
             }
+            Ok(())
+        });
+        if let Err(e) = started {
+            running.shared.request_exit(ExitReason::Stopped);
+            running.join();
+            return Err(e);
         }
         Ok(running)
     }

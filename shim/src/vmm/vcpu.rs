@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::devices::Devices;
+use super::seccomp::Installer;
 use super::shared::{ExitReason, Shared};
 use crate::sync::lock;
 
@@ -31,16 +32,21 @@ pub fn install_kick_handler() {
     });
 }
 
-/// Starts vCPU `id`'s thread.
+/// Starts vCPU `id`'s thread; it installs its seccomp filter with
+/// `filter` before its first `KVM_RUN`.
 pub fn spawn(
     id: u8,
     fd: VcpuFd,
     devices: Arc<Devices>,
     shared: Arc<Shared>,
+    filter: Installer,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            if !filter.install() {
+                return;
+            }
             // A bug that panics a vCPU thread ends the VM with a reason
             // instead of leaving a guest with a vCPU that never runs again.
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

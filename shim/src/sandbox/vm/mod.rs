@@ -99,6 +99,7 @@ impl VmHandler {
         }
         jail.uid = req.config.vmm_uid;
         jail.gid = req.config.vmm_gid;
+        jail.seccomp = req.config.seccomp;
         jail.log_level = req.config.log_level.filter();
         Some(jail)
     }

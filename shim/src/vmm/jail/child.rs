@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use super::confine::confine;
 use super::wire::{self, BootSpec, Reply, Request, VmSpec};
+use crate::vmm::seccomp::{install, ThreadKind};
 use crate::vmm::{
     BootProtocol, BootSource, DiskConfig, FileDisk, KernelSpec, RunningVm, SerialOutput, Vm,
     VmConfig, VsockConfig,
@@ -102,7 +103,6 @@ fn vm_config(spec: VmSpec, seccomp: bool) -> Result<VmConfig, String> {
             },
         },
     };
-    let _ = seccomp;
     Ok(VmConfig {
         vcpus: spec.vcpus,
         mem_mib: spec.mem_mib,
@@ -127,6 +127,7 @@ fn vm_config(spec: VmSpec, seccomp: bool) -> Result<VmConfig, String> {
             .serial
             .map_or(SerialOutput::Discard, SerialOutput::File),
         epoch: Instant::now(),
+        seccomp,
     })
 }
 
@@ -151,6 +152,9 @@ fn serve(control: &OwnedFd) -> Result<(), String> {
     let built = Vm::build(config).map_err(|e| chain(&e))?;
     confine(&jail).map_err(|e| chain(&e))?;
     let vm = built.start().map_err(|e| chain(&e))?;
+    if jail.seccomp {
+        install(ThreadKind::Control).map_err(|e| chain(&e))?;
+    }
     wire::send(control, &Reply::Done, None).map_err(|e| chain(&e))?;
     log::debug!("VM started, confined in {}", jail.root.display());
     run(control, vm)

@@ -394,7 +394,7 @@ impl JailedVm {
                 root: jail.root.clone(),
                 uid: jail.uid,
                 gid: jail.gid,
-                seccomp: jail.seccomp,
+                seccomp: jail.seccomp && config.seccomp,
                 max_files: VMM_MAX_FILES,
             },
             log_level: jail.log_level.to_string(),
@@ -643,6 +643,7 @@ mod tests {
             cpu_template: CpuTemplate::Default,
             serial: SerialOutput::File(root.join("serial.log")),
             epoch: Instant::now(),
+            seccomp: true,
         }
     }
 
