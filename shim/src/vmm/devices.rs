@@ -8,9 +8,11 @@
 //! Each virtio device has its own thread ([`spawn_device_thread`], named
 //! `vmm-blk0`, `vmm-blk1`, ..., `vmm-vsock`) with its own epoll over the
 //! device's queue-notification ioeventfds, the vsock muxer's host fd, and a
-//! wake eventfd that makes it look at the stop flag. So a disk busy with
-//! synchronous I/O delays only its own queue: not the vsock device (the
-//! agent's channel, and with it Delete and Shutdown), not another disk.
+//! wake eventfd that makes it look at the stop flag; all of its life is
+//! `serve_device`, whose top is the place for per-thread setup. So a disk
+//! busy with synchronous I/O delays only its own queue: not the vsock
+//! device (the agent's channel, and with it Delete and Shutdown), not
+//! another disk.
 //! The vCPUs do not wait for a disk's I/O either: a disk keeps its
 //! registers and its I/O under separate locks (see `blk.rs`).
 
