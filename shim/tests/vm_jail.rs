@@ -105,7 +105,7 @@ fn a_jailed_vmm_is_confined_and_reports_its_end() {
     for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         assert_eq!(field(&st, key), "0000000000000000", "{key}:\n{st}");
     }
-    // Every thread of the VMM (the control thread, devices, vcpu0; KVM's
+    // Every thread of the VMM (the control thread, vmm-vsock, vcpu0; KVM's
     // own workers inherit the control thread's) runs under a seccomp
     // filter.
     let mut names = Vec::new();
@@ -117,7 +117,7 @@ fn a_jailed_vmm_is_confined_and_reports_its_end() {
         names.push(comm.trim().to_owned());
     }
     assert_eq!(field(&st, "Seccomp"), "2", "control thread:\n{st}");
-    for name in ["devices", "vcpu0"] {
+    for name in ["vmm-vsock", "vcpu0"] {
         assert!(names.iter().any(|n| n == name), "{names:?}");
     }
     assert_eq!(field(&st, "NoNewPrivs"), "1", "{st}");

@@ -122,7 +122,7 @@ fn long_mode_uart_then_triple_fault() {
     assert_eq!(serial(&out), "L\n");
 }
 
-/// The `Seccomp:` line of each VMM thread (`vcpuN`, `devices`) of this
+/// The `Seccomp:` line of each VMM thread (`vcpuN`, `vmm-<device>`) of this
 /// process, by thread name.
 fn vmm_thread_seccomp_modes() -> Vec<(String, String)> {
     let mut modes = Vec::new();
@@ -136,7 +136,7 @@ fn vmm_thread_seccomp_modes() -> Vec<(String, String)> {
             continue;
         };
         let name = comm.trim().to_owned();
-        if !(name.starts_with("vcpu") || name == "devices") {
+        if !(name.starts_with("vcpu") || name.starts_with("vmm-")) {
             continue;
         }
         let mode = status
@@ -163,7 +163,7 @@ fn every_vmm_thread_is_filtered() {
         modes = vmm_thread_seccomp_modes();
     }
     assert!(modes.iter().any(|(n, _)| n == "vcpu0"), "{modes:?}");
-    assert!(modes.iter().any(|(n, _)| n == "devices"), "{modes:?}");
+    assert!(modes.iter().any(|(n, _)| n == "vmm-blk0"), "{modes:?}");
     assert!(modes.iter().all(|(_, mode)| mode == "2"), "{modes:?}");
     // The test's own thread is not filtered.
     let ours = std::fs::read_to_string("/proc/thread-self/status").unwrap();
@@ -176,7 +176,12 @@ fn host_stop_ends_a_spinning_guest_and_leaks_nothing() {
         return;
     }
     let before = threads_and_fds();
-    let (cfg, _out) = config(vec![0xeb, 0xfe], 0x1000, BootProtocol::RealMode); // jmp $
+    let (mut cfg, _out) = config(vec![0xeb, 0xfe], 0x1000, BootProtocol::RealMode); // jmp $
+                                                                                    // An empty disk slot, so that a device thread (`vmm-blk0`) runs too.
+    cfg.disks = vec![vmm::DiskConfig {
+        path: None,
+        read_only: true,
+    }];
     let vm = vmm::Vm::start(cfg).expect("VM starts");
     std::thread::sleep(std::time::Duration::from_millis(50));
     assert!(!vm.has_exited());

@@ -93,12 +93,12 @@ fn vsock_device_is_wired_and_torn_down() {
     let mut junk = UnixStream::connect(&uds).unwrap();
     junk.write_all(b"NOT A HANDSHAKE\n").unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let t0 = thread_ticks("devices").expect("device thread");
+    let t0 = thread_ticks("vmm-vsock").expect("vsock device thread");
     std::thread::sleep(Duration::from_millis(500));
-    let t1 = thread_ticks("devices").expect("device thread");
+    let t1 = thread_ticks("vmm-vsock").expect("vsock device thread");
     assert!(
         t1 - t0 < 10,
-        "device thread busy: {} ticks in 500 ms",
+        "vsock device thread busy: {} ticks in 500 ms",
         t1 - t0
     );
     let mut b = [0u8; 16];

@@ -3,7 +3,18 @@
 //! Port I/O: the 16550 UART at 0x3f8 and the i8042 at 0x60/0x64. MMIO: the
 //! boot-timer pseudo-device and the virtio-mmio windows. Buses are built
 //! once and then only read, so lookups take no lock; each device has its own
-//! mutex, held only for the duration of one access.
+//! lock, held by a vCPU only for the duration of one access.
+//!
+//! Each virtio device has its own thread ([`spawn_device_thread`], named
+//! `vmm-blk0`, `vmm-blk1`, ..., `vmm-vsock`) with its own epoll over the
+//! device's queue-notification ioeventfds, the vsock muxer's host fd, and a
+//! wake eventfd that makes it look at the stop flag; all of its life is
+//! `serve_device`, whose top is the place for per-thread setup. So a disk
+//! busy with synchronous I/O delays only its own queue: not the vsock
+//! device (the agent's channel, and with it Delete and Shutdown), not
+//! another disk.
+//! The vCPUs do not wait for a disk's I/O either: a disk keeps its
+//! registers and its I/O under separate locks (see `blk.rs`).
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -20,17 +31,17 @@ use vmm_core::mmio::QUEUE_NOTIFY_OFFSET;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::blk::DiskSlot;
+use super::blk::{DiskSlot, DISK_QUEUES};
 use super::config::{SerialOutput, VmConfig};
 use super::file_disk::{FileDisk, FileDiskError};
 use super::irq::IrqFd;
 use super::platform::layout;
 use super::platform::GuestRam;
-use super::seccomp::Installer;
+use super::seccomp::{handoff, Installed, Installer, ThreadKind};
 use super::serial_log::{SerialLog, SERIAL_LOG_CAP_BYTES};
 use super::shared::{ExitReason, Shared};
 use super::slot::{DiskSlotError, VirtioSlot};
-use super::vsock::{VsockSetupError, VsockSlot};
+use super::vsock::{VsockSetupError, VsockSlot, VSOCK_QUEUES};
 use crate::sync::lock;
 
 /// The value the guest's init writes to the boot timer.
@@ -85,21 +96,40 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> DeviceSetupE
 
 /// Builds the virtio devices `config` asks for, in window order; device `i`
 /// raises IRQ `VIRTIO_IRQ_BASE + i`.
-fn build_virtio_devices(
-    vm: &VmFd,
-    config: &VmConfig,
-) -> Result<Vec<Box<dyn VirtioSlot>>, DeviceSetupError> {
-    let mut slots: Vec<Box<dyn VirtioSlot>> = Vec::new();
+fn build_virtio_devices(vm: &VmFd, config: &VmConfig) -> Result<Vec<VirtioUnit>, DeviceSetupError> {
+    let mut units = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + i as u32)?;
         let medium = FileDisk::open(disk)?;
-        slots.push(Box::new(DiskSlot::new(i, medium, disk.read_only, irq)?));
+        let notifiers = new_notifiers(DISK_QUEUES)?;
+        let kick = notifiers[0]
+            .try_clone()
+            .map_err(DeviceSetupError::EventFd)?;
+        let slot = DiskSlot::new(i, medium, disk.read_only, irq, kick)?;
+        units.push(VirtioUnit::new(
+            format!("vmm-blk{i}"),
+            Box::new(slot),
+            notifiers,
+        )?);
     }
     if let Some(vsock) = &config.vsock {
-        let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + slots.len() as u32)?;
-        slots.push(Box::new(VsockSlot::new(vsock, irq)?));
+        let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + units.len() as u32)?;
+        let slot = VsockSlot::new(vsock, irq)?;
+        let notifiers = new_notifiers(VSOCK_QUEUES)?;
+        units.push(VirtioUnit::new(
+            "vmm-vsock".into(),
+            Box::new(slot),
+            notifiers,
+        )?);
     }
-    Ok(slots)
+    Ok(units)
+}
+
+/// `count` queue-notification eventfds.
+fn new_notifiers(count: usize) -> Result<Vec<EventFd>, DeviceSetupError> {
+    (0..count)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceSetupError::EventFd))
+        .collect()
 }
 
 /// An interrupt line for GSI `gsi`: an irqfd registered with `vm`.
@@ -202,11 +232,40 @@ enum Mmio {
     Virtio(usize),
 }
 
-/// A queue notification eventfd: (eventfd, device index, queue index).
-struct Notifier {
-    evt: EventFd,
-    device: usize,
-    queue: u16,
+/// One virtio device as the VMM runs it: its slot, the eventfds its thread
+/// waits on, and the thread's name.
+pub struct VirtioUnit {
+    /// The thread's name (at most 15 bytes, Linux's limit for `comm`).
+    name: String,
+    slot: Box<dyn VirtioSlot>,
+    /// Queue-notification eventfds, indexed by queue.
+    notifiers: Vec<EventFd>,
+    /// Written to make the thread look at the stop flag.
+    wake: EventFd,
+}
+
+impl VirtioUnit {
+    /// `slot`, served by a thread named `name`, notified through
+    /// `notifiers` (one per queue of the slot).
+    pub fn new(
+        name: String,
+        slot: Box<dyn VirtioSlot>,
+        notifiers: Vec<EventFd>,
+    ) -> Result<Self, DeviceSetupError> {
+        debug_assert_eq!(notifiers.len(), slot.queue_count());
+        debug_assert!(name.len() <= 15, "thread name {name} is cut");
+        Ok(VirtioUnit {
+            name,
+            slot,
+            notifiers,
+            wake: EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceSetupError::EventFd)?,
+        })
+    }
+
+    /// Wakes the unit's thread (to make it notice the stop flag).
+    pub fn wake(&self) -> std::io::Result<()> {
+        self.wake.write(1)
+    }
 }
 
 /// All devices of one VM.
@@ -215,9 +274,7 @@ pub struct Devices {
     mmio: Bus<Mmio, { MAX_VIRTIO_DEVICES + 1 }>,
     serial: Mutex<Serial<IrqFd, SerialWriter>>,
     i8042: Mutex<I8042<ResetLine>>,
-    virtio: Vec<Mutex<Box<dyn VirtioSlot>>>,
-    notifiers: Vec<Notifier>,
-    wake: EventFd,
+    virtio: Vec<Arc<VirtioUnit>>,
     boot_timer: Mutex<Option<Duration>>,
     mem: GuestRam,
     shared: Arc<Shared>,
@@ -255,33 +312,26 @@ impl Devices {
             Mmio::BootTimer,
         )?;
 
-        let slots = build_virtio_devices(vm, config)?;
-        if slots.len() > MAX_VIRTIO_DEVICES {
+        let units = build_virtio_devices(vm, config)?;
+        if units.len() > MAX_VIRTIO_DEVICES {
             return Err(DeviceSetupError::TooManyDevices);
         }
-        let mut virtio = Vec::with_capacity(slots.len());
-        let mut notifiers = Vec::new();
-        for (i, slot) in slots.into_iter().enumerate() {
+        let mut virtio = Vec::with_capacity(units.len());
+        for (i, unit) in units.into_iter().enumerate() {
             let base = layout::virtio_mmio_window(i as u32);
             mmio.insert(
                 BusRange::new(base, layout::VIRTIO_MMIO_SIZE),
                 Mmio::Virtio(i),
             )?;
-            for q in 0..slot.queue_count() {
-                let evt = new_evt()?;
+            for (q, evt) in unit.notifiers.iter().enumerate() {
                 vm.register_ioevent(
-                    &evt,
+                    evt,
                     &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
                     q as u32,
                 )
                 .map_err(kvm_err("register a queue ioeventfd"))?;
-                notifiers.push(Notifier {
-                    evt,
-                    device: i,
-                    queue: q as u16,
-                });
             }
-            virtio.push(Mutex::new(slot));
+            virtio.push(Arc::new(unit));
         }
 
         Ok(Devices {
@@ -290,8 +340,6 @@ impl Devices {
             serial: Mutex::new(serial),
             i8042: Mutex::new(I8042::new(ResetLine(shared.clone()))),
             virtio,
-            notifiers,
-            wake: new_evt()?,
             boot_timer: Mutex::new(None),
             mem,
             shared,
@@ -321,7 +369,7 @@ impl Devices {
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         data.fill(0);
         match self.mmio.get(addr) {
-            Some((Mmio::Virtio(i), off)) => lock(&self.virtio[*i]).read(off, data),
+            Some((Mmio::Virtio(i), off)) => self.virtio[*i].slot.read(off, data),
             Some((Mmio::BootTimer, _)) | None => {}
         }
     }
@@ -329,7 +377,7 @@ impl Devices {
     /// An MMIO write.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         match self.mmio.get(addr) {
-            Some((Mmio::Virtio(i), off)) => lock(&self.virtio[*i]).write(&self.mem, off, data),
+            Some((Mmio::Virtio(i), off)) => self.virtio[*i].slot.write(&self.mem, off, data),
             Some((Mmio::BootTimer, 0)) if data.first() == Some(&BOOT_TIMER_MAGIC) => {
                 let at = self.shared.epoch.elapsed();
                 let mut t = lock(&self.boot_timer);
@@ -346,10 +394,10 @@ impl Devices {
     /// disk slot, or takes its medium out (see
     /// [`RunningVm::set_disk`](super::RunningVm::set_disk)).
     pub fn swap_disk(&self, index: usize, medium: Option<FileDisk>) -> Result<(), DiskSlotError> {
-        let slot = self.virtio.get(index).ok_or(DiskSlotError::NoSuchSlot {
+        let unit = self.virtio.get(index).ok_or(DiskSlotError::NoSuchSlot {
             count: self.virtio.len(),
         })?;
-        lock(slot).swap_disk(medium)
+        unit.slot.swap_disk(medium)
     }
 
     /// When the guest wrote the boot-timer marker.
@@ -357,87 +405,133 @@ impl Devices {
         *lock(&self.boot_timer)
     }
 
-    /// Wakes the device thread (to make it notice the stop flag).
-    pub fn wake_device_thread(&self) -> std::io::Result<()> {
-        self.wake.write(1)
+    /// Starts one thread per virtio device ([`spawn_device_thread`]).
+    /// `started` receives each thread as it starts, so that the caller can
+    /// join those that did if a later one cannot start.
+    ///
+    /// Each thread installs its seccomp filter (when `seccomp` is on)
+    /// before it serves anything; `installed` receives the handle to wait
+    /// for that.
+    pub fn spawn_device_threads(
+        &self,
+        shared: &Arc<Shared>,
+        seccomp: bool,
+        started: &mut Vec<JoinHandle<()>>,
+        installed: &mut Vec<Installed>,
+    ) -> std::io::Result<()> {
+        for unit in &self.virtio {
+            let (filter, done) = handoff(ThreadKind::Devices, seccomp);
+            started.push(spawn_device_thread(
+                unit.clone(),
+                self.mem.clone(),
+                shared.clone(),
+                filter,
+            )?);
+            installed.push(done);
+        }
+        Ok(())
+    }
+
+    /// Wakes every device thread (to make it notice the stop flag).
+    pub fn wake_device_threads(&self) {
+        for unit in &self.virtio {
+            // Fails only if the counter would overflow: a wake-up is
+            // pending anyway.
+            let _ = unit.wake();
+        }
     }
 }
 
-/// Starts the thread that passes queue-notification ioeventfds to their
-/// transports ([`VirtioSlot::notify`]), and serves the devices' host
-/// sides (the vsock muxer's sockets) when their fds are ready. The thread
+/// epoll token of a unit's wake eventfd.
+const WAKE_TOKEN: u64 = u64::MAX;
+/// epoll token of a unit's host fd; queue `q`'s notifier has token `q`.
+const HOST_TOKEN: u64 = u64::MAX - 1;
+
+/// Starts the thread of virtio device `unit`, named after it: it passes
+/// the device's queue notifications to its transport
+/// ([`VirtioSlot::notify`]) and serves its host side (the vsock muxer's
+/// sockets, [`VirtioSlot::host_ready`]) when its fd is ready, until the
+/// stop flag in `shared` is set and the unit is woken. The thread
 /// installs its seccomp filter with `filter` before it serves anything.
 pub fn spawn_device_thread(
-    devices: Arc<Devices>,
+    unit: Arc<VirtioUnit>,
+    mem: GuestRam,
     shared: Arc<Shared>,
     filter: Installer,
 ) -> std::io::Result<JoinHandle<()>> {
     let epoll = Epoll::new()?;
-    const WAKE: u64 = u64::MAX;
     epoll.ctl(
         ControlOperation::Add,
-        devices.wake.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, WAKE),
+        unit.wake.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, WAKE_TOKEN),
     )?;
-    for (i, n) in devices.notifiers.iter().enumerate() {
+    for (q, evt) in unit.notifiers.iter().enumerate() {
         epoll.ctl(
             ControlOperation::Add,
-            n.evt.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, i as u64),
+            evt.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, q as u64),
         )?;
     }
-    // Tokens from HOST_FD up name the device whose host fd is ready.
-    const HOST_FD: u64 = 1 << 32;
-    let mut host_fds = 0;
-    for (i, slot) in devices.virtio.iter().enumerate() {
-        if let Some(fd) = lock(slot).host_fd() {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, HOST_FD + i as u64),
-            )?;
-            host_fds += 1;
-        }
+    if let Some(fd) = unit.slot.host_fd() {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, HOST_TOKEN),
+        )?;
     }
     std::thread::Builder::new()
-        .name("devices".into())
+        .name(unit.name.clone())
         .spawn(move || {
             if !filter.install() {
                 return;
             }
-            let mut events = vec![EpollEvent::default(); devices.notifiers.len() + host_fds + 1];
-            while !shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let n = match epoll.wait(-1, &mut events) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        shared.request_exit(ExitReason::VcpuError(format!(
-                            "device thread: epoll failed: {e}"
-                        )));
-                        return;
-                    }
-                };
-                for ev in &events[..n] {
-                    let data = ev.data();
-                    if data == WAKE {
-                        let _ = devices.wake.read();
-                        continue;
-                    }
-                    if data >= HOST_FD {
-                        if let Some(slot) = devices.virtio.get((data - HOST_FD) as usize) {
-                            lock(slot).host_ready(&devices.mem);
-                        }
-                        continue;
-                    }
-                    let Some(n) = devices.notifiers.get(data as usize) else {
+            // As with a vCPU thread: a bug that panics it ends the VM with
+            // a reason rather than leaving a device that never answers.
+            let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                serve_device(&unit, &epoll, &mem, &shared)
+            }));
+            if served.is_err() {
+                shared.request_exit(ExitReason::VcpuError(format!(
+                    "device thread {}: the thread panicked",
+                    unit.name
+                )));
+            }
+        })
+}
+
+/// The loop of one device thread: everything such a thread does, from its
+/// start (the place for per-thread setup) to the stop flag.
+fn serve_device(unit: &VirtioUnit, epoll: &Epoll, mem: &GuestRam, shared: &Shared) {
+    let mut events = vec![EpollEvent::default(); unit.notifiers.len() + 2];
+    while !shared.stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                shared.request_exit(ExitReason::VcpuError(format!(
+                    "device thread {}: epoll failed: {e}",
+                    unit.name
+                )));
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                WAKE_TOKEN => {
+                    let _ = unit.wake.read();
+                }
+                HOST_TOKEN => unit.slot.host_ready(mem),
+                q => {
+                    let Some(evt) = unit.notifiers.get(q as usize) else {
                         continue;
                     };
-                    if n.evt.read().is_ok() {
-                        lock(&devices.virtio[n.device]).notify(&devices.mem, n.queue);
+                    if evt.read().is_ok() {
+                        unit.slot.notify(mem, q as u16);
                     }
                 }
             }
-        })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -452,6 +546,140 @@ mod tests {
         for &b in bytes {
             writer.write_byte(b);
         }
+    }
+
+    /// The names of this process's threads.
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_disk_blocked_in_io_holds_up_neither_vsock_nor_another_disk() {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+        use std::sync::mpsc;
+        use std::time::Instant;
+
+        use crate::vmm::blk::testing::{gated_slot, guest_ram, read32, Driver, Gate, PATIENCE};
+        use crate::vmm::config::VsockConfig;
+
+        let mem = guest_ram();
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vm.sock");
+        let shared = Arc::new(Shared::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            Instant::now(),
+        ));
+
+        // blk0 holds its I/O until the gate opens; blk1 does not.
+        let gate = Gate::new(false);
+        let unit = |name: &str, slot: Box<dyn VirtioSlot>, kick: EventFd| {
+            Arc::new(VirtioUnit::new(name.into(), slot, vec![kick]).unwrap())
+        };
+        let busy = gated_slot(0, gate.clone());
+        let mut busy_driver = Driver::activate(&busy.slot, &mem, 0x10_0000);
+        let blk0 = unit("vmm-blk0", Box::new(busy.slot), busy.kick);
+        let idle = gated_slot(1, Gate::new(true));
+        let mut idle_driver = Driver::activate(&idle.slot, &mem, 0x20_0000);
+        let blk1 = unit("vmm-blk1", Box::new(idle.slot), idle.kick);
+        let vsock_irq = IrqFd(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let vsock_slot = VsockSlot::new(
+            &VsockConfig {
+                guest_cid: 3,
+                uds_path: uds.clone(),
+            },
+            vsock_irq,
+        )
+        .unwrap();
+        let vsock = Arc::new(
+            VirtioUnit::new(
+                "vmm-vsock".into(),
+                Box::new(vsock_slot),
+                new_notifiers(VSOCK_QUEUES).unwrap(),
+            )
+            .unwrap(),
+        );
+        let units = [blk0.clone(), blk1.clone(), vsock.clone()];
+        let threads: Vec<_> = units
+            .iter()
+            .map(|u| {
+                // No filter: the test process's other threads are not a VMM's.
+                let (filter, _) = handoff(ThreadKind::Devices, false);
+                spawn_device_thread(u.clone(), mem.clone(), shared.clone(), filter).unwrap()
+            })
+            .collect();
+        // A thread names itself once it runs.
+        let deadline = Instant::now() + PATIENCE;
+        for name in ["vmm-blk0", "vmm-blk1", "vmm-vsock"] {
+            while !thread_names().iter().any(|n| n == name) {
+                assert!(Instant::now() < deadline, "no thread {name}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+
+        // The guest notifies blk0 (what KVM does with the ioeventfd); its
+        // thread blocks in the read.
+        busy_driver.queue_read();
+        blk0.notifiers[0].write(1).unwrap();
+        assert!(gate.wait_entered(), "blk0's request reached its disk");
+
+        // blk1 is served meanwhile.
+        idle_driver.queue_read();
+        blk1.notifiers[0].write(1).unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        while idle_driver.used() == 0 {
+            assert!(Instant::now() < deadline, "blk1 waited for blk0's I/O");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+
+        // So is the vsock device's host side: the muxer closes a bad
+        // handshake.
+        let mut junk = UnixStream::connect(&uds).unwrap();
+        std::io::Write::write_all(&mut junk, b"NOT A HANDSHAKE\n").unwrap();
+        junk.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut b = [0u8; 16];
+        let n = junk
+            .read(&mut b)
+            .expect("the vsock thread waited for blk0's I/O");
+        assert_eq!(n, 0, "a bad handshake is closed");
+
+        // And a vCPU reads blk0's registers (on its own thread, so that a
+        // regression fails the test instead of hanging it).
+        let (tx, rx) = mpsc::channel();
+        {
+            let blk0 = blk0.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(read32(&*blk0.slot, vmm_core::mmio::STATUS_OFFSET));
+            });
+        }
+        let status = rx
+            .recv_timeout(PATIENCE)
+            .expect("a vCPU waited for blk0's I/O");
+        assert_eq!(status, 0xf);
+        assert_eq!(busy_driver.used(), 0, "blk0's request is still in flight");
+
+        // Stop: every thread ends once blk0's I/O is let through.
+        shared.request_exit(ExitReason::Stopped);
+        for u in &units {
+            u.wake().unwrap();
+        }
+        gate.open();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for t in threads {
+                t.join().unwrap();
+            }
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(PATIENCE)
+            .expect("every device thread ended");
+        assert_eq!(busy_driver.used(), 1, "blk0's request was answered");
+        let names = thread_names();
+        assert!(!names.iter().any(|n| n.starts_with("vmm-")), "{names:?}");
     }
 
     #[test]

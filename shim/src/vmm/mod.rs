@@ -1,12 +1,15 @@
 //! The VM runner: a KVM micro-VM in this process.
 //!
 //! [`Vm::start`] builds the VM from a [`VmConfig`] (memory, kernel, devices,
-//! vCPUs) and starts one thread per vCPU plus one device thread that serves
-//! queue notifications (ioeventfd). Exits go straight to `vmm-core` devices
-//! through its buses; interrupts go out through irqfds. The VM ends on an
-//! i8042 reset, a shutdown (triple fault), a vCPU error, or
-//! [`RunningVm::stop`]; [`RunningVm::wait`] joins every thread and closes
-//! every fd before it returns the [`VmReport`].
+//! vCPUs) and starts one thread per vCPU (`vcpu0`, ...) plus one thread per
+//! virtio device (`vmm-blk0`, ..., `vmm-vsock`) that serves the device's
+//! queue notifications (ioeventfds) and host side, so that a disk busy with
+//! I/O holds up neither the vsock device (the agent's channel) nor another
+//! disk. Exits go straight to `vmm-core` devices through its buses;
+//! interrupts go out through irqfds. The VM ends on an i8042 reset, a
+//! shutdown (triple fault), a vCPU error, or [`RunningVm::stop`];
+//! [`RunningVm::wait`] joins every thread and closes every fd before it
+//! returns the [`VmReport`].
 
 mod blk;
 mod config;
@@ -124,7 +127,7 @@ pub enum VmmError {
 pub struct RunningVm {
     shared: Arc<Shared>,
     vcpus: Vec<JoinHandle<()>>,
-    device_thread: Option<JoinHandle<()>>,
+    device_threads: Vec<JoinHandle<()>>,
     devices: Arc<Devices>,
     // Kept alive (with the guest memory it maps) until every thread is
     // joined.
@@ -255,9 +258,9 @@ pub struct BuiltVm {
 }
 
 impl BuiltVm {
-    /// Starts the device thread and one thread per vCPU; each installs
-    /// its seccomp filter ([`seccomp`]) before it serves anything, and the
-    /// VM starts only once every one has.
+    /// Starts one thread per virtio device and one per vCPU; each
+    /// installs its seccomp filter ([`seccomp`]) before it serves anything,
+    /// and the guest runs only once every one has.
     pub fn start(self) -> Result<RunningVm, VmmError> {
         let BuiltVm {
             vm,
@@ -273,27 +276,37 @@ impl BuiltVm {
             );
         }
         vcpu::install_kick_handler();
-        let (filter, installed) = seccomp::handoff(seccomp::ThreadKind::Devices, seccomp);
-        let device_thread = devices::spawn_device_thread(devices.clone(), shared.clone(), filter)
-            .map_err(os("the device thread"))?;
         let mut running = RunningVm {
             shared: shared.clone(),
             vcpus: Vec::new(),
-            device_thread: Some(device_thread),
+            device_threads: Vec::new(),
             devices: devices.clone(),
             _vm: vm,
         };
-        let started = installed.wait().map_err(VmmError::from);
-        let started = started.and_then(|()| {
-            for (id, fd) in fds.into_iter().enumerate() {
-                let (filter, installed) = seccomp::handoff(seccomp::ThreadKind::Vcpu, seccomp);
-                let t = vcpu::spawn(id as u8, fd, devices.clone(), shared.clone(), filter)
-                    .map_err(os("a vCPU thread"))?;
-                running.vcpus.push(t);
-                installed.wait()?;
-            }
-            Ok(())
-        });
+        let mut installed = Vec::new();
+        let started = devices
+            .spawn_device_threads(
+                &shared,
+                seccomp,
+                &mut running.device_threads,
+                &mut installed,
+            )
+            .map_err(os("a device thread"))
+            .and_then(|()| {
+                installed
+                    .into_iter()
+                    .try_for_each(|i| i.wait().map_err(VmmError::from))
+            })
+            .and_then(|()| {
+                for (id, fd) in fds.into_iter().enumerate() {
+                    let (filter, installed) = seccomp::handoff(seccomp::ThreadKind::Vcpu, seccomp);
+                    let t = vcpu::spawn(id as u8, fd, devices.clone(), shared.clone(), filter)
+                        .map_err(os("a vCPU thread"))?;
+                    running.vcpus.push(t);
+                    installed.wait()?;
+                }
+                Ok(())
+            });
         if let Err(e) = started {
             running.shared.request_exit(ExitReason::Stopped);
             running.join();
@@ -386,8 +399,8 @@ impl RunningVm {
     fn join(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         vcpu::kick_and_join(std::mem::take(&mut self.vcpus));
-        let _ = self.devices.wake_device_thread();
-        if let Some(t) = self.device_thread.take() {
+        self.devices.wake_device_threads();
+        for t in std::mem::take(&mut self.device_threads) {
             let _ = t.join();
         }
     }

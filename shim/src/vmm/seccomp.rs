@@ -1,7 +1,7 @@
 //! Seccomp filters, one per kind of VMM thread.
 //!
 //! Each VMM thread confines itself before it runs anything of the guest's:
-//! a vCPU thread before its first `KVM_RUN`, the device thread before it
+//! a vCPU thread before its first `KVM_RUN`, each device thread before it
 //! serves its first event, the jailed VMM's control thread once the VM
 //! runs. The allow-lists are written out here (with `seccompiler`, no
 //! libseccomp) and apply to the calling thread only (no TSYNC): every other

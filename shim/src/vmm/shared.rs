@@ -1,4 +1,4 @@
-//! What the vCPU threads, the device thread and the VM's owner share: the
+//! What the vCPU threads, the device threads and the VM's owner share: the
 //! stop flag and why the VM ended.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +26,7 @@ pub enum ExitReason {
     VmmDied(String),
 }
 
-/// State the vCPU threads, the device thread and the owner share.
+/// State the vCPU threads, the device threads and the owner share.
 pub struct Shared {
     /// Set once the VM is to end; every thread polls it.
     pub stop: AtomicBool,

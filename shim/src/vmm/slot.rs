@@ -1,5 +1,11 @@
-//! A virtio device behind its virtio-mmio transport, as the buses and the
-//! device thread see it.
+//! A virtio device behind its virtio-mmio transport, as the buses, the
+//! vCPUs and the device's own thread see it.
+//!
+//! A slot does its own locking: the vCPUs call [`VirtioSlot::read`] and
+//! [`VirtioSlot::write`] for register accesses while the device's thread
+//! calls [`VirtioSlot::notify`] and [`VirtioSlot::host_ready`], and a slot
+//! whose queue work may block (a disk's I/O) keeps that work out of the
+//! lock the register accesses take.
 
 use std::os::fd::RawFd;
 
@@ -27,25 +33,26 @@ pub enum DiskSlotError {
 }
 
 /// A virtio-mmio transport with a device behind it.
-pub trait VirtioSlot: Send {
-    /// A guest read at `offset` in the window.
+pub trait VirtioSlot: Send + Sync {
+    /// A guest read at `offset` in the window (on a vCPU thread).
     fn read(&self, offset: u64, data: &mut [u8]);
-    /// A guest write at `offset` in the window.
-    fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]);
-    /// The driver notified queue `queue` (its ioeventfd fired).
-    fn notify(&mut self, mem: &GuestRam, queue: u16);
+    /// A guest write at `offset` in the window (on a vCPU thread).
+    fn write(&self, mem: &GuestRam, offset: u64, data: &[u8]);
+    /// The driver notified queue `queue` (its ioeventfd fired; on the
+    /// device's thread).
+    fn notify(&self, mem: &GuestRam, queue: u16);
     /// Number of queues (for ioeventfds).
     fn queue_count(&self) -> usize;
-    /// An fd the device thread should watch for the device's host side
+    /// An fd the device's thread should watch for the device's host side
     /// (readable when [`VirtioSlot::host_ready`] has work).
     fn host_fd(&self) -> Option<RawFd> {
         None
     }
     /// The [`VirtioSlot::host_fd`] is ready: serve the host side.
-    fn host_ready(&mut self, _mem: &GuestRam) {}
+    fn host_ready(&self, _mem: &GuestRam) {}
     /// Puts `medium` into this disk slot (which must be empty), or takes the
     /// medium out (`None`), and signals a configuration change.
-    fn swap_disk(&mut self, _medium: Option<FileDisk>) -> Result<(), DiskSlotError> {
+    fn swap_disk(&self, _medium: Option<FileDisk>) -> Result<(), DiskSlotError> {
         Err(DiskSlotError::NotADisk)
     }
 }

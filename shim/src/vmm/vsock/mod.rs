@@ -2,10 +2,11 @@
 //! virtio-mmio transport, with the hybrid unix-socket [`Muxer`] as its
 //! backend.
 //!
-//! The device thread watches the muxer's epoll fd ([`VirtioSlot::host_fd`])
-//! next to the queue ioeventfds; when it is ready it calls
-//! [`VirtioSlot::host_ready`], which polls the sockets and lets the device
-//! move bytes. No other thread is involved.
+//! The vsock device's own thread (`vmm-vsock`) watches the muxer's epoll fd
+//! ([`VirtioSlot::host_fd`]) next to the device's queue ioeventfds; when it
+//! is ready it calls [`VirtioSlot::host_ready`], which polls the sockets
+//! and lets the device move bytes. Other than the vCPUs' register accesses,
+//! no other thread is involved, and no disk's I/O runs on this thread.
 
 mod muxer;
 
@@ -13,6 +14,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use vmm_core::devices::vsock::{ReservedCidError, Vsock};
@@ -24,6 +26,7 @@ use super::config::VsockConfig;
 use super::irq::IrqFd;
 use super::platform::GuestRam;
 use super::slot::VirtioSlot;
+use crate::sync::lock;
 
 /// Connections one VM's vsock device holds at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -66,9 +69,16 @@ pub fn connect(uds: &Path, port: u32, timeout: Duration) -> std::io::Result<Unix
     Ok(stream)
 }
 
-/// The vsock device behind its transport, as the device thread sees it.
+/// Queues of the vsock device (rx, tx, event).
+pub const VSOCK_QUEUES: usize = 3;
+
+/// The vsock device behind its transport, as its thread and the vCPUs see
+/// it: one lock for the registers and the queues, since nothing here
+/// blocks (the muxer's sockets are non-blocking).
 pub struct VsockSlot {
-    transport: MmioTransport<VsockDevice, IrqFd, 3>,
+    transport: Mutex<MmioTransport<VsockDevice, IrqFd, VSOCK_QUEUES>>,
+    /// The muxer's epoll fd (fixed for the device's life).
+    host_fd: RawFd,
 }
 
 impl VsockSlot {
@@ -76,48 +86,49 @@ impl VsockSlot {
     /// `config.guest_cid`, raising interrupts on `irq`.
     pub fn new(config: &VsockConfig, irq: IrqFd) -> Result<Self, VsockSetupError> {
         let muxer = Muxer::new(&config.uds_path)?;
+        let host_fd = muxer.as_raw_fd();
         let device = Vsock::new(config.guest_cid, muxer)?;
         Ok(VsockSlot {
-            transport: MmioTransport::new(device, irq)?,
+            transport: Mutex::new(MmioTransport::new(device, irq)?),
+            host_fd,
         })
     }
 }
 
 impl VirtioSlot for VsockSlot {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        self.transport.read(offset, data)
+        lock(&self.transport).read(offset, data)
     }
 
-    fn write(&mut self, mem: &GuestRam, offset: u64, data: &[u8]) {
-        if let Err(e) = self.transport.write(mem, offset, data) {
+    fn write(&self, mem: &GuestRam, offset: u64, data: &[u8]) {
+        if let Err(e) = lock(&self.transport).write(mem, offset, data) {
             log::warn!("virtio-vsock: {e}");
         }
     }
 
-    fn notify(&mut self, mem: &GuestRam, queue: u16) {
-        if let Err(e) = self.transport.notify(mem, queue) {
+    fn notify(&self, mem: &GuestRam, queue: u16) {
+        if let Err(e) = lock(&self.transport).notify(mem, queue) {
             log::warn!("virtio-vsock: {e}");
         }
     }
 
     fn queue_count(&self) -> usize {
-        self.transport.queues().len()
+        lock(&self.transport).queues().len()
     }
 
     fn host_fd(&self) -> Option<RawFd> {
-        Some(self.transport.device().backend().as_raw_fd())
+        Some(self.host_fd)
     }
 
-    fn host_ready(&mut self, mem: &GuestRam) {
-        if let Err(e) = self.transport.device_mut().backend_mut().poll(0) {
+    fn host_ready(&self, mem: &GuestRam) {
+        let mut transport = lock(&self.transport);
+        if let Err(e) = transport.device_mut().backend_mut().poll(0) {
             log::warn!("vsock: polling the host sockets failed: {e}");
             return;
         }
         // Before DRIVER_OK the events wait in the muxer (bounded: handshakes
         // are capped, and no socket is read).
-        let served = self
-            .transport
-            .run_device(mem, |device, ctx| device.process_host_events(ctx));
+        let served = transport.run_device(mem, |device, ctx| device.process_host_events(ctx));
         if let Err(e) = served {
             log::warn!("virtio-vsock: {e}");
         }

@@ -8,7 +8,7 @@
 //!   `<uds_path>_<P>`.
 //!
 //! Every socket is non-blocking and sits in the muxer's own epoll set, whose
-//! fd the device thread watches ([`Muxer::as_raw_fd`]); the device thread
+//! fd the vsock device's thread watches ([`Muxer::as_raw_fd`]); that thread
 //! calls [`Muxer::poll`] and then lets the device take the
 //! [`HostEvent`]s. Backpressure: a socket is read only when the device asks
 //! (which it does only while the guest has credit), and bytes from the

@@ -280,7 +280,7 @@ fn sixteen_mib_each_way_over_concurrent_connections() {
     let mut idle = false;
     loop {
         assert!(Instant::now() < deadline, "transfer stalled");
-        // What the device thread does when the muxer's fd is ready.
+        // What the vsock device's thread does when the muxer's fd is ready.
         dev.backend_mut().poll(if idle { 2 } else { 0 }).unwrap();
         dev.process_host_events(&mut g.context()).unwrap();
         idle = true;
