@@ -519,11 +519,17 @@ impl TaskService {
             });
     }
 
-    /// Stops the sandbox (on shutdown).
+    /// Stops the sandbox (on shutdown); one that ended on its own at once,
+    /// without asking its agent (which may be the silent one).
     pub fn stop_sandbox(&self) {
         let sandbox = lock(&self.sandbox).take();
+        let timeout = if lock(&self.ended).is_some() {
+            Duration::ZERO
+        } else {
+            SANDBOX_STOP_TIMEOUT
+        };
         if let Some(sandbox) = sandbox {
-            if let Err(err) = sandbox.stop(SANDBOX_STOP_TIMEOUT) {
+            if let Err(err) = sandbox.stop(timeout) {
                 log::warn!("stopping the sandbox: {err}");
             }
         }
