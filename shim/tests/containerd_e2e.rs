@@ -1254,15 +1254,20 @@ impl Events {
         Self { child, path }
     }
 
-    /// The TaskExit event of process `exec_id` of container `id`, if one
-    /// was published.
-    fn task_exit(&self, id: &str, exec_id: &str) -> Option<String> {
+    /// The event on `topic` (`/tasks/exit`, ...) about container `id`
+    /// (and process `exec_id`, for events that name one), if one was
+    /// published.
+    fn find(&self, topic: &str, id: &str, exec_id: &str) -> Option<String> {
         let container = format!("\"container_id\":\"{id}\"");
         let process = format!("\"id\":\"{exec_id}\"");
         std::fs::read_to_string(&self.path)
             .unwrap_or_default()
             .lines()
-            .find(|l| l.contains("/tasks/exit") && l.contains(&container) && l.contains(&process))
+            .find(|l| {
+                l.contains(&format!(" {topic} "))
+                    && l.contains(&container)
+                    && (l.contains(&process) || !l.contains("\"id\":"))
+            })
             .map(str::to_owned)
     }
 }
@@ -1343,10 +1348,12 @@ fn guest_deaths() -> Vec<GuestDeath> {
 /// kernel panic and a VM reset; and the agent frozen (silent, the VM
 /// running on). For each, within 30 s of the strike (its marker in the
 /// serial log): `ctr task attach` (the task's Wait) and the striking
-/// `ctr task exec` return 137; then
-/// `ctr task ls` shows the task STOPPED, a TaskExit with 137 was
-/// published, the task and container delete cleanly, and the shim, its
-/// socket, the sandbox's state dir and the rootfs mount are gone.
+/// `ctr task exec` (which also waits for its output's EOF) return 137;
+/// then TaskExit and TaskDelete events with 137 were published (`ctr
+/// events`; the attached ctr deletes the task it waited for), the task
+/// is gone from `ctr task ls`, the container deletes cleanly, and the
+/// shim, its socket, the sandbox's state dir and the rootfs mount are
+/// gone.
 #[test]
 fn vm_guest_deaths_stop_their_tasks() {
     let Some(image) = prerequisites() else { return };
@@ -1506,21 +1513,23 @@ fn guest_death_stops_its_task(
         (struck, &format!("{name}: the strike (exec)")),
         137,
     );
+    // The TaskExit of the task, and its delete by the attached ctr (which
+    // deletes the task it waited for), both with 137.
+    for (topic, what) in [("/tasks/exit", "TaskExit"), ("/tasks/delete", "TaskDelete")] {
+        wait_until(
+            &format!("{name}: the {what} event"),
+            Duration::from_secs(10),
+            || events.find(topic, &id, &id).is_some(),
+        );
+        let event = events.find(topic, &id, &id).unwrap();
+        assert!(
+            event.contains("\"exit_status\":137"),
+            "{name}: {event}\n--- containerd log of the pod ---\n{}",
+            pod_log(ctrd, &fp, &id)
+        );
+    }
     let ls = ctrd.ctr_ok(&["tasks", "ls"]);
-    assert!(
-        ls.lines()
-            .any(|l| l.starts_with(&id) && l.contains("STOPPED")),
-        "{name}: {ls}\n--- containerd log of the pod ---\n{}",
-        pod_log(ctrd, &fp, &id)
-    );
-    wait_until(
-        &format!("{name}: the TaskExit event"),
-        Duration::from_secs(5),
-        || events.task_exit(&id, &id).is_some(),
-    );
-    let exit = events.task_exit(&id, &id).unwrap();
-    assert!(exit.contains("\"exit_status\":137"), "{name}: {exit}");
-    ctrd.ctr_ok(&["tasks", "delete", &id]);
+    assert!(!ls.contains(&id), "{name}: {ls}");
     ctrd.ctr_ok(&["containers", "delete", &id]);
     fp.assert_gone();
     eprintln!(
