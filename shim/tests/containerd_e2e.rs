@@ -937,7 +937,7 @@ fn retry_on_guest_fault(fp: &Footprint, mut run: impl FnMut(u32) -> Output) -> O
                 faults = guest_faults(fp);
             }
         }
-        if faults.len() > before && attempt < 5 {
+        if !out.status.success() && faults.len() > before && attempt < 5 {
             for line in &faults[before..] {
                 eprintln!("known PVM guest fault (guest-image/README.md), exec retried: {line}");
             }
@@ -1130,7 +1130,7 @@ fn vm_detached_exec_kill_delete() {
     let flood = format!(
         "set -e; mkdir -p /tmp/dev /tmp/proc; mount -t devtmpfs dev /tmp/dev; \
          mount -t proc proc /tmp/proc; echo on >/tmp/proc/sys/kernel/printk_devkmsg; \
-         echo {FLOOD_MARKER} >/tmp/dev/kmsg; l=$(printf %0200d); \
+         echo {FLOOD_MARKER} >/tmp/dev/kmsg; l=$(printf %0200d 0); \
          timeout {FLOOD_SECS} yes $l >/tmp/dev/ttyS0 & \
          timeout {FLOOD_SECS} sh -c \"while :; do echo skiff-flood-$l; done\" >/tmp/dev/kmsg & \
          timeout {FLOOD_SECS} dd if=/dev/zero of=/storm bs=1M oflag=direct 2>/dev/null & \
