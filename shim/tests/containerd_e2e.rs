@@ -1186,7 +1186,7 @@ fn vm_detached_exec_kill_delete() {
         });
         let mut peak = FloodPeak::default();
         while !member.is_finished() {
-            peak.sample(&fp);
+            peak.sample(fp);
             std::thread::sleep(Duration::from_millis(250));
         }
         peak.log_growth = ctrd.log().len().saturating_sub(log_before) as u64;
