@@ -84,6 +84,9 @@ pub trait Sandbox: Send + Sync + std::fmt::Debug {
     fn ended(&self) -> Option<String>;
 
     /// Stops the sandbox: removes its containers, stops the agent (waiting
-    /// at most `timeout` for it to go), removes the state directory.
+    /// at most `timeout` for it to go), removes the state directory. A
+    /// zero `timeout` asks the agent nothing (a sandbox that ended on its
+    /// own may have a silent agent, and each request to it would wait out
+    /// its own deadline) and stops it at once.
     fn stop(&self, timeout: Duration) -> Result<(), SandboxError>;
 }

@@ -305,13 +305,15 @@ impl Sandbox for LinuxSandbox {
         Some(format!("the agent exited ({status})"))
     }
 
-    fn stop(&self, _timeout: Duration) -> Result<(), SandboxError> {
+    fn stop(&self, timeout: Duration) -> Result<(), SandboxError> {
         let child = lock(&self.child).take();
         let Some(mut child) = child else {
             return Ok(());
         };
-        if let Err(err) = self.client.destroy_sandbox() {
-            log::warn!("agent DestroySandbox failed: {err}");
+        if !timeout.is_zero() {
+            if let Err(err) = self.client.destroy_sandbox() {
+                log::warn!("agent DestroySandbox failed: {err}");
+            }
         }
         // Our own child: SIGKILL and a blocking waitpid, no /proc polling.
         // SIGKILL cannot be caught, so the wait ends unless the agent is

@@ -32,7 +32,7 @@ use crate::task::error::TaskError;
 use crate::task::events::{timestamp, timestamp_ms, Event, Publisher};
 use crate::task::rootfs::{self, MountSpec};
 use crate::task::spec::{encode_spec, read_spec, rootfs_path};
-use crate::task::stdio::{open_output, CopierSet, StdinBridge};
+use crate::task::stdio::{open_output, CopierSet, OutputLine, StdinBridge};
 
 /// How long the agent gets to answer its first Health.
 pub const SANDBOX_READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,6 +106,8 @@ struct ProcState {
     exit_status: u32,
     exited_at: Option<Timestamp>,
     stdin: Option<StdinBridge>,
+    /// Where its output goes, for [`TaskService::sandbox_ended`] to hang up.
+    outputs: Vec<OutputLine>,
 }
 
 /// One process (init or exec) of a container.
@@ -133,6 +135,7 @@ impl Proc {
                 exit_status: 0,
                 exited_at: None,
                 stdin: None,
+                outputs: Vec::new(),
             }),
             exited: Condvar::new(),
         }
@@ -452,7 +455,8 @@ impl TaskService {
 
     /// The sandbox ended on its own (`how`): every task of it that has not
     /// exited is stopped with [`SANDBOX_ENDED_STATUS`] and its TaskExit
-    /// published, so `Wait` returns and containerd can delete it; later
+    /// published, and its output closed, so `Wait` (and a reader waiting
+    /// for EOF) returns and containerd can delete it; later
     /// requests that need the sandbox fail with what happened.
     fn sandbox_ended(&self, how: &str) {
         log::error!(
@@ -466,6 +470,11 @@ impl TaskService {
             let execs: Vec<Arc<Proc>> = lock(&container.execs).values().cloned().collect();
             for proc in execs.iter().chain([&container.init]) {
                 proc.finish(&self.publisher, SANDBOX_ENDED_STATUS, now.clone());
+                // No more output comes: the readers get EOF now, not when
+                // a silent agent's stream calls give up (never).
+                for line in &lock(&proc.state).outputs {
+                    line.hang_up();
+                }
             }
         }
     }
@@ -510,11 +519,17 @@ impl TaskService {
             });
     }
 
-    /// Stops the sandbox (on shutdown).
+    /// Stops the sandbox (on shutdown); one that ended on its own at once,
+    /// without asking its agent (which may be the silent one).
     pub fn stop_sandbox(&self) {
         let sandbox = lock(&self.sandbox).take();
+        let timeout = if lock(&self.ended).is_some() {
+            Duration::ZERO
+        } else {
+            SANDBOX_STOP_TIMEOUT
+        };
         if let Some(sandbox) = sandbox {
-            if let Err(err) = sandbox.stop(SANDBOX_STOP_TIMEOUT) {
+            if let Err(err) = sandbox.stop(timeout) {
                 log::warn!("stopping the sandbox: {err}");
             }
         }
@@ -539,6 +554,7 @@ impl TaskService {
             )?;
             lock(&proc.state).stdin = Some(bridge);
         }
+        lock(&proc.state).outputs = copiers.lines();
         Ok(copiers)
     }
 

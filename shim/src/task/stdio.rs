@@ -5,7 +5,10 @@
 //!   byte to the destination until the agent reports EOF. It drains even
 //!   without a destination, so a container never blocks on unread output.
 //!   The waiter joins these threads (bounded) before publishing TaskExit,
-//!   so containerd sees the output complete.
+//!   so containerd sees the output complete. A sandbox that ends takes
+//!   the output with it: [`OutputLine::hang_up`] closes the destination at
+//!   once (an agent that went silent would otherwise keep the FIFO open,
+//!   and the reader waiting for EOF, for ever).
 //! - Input: a thread reads the stdin FIFO and calls WriteStdin until it
 //!   gets EOF, then CloseStdin.
 //!
@@ -16,12 +19,13 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ttrpc::Code;
 
 use crate::agent_client::AgentClient;
+use crate::sync::lock;
 use crate::task::error::TaskError;
 
 /// Where one output stream goes.
@@ -66,12 +70,51 @@ pub fn open_output(path: &str) -> Result<Sink, TaskError> {
     Ok(Sink::File(file))
 }
 
+/// One output stream's destination, shared by its copier and whoever
+/// may hang it up.
+#[derive(Clone, Debug)]
+pub struct OutputLine(Arc<Mutex<Option<Sink>>>);
+
+impl OutputLine {
+    fn new(sink: Sink) -> Self {
+        Self(Arc::new(Mutex::new(Some(sink))))
+    }
+
+    /// Closes the destination now (a FIFO's reader sees EOF once the
+    /// shim's descriptor is its last writer); the copier writes nothing
+    /// more and stops after its current call.
+    pub fn hang_up(&self) {
+        drop(lock(&self.0).take());
+    }
+
+    /// Writes `data` unless hung up; false once hung up.
+    fn write(&self, id: &str, exec_id: &str, data: &[u8]) -> bool {
+        let mut sink = lock(&self.0);
+        match sink.as_mut() {
+            None => false,
+            Some(Sink::File(file)) => {
+                if let Err(err) = file.write_all(data) {
+                    log::warn!("{id}/{exec_id}: output write failed, discarding: {err}");
+                    *sink = Some(Sink::Discard);
+                }
+                true
+            }
+            Some(Sink::Discard) => true,
+        }
+    }
+
+    fn hung_up(&self) -> bool {
+        lock(&self.0).is_none()
+    }
+}
+
 /// Counts finished copiers for a bounded join.
 #[derive(Debug)]
 pub struct CopierSet {
     done_rx: mpsc::Receiver<()>,
     done_tx: mpsc::Sender<()>,
     running: usize,
+    lines: Vec<OutputLine>,
 }
 
 impl Default for CopierSet {
@@ -81,6 +124,7 @@ impl Default for CopierSet {
             done_rx,
             done_tx,
             running: 0,
+            lines: Vec::new(),
         }
     }
 }
@@ -99,16 +143,24 @@ impl CopierSet {
         let done = self.done_tx.clone();
         let (id, exec_id) = (id.to_owned(), exec_id.to_owned());
         let name = if stderr { "stderr" } else { "stdout" };
+        let line = OutputLine::new(sink);
+        let copier_line = line.clone();
         std::thread::Builder::new()
             .name(format!("{name}-copy"))
             .stack_size(crate::task::THREAD_STACK_SIZE)
             .spawn(move || {
-                copy_output(&agent, &id, &exec_id, stderr, sink);
+                copy_output(&agent, &id, &exec_id, stderr, &copier_line);
                 let _ = done.send(());
             })
             .map_err(|e| TaskError::io("cannot start an output thread", e))?;
         self.running += 1;
+        self.lines.push(line);
         Ok(())
+    }
+
+    /// The destinations of the copiers started so far.
+    pub fn lines(&self) -> Vec<OutputLine> {
+        self.lines.clone()
     }
 
     /// Waits until every copier finished, at most `timeout`. Returns false
@@ -126,19 +178,19 @@ impl CopierSet {
     }
 }
 
-fn copy_output(agent: &AgentClient, id: &str, exec_id: &str, stderr: bool, mut sink: Sink) {
+fn copy_output(agent: &AgentClient, id: &str, exec_id: &str, stderr: bool, line: &OutputLine) {
     let mut failures = 0;
     loop {
-        match agent.read_stream(id, exec_id, stderr) {
+        let read = agent.read_stream(id, exec_id, stderr);
+        if line.hung_up() {
+            log::debug!("{id}/{exec_id}: output hung up");
+            return;
+        }
+        match read {
             Ok(chunk) => {
                 failures = 0;
-                if let Sink::File(file) = &mut sink {
-                    if !chunk.data.is_empty() {
-                        if let Err(err) = file.write_all(&chunk.data) {
-                            log::warn!("{id}/{exec_id}: output write failed, discarding: {err}");
-                            sink = Sink::Discard;
-                        }
-                    }
+                if !chunk.data.is_empty() && !line.write(id, exec_id, &chunk.data) {
+                    return;
                 }
                 if chunk.eof {
                     return;
@@ -258,6 +310,26 @@ mod tests {
             err.contains("cannot open output FIFO /nonexistent/fifo"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_hung_up_line_closes_its_fifo_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("out");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let line = OutputLine::new(open_output(fifo.to_str().unwrap()).unwrap());
+        let mut reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        assert!(line.write("c", "e", b"before"));
+        line.hang_up();
+        assert!(line.hung_up());
+        assert!(!line.write("c", "e", b"after"));
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"before", "EOF after what came before the hang-up");
     }
 
     #[test]

@@ -77,8 +77,8 @@ impl VmSandbox {
         let Some(vm) = vm else {
             return Ok(None);
         };
-        // An ended VM has no agent left to ask.
-        if !vm.has_exited() {
+        // An ended VM has no agent left to ask; a zero timeout asks none.
+        if !vm.has_exited() && !timeout.is_zero() {
             if let Err(err) = self.client.destroy_sandbox() {
                 log::warn!("agent DestroySandbox failed: {err}");
             }
