@@ -367,7 +367,39 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 /// starts from then on). It cannot be taken off again.
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let program = compile(kind)?;
-    seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install { kind, source })
+    install_panic_hook();
+    seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install { kind, source })?;
+    FILTERED.with(|f| f.set(true));
+    Ok(())
+}
+
+std::thread_local! {
+    /// Whether the current thread runs under one of these filters.
+    static FILTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes a panic in a filtered thread only log its message. std's default
+/// hook may open `/proc/self/maps` and read the working directory to print
+/// a backtrace (`RUST_BACKTRACE`), which no filter allows: the panic would
+/// kill the process with `SIGSYS` before the thread could report its end.
+/// Every other thread keeps the hook the process had (installed once,
+/// chaining to it).
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if FILTERED.with(|f| f.get()) {
+                let thread = std::thread::current();
+                log::error!(
+                    "VMM thread {} panicked (no backtrace under its seccomp filter): {info}",
+                    thread.name().unwrap_or("?")
+                );
+            } else {
+                previous(info);
+            }
+        }));
+    });
 }
 
 /// What each kind's filter allows.
