@@ -336,7 +336,7 @@ fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 struct Footprint {
     shim_pid: i32,
     /// The `linux` handler's agent process (`None` for `vm`: the agent
-    /// is inside the VM, which is inside the shim).
+    /// is inside the VM, which runs in the shim's jailed VMM child).
     agent_pid: Option<i32>,
     socket: PathBuf,
     state_dir: PathBuf,
@@ -948,6 +948,41 @@ fn retry_on_guest_fault(fp: &Footprint, mut run: impl FnMut(u32) -> Output) -> O
 }
 
 /// Threads of a live process.
+/// The shim's jailed VMM process (`skiff-vmm <sandbox>`, its child), if
+/// it has one.
+fn vmm_pid(shim_pid: i32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The parent is the first field after the `(comm)` one.
+        let ppid: i32 = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        (ppid == shim_pid && cmdline.starts_with(b"skiff-vmm\0")).then_some(pid)
+    })
+}
+
+/// A `Key:` field of `/proc/<pid>/status`.
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in:\n{status}"))
+        .trim()
+        .to_owned()
+}
+
+/// A process's VmRSS in KiB (0 if it is gone).
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn thread_count(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| d.count())
@@ -993,17 +1028,21 @@ const FLOOD_MARKER: &str = "skiff-flood-start";
 const FLOOD_SECS: u32 = 15;
 /// The bound on an exec's answer while the flood runs.
 const FLOOD_EXEC_BOUND: Duration = Duration::from_secs(90);
-/// The bound on the shim's resident memory under the flood: the guest's
-/// memory (`memory_mib` in [`vm_config`], mapped in the shim's process and
-/// all of it touched by a guest writing a disk through its page cache)
-/// plus 64 MiB for the shim itself (a debug build).
-const FLOOD_RSS_BOUND_KIB: u64 = (256 + 64) * 1024;
+/// The bound on the shim's own resident memory under the flood (a debug
+/// build; the guest's memory is in its VMM process).
+const FLOOD_SHIM_RSS_BOUND_KIB: u64 = 96 * 1024;
+/// The bound on the VMM process's resident memory under the flood: the
+/// guest's memory (`memory_mib` in [`vm_config`], all of it touched by a
+/// guest writing a disk through its page cache) plus 64 MiB.
+const FLOOD_VMM_RSS_BOUND_KIB: u64 = (256 + 64) * 1024;
 
 /// The highest values seen on the host while a guest floods.
 #[derive(Debug, Default)]
 struct FloodPeak {
     /// The shim's VmRSS, in KiB.
     rss_kib: u64,
+    /// The VMM process's VmRSS, in KiB.
+    vmm_rss_kib: u64,
     /// The serial log's current file.
     serial_log: u64,
     /// The serial log's rotated file.
@@ -1019,14 +1058,10 @@ struct FloodPeak {
 impl FloodPeak {
     fn sample(&mut self, fp: &Footprint) {
         use std::os::unix::fs::MetadataExt;
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", fp.shim_pid)).unwrap_or_default();
-        let rss = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
-        self.rss_kib = self.rss_kib.max(rss);
+        self.rss_kib = self.rss_kib.max(rss_kib(fp.shim_pid));
+        if let Some(vmm) = vmm_pid(fp.shim_pid) {
+            self.vmm_rss_kib = self.vmm_rss_kib.max(rss_kib(vmm));
+        }
         let len = |name: &str| {
             std::fs::metadata(fp.state_dir.join(name))
                 .map(|m| m.len())
@@ -1046,17 +1081,20 @@ impl FloodPeak {
         self.images_size = self.images_size.max(images);
     }
 
-    /// Serial log files within their cap, the shim's memory within
-    /// [`FLOOD_RSS_BOUND_KIB`], the host disk within the images' fixed
+    /// Serial log files within their cap, the shim's and the VMM's memory
+    /// within [`FLOOD_SHIM_RSS_BOUND_KIB`] and
+    /// [`FLOOD_VMM_RSS_BOUND_KIB`], the host disk within the images' fixed
     /// sizes and the two log files, containerd's log within 1 MiB of
     /// growth.
     fn check(&self) {
         use shim::vmm::SERIAL_LOG_CAP_BYTES;
         eprintln!("flood peaks: {self:?}");
         assert!(self.rss_kib > 0, "no VmRSS sampled");
+        assert!(self.vmm_rss_kib > 0, "no VmRSS of the VMM sampled");
         assert!(self.serial_log <= SERIAL_LOG_CAP_BYTES, "{self:?}");
         assert!(self.serial_log_1 <= SERIAL_LOG_CAP_BYTES, "{self:?}");
-        assert!(self.rss_kib <= FLOOD_RSS_BOUND_KIB, "{self:?}");
+        assert!(self.rss_kib <= FLOOD_SHIM_RSS_BOUND_KIB, "{self:?}");
+        assert!(self.vmm_rss_kib <= FLOOD_VMM_RSS_BOUND_KIB, "{self:?}");
         assert!(
             self.state_dir_allocated <= self.images_size + 2 * SERIAL_LOG_CAP_BYTES + (1 << 20),
             "{self:?}"
@@ -1085,9 +1123,49 @@ fn vm_detached_exec_kill_delete() {
         "no host agent process with the vm handler"
     );
     assert!(fp.state_dir.join("vsock.sock").exists());
-    // The VM runs inside the shim: its vCPU thread is one of the shim's.
-    let threads = thread_count(fp.shim_pid);
-    assert!(threads >= 2, "shim threads: {threads}");
+    // The VM runs in the shim's jailed VMM child (`skiff-vmm <sandbox>`):
+    // no capabilities, no_new_privs, nobody, every thread under a seccomp
+    // filter, PID 1 of its own PID namespace, in its own cgroup.
+    let vmm = vmm_pid(fp.shim_pid).expect("the shim has a skiff-vmm child");
+    let cmdline = std::fs::read(format!("/proc/{vmm}/cmdline")).unwrap();
+    assert_eq!(cmdline, format!("skiff-vmm\0{id}\0").into_bytes());
+    let st = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
+    assert_eq!(status_field(&st, "CapEff"), "0000000000000000", "{st}");
+    assert_eq!(status_field(&st, "CapBnd"), "0000000000000000", "{st}");
+    assert_eq!(status_field(&st, "NoNewPrivs"), "1", "{st}");
+    assert_eq!(
+        status_field(&st, "Uid"),
+        "65534\t65534\t65534\t65534",
+        "{st}"
+    );
+    assert_eq!(
+        status_field(&st, "NSpid"),
+        format!("{vmm}\t1"),
+        "its own PID namespace: {st}"
+    );
+    for task in std::fs::read_dir(format!("/proc/{vmm}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let st = std::fs::read_to_string(task.join("status")).unwrap();
+        assert_eq!(
+            status_field(&st, "Seccomp"),
+            "2",
+            "{}: {st}",
+            task.display()
+        );
+    }
+    let shim_cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", fp.shim_pid)).unwrap();
+    let vmm_cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    assert!(
+        vmm_cgroup
+            .lines()
+            .any(|l| l.ends_with(&format!("/skiff/{id}"))),
+        "VMM cgroups:\n{vmm_cgroup}\nshim's:\n{shim_cgroup}"
+    );
+    let threads = thread_count(vmm);
+    assert!(
+        threads >= 3,
+        "VMM threads (control, vsock, vCPU): {threads}"
+    );
 
     let ls = ctrd.ctr_ok(&["tasks", "ls"]);
     assert!(
