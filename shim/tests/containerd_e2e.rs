@@ -1155,11 +1155,14 @@ fn vm_detached_exec_kill_delete() {
     }
     let shim_cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", fp.shim_pid)).unwrap();
     let vmm_cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    // Named after the sandbox's state directory.
+    let name = fp.state_dir.file_name().unwrap().to_string_lossy();
     assert!(
         vmm_cgroup
             .lines()
-            .any(|l| l.ends_with(&format!("/skiff/{id}"))),
-        "VMM cgroups:\n{vmm_cgroup}\nshim's:\n{shim_cgroup}"
+            .any(|l| l.ends_with(&format!("/skiff/{name}"))),
+        "VMM cgroups (state dir {}):\n{vmm_cgroup}\nshim's:\n{shim_cgroup}",
+        fp.state_dir.display()
     );
     let threads = thread_count(vmm);
     assert!(
@@ -1374,58 +1377,77 @@ fn serial_text(fp: &Footprint) -> String {
 /// a hundred nodes for the guest to make, and none of them its own).
 const GUEST_KMSG: &str = "mkdir -p /tmp/dev && mount -t devtmpfs dev /tmp/dev && k=/tmp/dev/kmsg;";
 
-/// One way for a guest to end, as a script for `ctr task exec` in a
-/// container in the guest's root PID namespace with CAP_SYS_ADMIN and
-/// CAP_SYS_PTRACE. Each script
-/// writes `skiff-death-<name>` to the kernel log (so to the serial log)
-/// right before it strikes.
+/// One way for a sandbox to end.
 struct GuestDeath {
     name: &'static str,
-    script: String,
+    strike: Strike,
 }
 
-fn guest_deaths() -> Vec<GuestDeath> {
+/// What ends the sandbox.
+enum Strike {
+    /// A script for `ctr task exec` in a container in the guest's root
+    /// PID namespace with CAP_SYS_ADMIN and CAP_SYS_PTRACE. It writes
+    /// `skiff-death-<name>` to the kernel log (so to the serial log) right
+    /// before it strikes.
+    Guest(String),
+    /// The host SIGKILLs the pod's VMM process (`skiff-vmm`).
+    KillVmm,
+}
+
+/// The deaths in lanes: the pods of a lane boot one after the other, the
+/// lanes at once (this 2-CPU host does not boot three guests at once
+/// within the agent's 60 s for a create).
+fn guest_deaths() -> Vec<Vec<GuestDeath>> {
     let death = |name, strike: &str| GuestDeath {
         name,
-        script: format!("set -e; {GUEST_KMSG} {strike}"),
+        strike: Strike::Guest(format!("set -e; {GUEST_KMSG} {strike}")),
     };
     vec![
-        // The guest's init (the agent) killed, and with it a guest kernel
-        // panic ("Attempted to kill init!"). Init ignores every signal
-        // sent to it from its own PID namespace, SIGKILL included, but
-        // not a fault of its own: int3 over the agent's text through
-        // /proc/1/mem, and its next instruction raises SIGTRAP. panic=-1
-        // and reboot=k reset the VM through the i8042, as `reboot -f`
-        // does: a pod rebooting would take the host's same path, at the
-        // cost of a third boot at once (which this 2-CPU host did not
-        // manage within the agent's 60 s for a create).
-        death(
-            "init",
-            "m=$(awk '$2 == \"r-xp\" && $6 ~ /^\\// {print $1; exit}' /proc/1/maps); \
-             s=$((0x${m%-*})); e=$((0x${m#*-})); \
-             tr '\\000' '\\314' </dev/zero | head -c $((e - s)) >/tmp/int3; \
-             echo skiff-death-init >$k; \
-             dd if=/tmp/int3 of=/proc/1/mem bs=4096 seek=$((s / 4096)) conv=notrunc",
-        ),
-        // The agent stops answering (the VM runs on): the agent moved
-        // into a cgroup of its own and frozen. The shim gives up on it
-        // after two Health requests without an answer. (The sleep lets
-        // the agent answer this exec's start first: a request caught in
-        // the freeze waits out its own 60 s deadline.)
-        death(
-            "silent",
-            "mkdir -p /tmp/cg; mount -t cgroup2 cg /tmp/cg; mkdir /tmp/cg/frozen; \
-             sleep 5; echo 1 >/tmp/cg/frozen/cgroup.procs; echo skiff-death-silent >$k; \
-             echo 1 >/tmp/cg/frozen/cgroup.freeze",
-        ),
+        vec![
+            // The guest's init (the agent) killed, and with it a guest
+            // kernel panic ("Attempted to kill init!"). Init ignores every
+            // signal sent to it from its own PID namespace, SIGKILL
+            // included, but not a fault of its own: int3 over the agent's
+            // text through /proc/1/mem, and its next instruction raises
+            // SIGTRAP. panic=-1 and reboot=k reset the VM through the
+            // i8042, as `reboot -f` does: a pod rebooting takes the host's
+            // same path.
+            death(
+                "init",
+                "m=$(awk '$2 == \"r-xp\" && $6 ~ /^\\// {print $1; exit}' /proc/1/maps); \
+                 s=$((0x${m%-*})); e=$((0x${m#*-})); \
+                 tr '\\000' '\\314' </dev/zero | head -c $((e - s)) >/tmp/int3; \
+                 echo skiff-death-init >$k; \
+                 dd if=/tmp/int3 of=/proc/1/mem bs=4096 seek=$((s / 4096)) conv=notrunc",
+            ),
+        ],
+        vec![
+            // The agent stops answering (the VM runs on): the agent moved
+            // into a cgroup of its own and frozen. The shim gives up on it
+            // after two Health requests without an answer. (The sleep lets
+            // the agent answer this exec's start first: a request caught
+            // in the freeze waits out its own 60 s deadline.)
+            death(
+                "silent",
+                "mkdir -p /tmp/cg; mount -t cgroup2 cg /tmp/cg; mkdir /tmp/cg/frozen; \
+                 sleep 5; echo 1 >/tmp/cg/frozen/cgroup.procs; echo skiff-death-silent >$k; \
+                 echo 1 >/tmp/cg/frozen/cgroup.freeze",
+            ),
+            // The VMM process killed from the host (the OOM killer, an
+            // operator, a seccomp filter's SIGSYS all end it alike).
+            GuestDeath {
+                name: "vmm",
+                strike: Strike::KillVmm,
+            },
+        ],
     ]
 }
 
-/// The two ways a guest ends its sandbox, one pod each, the pods booted
-/// at once: the guest's init (the agent) killed by a fault, so a guest
-/// kernel panic and a VM reset; and the agent frozen (silent, the VM
-/// running on). For each, within 30 s of the strike (its marker in the
-/// serial log): `ctr task attach` (the task's Wait) and the striking
+/// Three ways a sandbox ends, one pod each: the guest's init (the agent)
+/// killed by a fault, so a guest kernel panic and a VM reset; the agent
+/// frozen (silent, the VM running on); the VMM process SIGKILLed from the
+/// host. For each, within 30 s of the strike (its marker in the serial
+/// log, or the kill): `ctr task attach` (the task's Wait) and the striking
 /// `ctr task exec` (which also waits for its output's EOF) return 137;
 /// then TaskExit and TaskDelete events with 137 were published (`ctr
 /// events`; the attached ctr deletes the task it waited for), the task
@@ -1445,9 +1467,13 @@ fn vm_guest_deaths_stop_their_tasks() {
     std::thread::scope(|s| {
         let pods: Vec<_> = guest_deaths()
             .into_iter()
-            .map(|death| {
+            .map(|lane| {
                 let (ctrd, config, events) = (&ctrd, &config, &events);
-                s.spawn(move || guest_death_stops_its_task(ctrd, config, events, &death, started))
+                s.spawn(move || {
+                    for death in &lane {
+                        guest_death_stops_its_task(ctrd, config, events, death, started);
+                    }
+                })
             })
             .collect();
         let failed: Vec<String> = pods
@@ -1520,55 +1546,13 @@ fn guest_death_stops_its_task(
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let marker = format!("skiff-death-{name}");
-    // The strike, repeated (with a fresh exec id) only when the exec ended
-    // before striking and the guest logged the known PVM process fault.
-    let mut attempt = 0;
-    let (exec, struck) = loop {
-        attempt += 1;
-        let faults = guest_faults(&fp).len();
-        let exec_id = format!("strike-{attempt}");
-        let mut exec = spawn_ctr(
-            ctrd,
-            &[
-                "tasks",
-                "exec",
-                "--exec-id",
-                &exec_id,
-                &id,
-                "sh",
-                "-c",
-                &death.script,
-            ],
-        );
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let struck = loop {
-            if serial_text(&fp).contains(&marker) {
-                break Some(Instant::now());
-            }
-            if exec.try_wait().unwrap().is_some() && !serial_text(&fp).contains(&marker) {
-                break None;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name}: no {marker} in the serial log"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        match struck {
-            Some(at) => break (exec, at),
-            None if guest_faults(&fp).len() > faults && attempt < 3 => {
-                eprintln!("{name}: known PVM guest fault (guest-image/README.md), strike retried");
-            }
-            None => {
-                let out = exec.wait_with_output().unwrap();
-                panic!(
-                    "{name}: the strike ended ({}) without striking\nstdout: {}\nstderr: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+    let (exec, struck) = match &death.strike {
+        Strike::Guest(script) => strike_in_guest(ctrd, &fp, &id, name, script),
+        Strike::KillVmm => {
+            let vmm = vmm_pid(fp.shim_pid).expect("the shim has a skiff-vmm child");
+            // SAFETY: kill(2) on the VMM process of a shim this test started.
+            assert_eq!(unsafe { libc::kill(vmm, libc::SIGKILL) }, 0);
+            (None, Instant::now())
         }
     };
     eprintln!(
@@ -1583,14 +1567,16 @@ fn guest_death_stops_its_task(
         137,
     );
     // The striking exec is a process of the sandbox too.
-    let left = BOUND.saturating_sub(struck.elapsed());
-    expect_ctr_exit(
-        ctrd,
-        exec,
-        left,
-        (struck, &format!("{name}: the strike (exec)")),
-        137,
-    );
+    if let Some(exec) = exec {
+        let left = BOUND.saturating_sub(struck.elapsed());
+        expect_ctr_exit(
+            ctrd,
+            exec,
+            left,
+            (struck, &format!("{name}: the strike (exec)")),
+            137,
+        );
+    }
     // The TaskExit of the task, and its delete by the attached ctr (which
     // deletes the task it waited for), both with 137.
     for (topic, what) in [("/tasks/exit", "TaskExit"), ("/tasks/delete", "TaskDelete")] {
@@ -1614,6 +1600,69 @@ fn guest_death_stops_its_task(
         "{name}: clean {:.1} s after the strike",
         struck.elapsed().as_secs_f64()
     );
+}
+
+/// Runs `script` (a [`Strike::Guest`]) in pod `id` until its marker is in
+/// the serial log; the striking exec and when it struck.
+fn strike_in_guest(
+    ctrd: &Containerd,
+    fp: &Footprint,
+    id: &str,
+    name: &str,
+    script: &str,
+) -> (Option<std::process::Child>, Instant) {
+    let marker = format!("skiff-death-{name}");
+    // The strike, repeated (with a fresh exec id) only when the exec ended
+    // before striking and the guest logged the known PVM process fault.
+    let mut attempt = 0;
+    let (exec, struck) = loop {
+        attempt += 1;
+        let faults = guest_faults(fp).len();
+        let exec_id = format!("strike-{attempt}");
+        let mut exec = spawn_ctr(
+            ctrd,
+            &[
+                "tasks",
+                "exec",
+                "--exec-id",
+                &exec_id,
+                id,
+                "sh",
+                "-c",
+                script,
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let struck = loop {
+            if serial_text(fp).contains(&marker) {
+                break Some(Instant::now());
+            }
+            if exec.try_wait().unwrap().is_some() && !serial_text(fp).contains(&marker) {
+                break None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: no {marker} in the serial log"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        match struck {
+            Some(at) => break (exec, at),
+            None if guest_faults(fp).len() > faults && attempt < 3 => {
+                eprintln!("{name}: known PVM guest fault (guest-image/README.md), strike retried");
+            }
+            None => {
+                let out = exec.wait_with_output().unwrap();
+                panic!(
+                    "{name}: the strike ended ({}) without striking\nstdout: {}\nstderr: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    };
+    (Some(exec), struck)
 }
 
 /// The `vm` handler's shim is killed with its container running: the VM
