@@ -250,6 +250,8 @@ pub fn run(
             state_dir: &state_dir,
             hostname: req.hostname,
             rootfs: &rootfs,
+            // `skiff run` is no pod: its VMM's cgroup goes under the CLI's.
+            cgroups_path: None,
             config: req.config,
             ready_timeout: READY_TIMEOUT,
         })

@@ -174,12 +174,17 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
     let state_dir = dir.path().join("state");
     eprintln!("[{:6.1}s] rootfs ready", t0.elapsed().as_secs_f64());
 
+    // A pod cgroup as CRI's cgroupfs driver names it: the VMM's cgroup
+    // goes under the pod's.
+    let pod = format!("/skiff-test-pod-{}", std::process::id());
+    let cgroups_path = format!("{pod}/vm-handler-test");
     let sandbox = VmHandler::with_vmm_exe(env!("CARGO_BIN_EXE_skiff"))
         .start_vm(&SandboxRequest {
             id: "vm-handler-test",
             state_dir: &state_dir,
             hostname: "skiffvm",
             rootfs: &rootfs,
+            cgroups_path: Some(&cgroups_path),
             config: &config,
             ready_timeout: config.vm_ready_timeout(),
         })
@@ -189,6 +194,15 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
         t0.elapsed().as_secs_f64(),
         sandbox.ready_after().as_secs_f64(),
     );
+    let vmm = sandbox.vmm_pid().expect("a jailed VMM");
+    let vmm_cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+    let in_pod: Vec<&str> = vmm_cgroup
+        .lines()
+        .filter(|l| l.contains(&format!("{pod}/skiff/")))
+        .collect();
+    assert!(!in_pod.is_empty(), "{vmm_cgroup}");
+    let record = std::fs::read_to_string(state_dir.join("vmm-cgroup")).unwrap();
+    assert_eq!(record.lines().count(), in_pod.len(), "{record}");
     let agent = sandbox.agent();
     let guest_rootfs = sandbox.share_path(&rootfs).unwrap();
     assert_eq!(guest_rootfs, "/dev/vda");
@@ -325,4 +339,14 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
     );
     assert_eq!(report.exit, ExitReason::Reset, "the agent resets the VM");
     assert!(!state_dir.exists(), "the state dir is removed");
+    // The VMM's cgroup is gone; the pod's (the test's, as kubelet's
+    // would be) is left to its owner.
+    for line in in_pod {
+        let (controllers, path) = line.split_once(':').unwrap().1.split_once(':').unwrap();
+        let root = Path::new("/sys/fs/cgroup").join(controllers);
+        let dir = root.join(path.trim_start_matches('/'));
+        assert!(!dir.exists(), "{} left", dir.display());
+        let _ = std::fs::remove_dir(dir.parent().unwrap());
+        let _ = std::fs::remove_dir(root.join(pod.trim_start_matches('/')));
+    }
 }

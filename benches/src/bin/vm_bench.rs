@@ -126,6 +126,7 @@ fn request<'a>(
         state_dir,
         hostname: "bench",
         rootfs,
+        cgroups_path: None,
         config,
         ready_timeout: Duration::from_secs(10),
     }

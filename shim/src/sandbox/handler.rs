@@ -24,6 +24,10 @@ pub struct SandboxRequest<'a> {
     /// The first container's root filesystem on the host (mounted). The
     /// `vm` handler builds the guest's disk from it before boot.
     pub rootfs: &'a Path,
+    /// The first container's `linux.cgroupsPath`, if its spec has one
+    /// (under CRI, the pod sandbox's: the `vm` handler puts its VMM's
+    /// cgroup in the pod's).
+    pub cgroups_path: Option<&'a str>,
     /// The shim's configuration.
     pub config: &'a Config,
     /// How long to wait for the agent's first Health answer.

@@ -378,6 +378,7 @@ impl TaskService {
         &self,
         setup: &Setup,
         hostname: &str,
+        cgroups_path: Option<&str>,
         rootfs: &Path,
     ) -> TaskResult<Arc<dyn Sandbox>> {
         self.sandbox_gone()?;
@@ -393,6 +394,7 @@ impl TaskService {
             state_dir: &self.info.state_dir,
             hostname,
             rootfs,
+            cgroups_path,
             config: &setup.config,
             ready_timeout: SANDBOX_READY_TIMEOUT,
         })?);
@@ -631,7 +633,7 @@ impl TaskService {
         if rootfs_mounted {
             undo.mounted = Some(rootfs.clone());
         }
-        let sandbox = self.ensure_sandbox(&setup, &hostname, &rootfs)?;
+        let sandbox = self.ensure_sandbox(&setup, &hostname, spec.cgroups_path(), &rootfs)?;
         undo.sandbox = Some(Arc::clone(&sandbox));
         let agent_rootfs = sandbox.share_path(&rootfs)?;
         undo.shared.push(rootfs.clone());

@@ -72,6 +72,11 @@ impl BundleSpec {
         self.mounts.as_deref().unwrap_or_default()
     }
 
+    /// `linux.cgroupsPath`, if the spec has one (a string).
+    pub fn cgroups_path(&self) -> Option<&str> {
+        self.rest.get("linux")?.get("cgroupsPath")?.as_str()
+    }
+
     /// The spec's mounts, to rewrite in place.
     pub fn mounts_mut(&mut self) -> &mut [Mount] {
         self.mounts.as_deref_mut().unwrap_or_default()

@@ -62,11 +62,13 @@ use crate::sandbox::handler::{Sandbox, SandboxHandler, SandboxRequest};
 use crate::sandbox::mounts::BindMount;
 use crate::sandbox::state_dir;
 use crate::vmm;
-use crate::vmm::jail::cgroup::VmmCgroup;
+use crate::vmm::jail::cgroup::{pod_parent, VmmCgroup};
 use crate::vmm::jail::JailConfig;
 
 /// The hybrid vsock's socket in the sandbox's state dir.
 const VSOCK_NAME: &str = "vsock.sock";
+/// The state-dir file recording the jailed VMM's cgroup directories.
+const CGROUP_RECORD: &str = "vmm-cgroup";
 
 /// Boots one micro-VM per sandbox, with the first container's rootfs as
 /// its disk.
@@ -97,6 +99,8 @@ impl VmHandler {
         if let Some(exe) = &self.vmm_exe {
             jail.exe = exe.clone();
         }
+        jail.cgroup_parent = req.cgroups_path.and_then(pod_parent);
+        jail.cgroup_record = Some(req.state_dir.join(CGROUP_RECORD));
         jail.uid = req.config.vmm_uid;
         jail.gid = req.config.vmm_gid;
         jail.seccomp = req.config.seccomp;
@@ -177,7 +181,8 @@ impl SandboxHandler for VmHandler {
         // are left.
         if let Some(name) = state_dir.file_name() {
             let name = name.to_string_lossy();
-            if let Err(err) = VmmCgroup::remove_leftover(&name, Duration::from_secs(5)) {
+            let record = state_dir.join(CGROUP_RECORD);
+            if let Err(err) = VmmCgroup::remove_leftover(&name, &record, Duration::from_secs(5)) {
                 log::warn!("{err}");
             }
         }
@@ -202,6 +207,7 @@ mod tests {
                 state_dir: Path::new("/nonexistent"),
                 hostname: "",
                 rootfs: Path::new("/nonexistent/rootfs"),
+                cgroups_path: None,
                 config: &config,
                 ready_timeout: Duration::from_secs(1),
             })

@@ -1,7 +1,8 @@
-//! The jailed VMM's own cgroup: `skiff/<sandbox>` under the shim's cgroup,
-//! holding guest memory plus the VMM's overhead, the vCPUs' CPU, and a
-//! bound on its threads. cgroup v2 (one hierarchy) or v1 (the `memory`,
-//! `cpu` and `pids` hierarchies).
+//! The jailed VMM's own cgroup: `skiff/<sandbox>` under the pod's cgroup
+//! when the sandbox's spec names one ([`pod_parent`]), else under the
+//! shim's, holding guest memory plus the VMM's overhead, the vCPUs' CPU,
+//! and a bound on its threads. cgroup v2 (one hierarchy) or v1 (the
+//! `memory`, `cpu` and `pids` hierarchies).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -103,28 +104,103 @@ fn mkdir(path: &Path) -> Result<(), CgroupError> {
     }
 }
 
-/// The directories `skiff/<name>` takes under this process's cgroups.
-fn dirs(name: &str) -> Result<(Layout, Vec<PathBuf>), CgroupError> {
+/// The directories `skiff/<name>` takes under `parent` (a path in every
+/// hierarchy), or under this process's cgroups.
+fn dirs(name: &str, parent: Option<&str>) -> Result<(Layout, Vec<PathBuf>), CgroupError> {
     let text = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| CgroupError::Unknown(e.to_string()))?;
     let v2_mounted = Path::new(CGROUP_ROOT).join("cgroup.controllers").exists();
     let layout = layout(&text, v2_mounted)?;
-    let under = |base: PathBuf, path: &str| base.join(path.trim_start_matches('/')).join("skiff");
+    let under = |base: PathBuf, own: &str| {
+        base.join(parent.unwrap_or(own).trim_start_matches('/'))
+            .join("skiff")
+            .join(name)
+    };
     let dirs = match &layout {
-        Layout::V2(path) => vec![under(PathBuf::from(CGROUP_ROOT), path).join(name)],
+        Layout::V2(path) => vec![under(PathBuf::from(CGROUP_ROOT), path)],
         Layout::V1(list) => list
             .iter()
-            .map(|(c, path)| under(Path::new(CGROUP_ROOT).join(c), path).join(name))
+            .map(|(c, path)| under(Path::new(CGROUP_ROOT).join(c), path))
             .collect(),
     };
     Ok((layout, dirs))
 }
 
+/// The pod's cgroup, from the sandbox container's `linux.cgroupsPath`: the
+/// parent of a cgroupfs path (`/kubepods/burstable/pod<uid>/<id>`, as CRI
+/// gives it; `ctr` gives `/<namespace>/<id>`), or the slice of a systemd
+/// one (`kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`, expanded
+/// to its path). `None` for a relative path (relative to the runtime's own
+/// cgroup, as runc reads it: the VMM then goes under the shim's) or one
+/// that could climb out (`..`).
+pub fn pod_parent(cgroups_path: &str) -> Option<String> {
+    if cgroups_path.split('/').any(|c| c == "..") {
+        return None;
+    }
+    if let Some(path) = cgroups_path.strip_prefix('/') {
+        let parent = Path::new(path).parent()?;
+        return Some(format!("/{}", parent.display()));
+    }
+    let mut parts = cgroups_path.split(':');
+    let (Some(slice), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let slice = if slice.is_empty() { "-.slice" } else { slice };
+    let unit = slice.strip_suffix(".slice")?;
+    if unit == "-" {
+        return Some("/".into());
+    }
+    if unit.is_empty() || unit.contains('/') || unit.starts_with('-') || unit.ends_with('-') {
+        return None;
+    }
+    // systemd nests `a-b-c.slice` in `a.slice/a-b.slice/`.
+    let mut path = String::new();
+    let mut prefix = String::new();
+    for part in unit.split('-') {
+        if part.is_empty() {
+            return None;
+        }
+        if !prefix.is_empty() {
+            prefix.push('-');
+        }
+        prefix.push_str(part);
+        path.push('/');
+        path.push_str(&prefix);
+        path.push_str(".slice");
+    }
+    Some(path)
+}
+
+/// Whether `dir` can be a VMM cgroup directory named `name` (what a
+/// leftover record may name: it lives where the VMM could rewrite it).
+fn is_vmm_cgroup_dir(dir: &Path, name: &str) -> bool {
+    dir.starts_with(CGROUP_ROOT)
+        && dir.is_absolute()
+        && dir.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        })
+        && dir.file_name().is_some_and(|n| n == name)
+        && dir
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|n| n == "skiff")
+}
+
 impl VmmCgroup {
-    /// Makes `skiff/<name>` with `limits` (an old one of that name is
-    /// reused).
-    pub fn create(name: &str, limits: CgroupLimits) -> Result<Self, CgroupError> {
-        let (layout, dirs) = dirs(name)?;
+    /// Makes `skiff/<name>` under `parent` (the pod's cgroup, see
+    /// [`pod_parent`]; `None`: the shim's) with `limits` (an old one of
+    /// that name is reused).
+    pub fn create(
+        name: &str,
+        parent: Option<&str>,
+        limits: CgroupLimits,
+    ) -> Result<Self, CgroupError> {
+        let (layout, dirs) = dirs(name, parent)?;
         let cgroup = VmmCgroup { dirs };
         let quota = (CPU_PERIOD * limits.cpus).as_micros();
         let period = CPU_PERIOD.as_micros();
@@ -185,10 +261,40 @@ impl VmmCgroup {
         &self.dirs
     }
 
-    /// Removes a cgroup `skiff/<name>` a dead shim left (waits up to
-    /// `timeout` for its processes to go).
-    pub fn remove_leftover(name: &str, timeout: Duration) -> Result<(), CgroupError> {
-        let (_, dirs) = dirs(name)?;
+    /// Writes the cgroup's directories to `record` (one per line), for
+    /// [`VmmCgroup::remove_leftover`] after a dead shim.
+    pub fn record(&self, record: &Path) -> std::io::Result<()> {
+        let mut text = String::new();
+        for dir in &self.dirs {
+            text.push_str(&dir.to_string_lossy());
+            text.push('\n');
+        }
+        std::fs::write(record, text)
+    }
+
+    /// Removes a cgroup `skiff/<name>` a dead shim left: the directories
+    /// in `record` (those that can be a VMM cgroup named `name`; others
+    /// are ignored), or without one, `skiff/<name>` under this process's
+    /// cgroups. Waits up to `timeout` for its processes to go.
+    pub fn remove_leftover(
+        name: &str,
+        record: &Path,
+        timeout: Duration,
+    ) -> Result<(), CgroupError> {
+        let dirs = match std::fs::read_to_string(record) {
+            Ok(text) => text
+                .lines()
+                .map(PathBuf::from)
+                .filter(|d| {
+                    let ok = is_vmm_cgroup_dir(d, name);
+                    if !ok {
+                        log::warn!("ignoring {} in {}", d.display(), record.display());
+                    }
+                    ok
+                })
+                .collect(),
+            Err(_) => dirs(name, None)?.1,
+        };
         remove_dirs(&dirs, timeout)
     }
 }
@@ -260,8 +366,12 @@ mod tests {
             cpus: 2,
             pids: 20,
         };
-        let cgroup = VmmCgroup::create(&name, limits).unwrap();
+        // Under a pod parent of the test's own (as CRI's pod cgroup).
+        let parent = format!("/skiff-unit-pod-{}", std::process::id());
+        let cgroup = VmmCgroup::create(&name, Some(&parent), limits).unwrap();
         let dirs = cgroup.dirs().to_vec();
+        let record = std::env::temp_dir().join(format!("{name}.cgroup"));
+        cgroup.record(&record).unwrap();
         assert!(!dirs.is_empty());
         let read = |dir: &Path, file: &str| {
             std::fs::read_to_string(dir.join(file))
@@ -271,6 +381,10 @@ mod tests {
         let mut seen = Vec::new();
         for dir in &dirs {
             assert!(dir.ends_with(Path::new("skiff").join(&name)), "{dir:?}");
+            assert!(
+                dir.to_string_lossy().contains(&format!("{parent}/skiff/")),
+                "{dir:?}"
+            );
             for (file, want) in [
                 ("memory.limit_in_bytes", "100663296"),
                 ("memory.max", "100663296"),
@@ -295,14 +409,72 @@ mod tests {
             .unwrap();
         cgroup.add(child.id() as i32).unwrap();
         let own = std::fs::read_to_string(format!("/proc/{}/cgroup", child.id())).unwrap();
-        assert!(own.contains(&format!("/skiff/{name}")), "{own}");
+        assert!(own.contains(&format!("{parent}/skiff/{name}")), "{own}");
         child.kill().unwrap();
         child.wait().unwrap();
-        drop(cgroup);
+        // A dead shim's leftover: forget the handle, remove by the record.
+        std::mem::forget(cgroup);
+        assert!(dirs.iter().all(|d| d.is_dir()));
+        VmmCgroup::remove_leftover(&name, &record, Duration::from_secs(2)).unwrap();
         for dir in &dirs {
             assert!(!dir.exists(), "{dir:?} left behind");
         }
         // Removing what is already gone is fine.
-        VmmCgroup::remove_leftover(&name, Duration::from_millis(10)).unwrap();
+        VmmCgroup::remove_leftover(&name, &record, Duration::from_millis(10)).unwrap();
+        let _ = std::fs::remove_file(&record);
+        for dir in &dirs {
+            // The test's pod parent and its `skiff`.
+            let skiff = dir.parent().unwrap();
+            let _ = std::fs::remove_dir(skiff);
+            let _ = std::fs::remove_dir(skiff.parent().unwrap());
+        }
+    }
+
+    #[test]
+    fn the_pod_parent_comes_from_the_cgroups_path() {
+        // cgroupfs, as CRI and ctr give it.
+        assert_eq!(
+            pod_parent("/kubepods/burstable/pod1234/abcd").as_deref(),
+            Some("/kubepods/burstable/pod1234")
+        );
+        assert_eq!(pod_parent("/default/c1").as_deref(), Some("/default"));
+        assert_eq!(pod_parent("/c1").as_deref(), Some("/"));
+        // systemd: the slice, expanded.
+        assert_eq!(
+            pod_parent("kubepods-burstable-pod1234.slice:cri-containerd:abcd").as_deref(),
+            Some("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice")
+        );
+        assert_eq!(
+            pod_parent("system.slice:docker:x").as_deref(),
+            Some("/system.slice")
+        );
+        assert_eq!(pod_parent(":cri-containerd:x").as_deref(), Some("/"));
+        // Relative, climbing out, or malformed: none (the shim's cgroup).
+        for bad in [
+            "relative/c1",
+            "/a/../../etc/c1",
+            "a--b.slice:p:n",
+            "a.slice:p",
+            "a.slice:p:n:extra",
+            "notaslice:p:n",
+            "a/b.slice:p:n",
+        ] {
+            assert_eq!(pod_parent(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_leftover_record_names_only_vmm_cgroups() {
+        for (dir, ok) in [
+            ("/sys/fs/cgroup/memory/kubepods/skiff/abc", true),
+            ("/sys/fs/cgroup/skiff/abc", true),
+            ("/sys/fs/cgroup/memory/kubepods/abc", false),
+            ("/sys/fs/cgroup/memory/skiff/other", false),
+            ("/sys/fs/cgroup/memory/../../../etc/skiff/abc", false),
+            ("/etc/skiff/abc", false),
+            ("sys/fs/cgroup/skiff/abc", false),
+        ] {
+            assert_eq!(is_vmm_cgroup_dir(Path::new(dir), "abc"), ok, "{dir}");
+        }
     }
 }

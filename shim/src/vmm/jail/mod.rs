@@ -80,6 +80,12 @@ pub struct JailConfig {
     pub seccomp: bool,
     /// Whether the VMM gets its own cgroup.
     pub cgroup: bool,
+    /// The cgroup's parent (the pod's, [`cgroup::pod_parent`]); `None`:
+    /// the shim's cgroup.
+    pub cgroup_parent: Option<String>,
+    /// Where to record the cgroup's directories, for the cleanup after a
+    /// dead shim ([`VmmCgroup::remove_leftover`]).
+    pub cgroup_record: Option<PathBuf>,
     /// The VMM's log level.
     pub log_level: log::LevelFilter,
 }
@@ -97,6 +103,8 @@ impl JailConfig {
             gid: 65534,
             seccomp: true,
             cgroup: true,
+            cgroup_parent: None,
+            cgroup_record: None,
             log_level: log::max_level(),
         }
     }
@@ -384,7 +392,12 @@ impl JailedVm {
                 cpus: u32::from(config.vcpus) + 1,
                 pids: u32::from(config.vcpus) + MAX_VIRTIO_DEVICES as u32 + 8,
             };
-            let cgroup = VmmCgroup::create(&jail.name, limits)?;
+            let cgroup = VmmCgroup::create(&jail.name, jail.cgroup_parent.as_deref(), limits)?;
+            if let Some(record) = &jail.cgroup_record {
+                if let Err(e) = cgroup.record(record) {
+                    log::warn!("cannot record the VMM cgroup in {}: {e}", record.display());
+                }
+            }
             cgroup.add(pid.as_raw())?;
             vm.cgroup = Some(cgroup);
         }
