@@ -46,7 +46,7 @@ pub use platform::cpuid::CpuTemplate;
 pub use serial_log::SERIAL_LOG_CAP_BYTES;
 pub use shared::ExitReason;
 #[cfg(feature = "test-utils")]
-pub use vcpu::TEST_PANIC_PORT;
+pub use vcpu::{TEST_FORBIDDEN_SYSCALL_PORT, TEST_PANIC_PORT};
 pub use vsock::connect as vsock_connect;
 
 /// How a VM ran.

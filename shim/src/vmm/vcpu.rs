@@ -66,6 +66,12 @@ pub fn spawn(
 #[cfg(feature = "test-utils")]
 pub const TEST_PANIC_PORT: u16 = 0xf4;
 
+/// A port that makes the vCPU thread make a system call its seccomp filter
+/// forbids (`getppid`), in test builds only: how the tests prove a denied
+/// call kills the jailed VMM and is reported as such.
+#[cfg(feature = "test-utils")]
+pub const TEST_FORBIDDEN_SYSCALL_PORT: u16 = 0xf5;
+
 fn run(id: u8, mut fd: VcpuFd, devices: &Devices, shared: &Shared) {
     let mut first = id == 0;
     while !shared.stop.load(Ordering::SeqCst) {
@@ -95,6 +101,15 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, devices: &Devices) -> Option<ExitReas
         #[cfg(feature = "test-utils")]
         VcpuExit::IoOut(TEST_PANIC_PORT, _) => {
             panic!("vCPU {id}: the guest wrote the test panic port")
+        }
+        #[cfg(feature = "test-utils")]
+        VcpuExit::IoOut(TEST_FORBIDDEN_SYSCALL_PORT, _) => {
+            // Not on any filter's list: with the filter on, the process
+            // dies here with SIGSYS.
+            let parent = nix::unistd::getppid();
+            return Some(ExitReason::VcpuError(format!(
+                "vCPU {id}: the forbidden test call returned (parent {parent}): no filter?"
+            )));
         }
         VcpuExit::IoOut(port, data) => devices.pio_write(port, data),
         VcpuExit::MmioRead(addr, data) => devices.mmio_read(addr, data),
