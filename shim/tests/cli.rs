@@ -190,6 +190,15 @@ fn check_reports_the_host() {
     }
     assert!(stdout.contains("  vcpu: "), "{stdout}");
     assert!(stdout.contains("ioctl(arg 1: KVM_RUN)"), "{stdout}");
+    let cgroup = match shim::vmm::jail::cgroup::host_layout() {
+        Ok(layout) => format!("its cgroup: {layout}"),
+        Err(_) => "no cgroup of its own can be made here".to_owned(),
+    };
+    assert!(
+        stdout.contains("jailed VMM (vmm = \"process\")"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&cgroup), "{stdout}");
     let kind = shim::check::detect().kind;
     assert_eq!(out.status.success(), kind != shim::check::HostKind::NoKvm);
     assert!(stdout.contains(&kind.to_string()), "{stdout}");

@@ -203,6 +203,14 @@ fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
             for filter in vmm::seccomp::describe() {
                 println!("  {filter}");
             }
+            println!(
+                "jailed VMM (vmm = \"process\"): own mount, PID, IPC, UTS and network \
+                 namespaces, no capabilities, no_new_privs, uid/gid vmm_uid/vmm_gid; {}",
+                match vmm::jail::cgroup::host_layout() {
+                    Ok(layout) => format!("its cgroup: {layout}, under the pod's or the shim's"),
+                    Err(e) => format!("no cgroup of its own can be made here: {e}"),
+                }
+            );
             Ok(if r.kind == check::HostKind::NoKvm {
                 ExitCode::FAILURE
             } else {

@@ -126,6 +126,16 @@ fn dirs(name: &str, parent: Option<&str>) -> Result<(Layout, Vec<PathBuf>), Cgro
     Ok((layout, dirs))
 }
 
+/// Which cgroup hierarchies a VMM cgroup would use on this host, for
+/// `skiff check`: `cgroup v1 (memory, cpu, pids)` or `cgroup v2`.
+pub fn host_layout() -> Result<String, CgroupError> {
+    let (layout, _) = dirs("check", None)?;
+    Ok(match layout {
+        Layout::V2(_) => "cgroup v2 (memory, cpu, pids)".into(),
+        Layout::V1(_) => format!("cgroup v1 ({})", V1_CONTROLLERS.join(", ")),
+    })
+}
+
 /// The pod's cgroup, from the sandbox container's `linux.cgroupsPath`: the
 /// parent of a cgroupfs path (`/kubepods/burstable/pod<uid>/<id>`, as CRI
 /// gives it; `ctr` gives `/<namespace>/<id>`), or the slice of a systemd
