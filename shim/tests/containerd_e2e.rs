@@ -826,6 +826,36 @@ fn config_errors_show_up_in_ctr() {
 /// The kernel and agent initramfs come from `SKIFF_TEST_KERNEL` and
 /// `SKIFF_TEST_AGENT_INITRD` (scripts/test builds and sets both); CI must
 /// have them.
+/// How many guests the tests of this file boot at once. This host has 2
+/// CPUs and an emulating KVM (PVM): with every VM test's guests booting
+/// at once, a guest's first container create outlived the agent's 60 s
+/// request deadline. The tests run in parallel threads; each VM takes a
+/// slot ([`vm_slot`]) for as long as it lives.
+const VM_SLOTS: usize = 2;
+
+/// A slot for one guest, held until dropped.
+struct VmSlot;
+
+static VM_SLOTS_USED: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+static VM_SLOT_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Waits for one of the [`VM_SLOTS`].
+fn vm_slot() -> VmSlot {
+    let mut used = VM_SLOTS_USED.lock().unwrap_or_else(|e| e.into_inner());
+    while *used >= VM_SLOTS {
+        used = VM_SLOT_FREED.wait(used).unwrap_or_else(|e| e.into_inner());
+    }
+    *used += 1;
+    VmSlot
+}
+
+impl Drop for VmSlot {
+    fn drop(&mut self) {
+        *VM_SLOTS_USED.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        VM_SLOT_FREED.notify_one();
+    }
+}
+
 fn vm_config(ctrd: &Containerd) -> Option<PathBuf> {
     let ci = std::env::var("CI").as_deref() == Ok("true");
     let (kernel, initrd) = shim::testing::vm_artifacts()?;
@@ -861,6 +891,7 @@ fn vm_run_rm_echo_and_exit_code() {
     let Some(config) = vm_config(&ctrd) else {
         return;
     };
+    let _slot = vm_slot();
     ctrd.import(&image);
     let t = Instant::now();
     let id = unique("vm-echo");
@@ -1114,6 +1145,7 @@ fn vm_detached_exec_kill_delete() {
     let Some(config) = vm_config(&ctrd) else {
         return;
     };
+    let _slot = vm_slot();
     ctrd.import(&image);
     let id = unique("vm-detached");
     let fp = vm_run_sleeper(&ctrd, &config, &id);
@@ -1470,6 +1502,7 @@ fn vm_guest_deaths_stop_their_tasks() {
             .map(|lane| {
                 let (ctrd, config, events) = (&ctrd, &config, &events);
                 s.spawn(move || {
+                    let _slot = vm_slot();
                     for death in &lane {
                         guest_death_stops_its_task(ctrd, config, events, death, started);
                     }
@@ -1676,6 +1709,7 @@ fn vm_killed_shim_is_cleaned_up_by_delete() {
     let Some(config) = vm_config(&ctrd) else {
         return;
     };
+    let _slot = vm_slot();
     ctrd.import(&image);
     let id = unique("vm-killed");
     let fp = vm_run_sleeper(&ctrd, &config, &id);
