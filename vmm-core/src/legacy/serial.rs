@@ -270,7 +270,7 @@ impl Persist for SerialState {
         let thr_interrupt_pending = flags & STATE_THR_PENDING != 0;
         if thr_interrupt_pending && ier & IER_THRI == 0 {
             return Err(invalid(
-                "interrupt enable register (THR interrupt pending)",
+                "interrupt enable register for a pending THR interrupt",
                 ier,
             ));
         }
@@ -1371,7 +1371,7 @@ mod tests {
             assert_eq!(with(8, 4), invalid("serial flags", 4));
             assert_eq!(
                 with(2, IER_RDI),
-                invalid("interrupt enable register (THR interrupt pending)", 1)
+                invalid("interrupt enable register for a pending THR interrupt", 1)
             );
             assert_eq!(with(9, 65), invalid("receive FIFO length", 65));
             assert_eq!(

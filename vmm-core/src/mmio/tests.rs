@@ -1346,7 +1346,7 @@ mod state {
             );
             assert_eq!(
                 load_err(&with_status(0x0b)),
-                invalid("activation without DRIVER_OK, status", 0x0b)
+                invalid("status of an activated device", 0x0b)
             );
             assert_eq!(
                 load_err(&State {
@@ -1369,13 +1369,13 @@ mod state {
             };
             assert_eq!(
                 load_err(&early),
-                invalid("queue set up before FEATURES_OK, index", 0)
+                invalid("queue set up before FEATURES_OK (queue index)", 0)
             );
             let mut features = live.clone();
             features.queues[1].event_idx = false;
             assert_eq!(
                 load_err(&features),
-                invalid("queue ring features, index", 1)
+                invalid("ring features of a queue (queue index)", 1)
             );
             let mut size = live.clone();
             size.queues[1].size = 3;

@@ -251,7 +251,7 @@ impl<const Q: usize> MmioTransportState<Q> {
             return invalid("device status", u64::from(status));
         }
         if self.activated && status & STATUS_DRIVER_OK == 0 {
-            return invalid("activation without DRIVER_OK, status", u64::from(status));
+            return invalid("status of an activated device", u64::from(status));
         }
         if self.interrupt_status & !(INT_USED_BUFFER | INT_CONFIG_CHANGE) != 0 {
             return invalid("interrupt status", u64::from(self.interrupt_status));
@@ -274,10 +274,13 @@ impl<const Q: usize> MmioTransportState<Q> {
                 ..QueueState::default()
             };
             if !features_ok && *q != pristine {
-                return invalid("queue set up before FEATURES_OK, index", index as u64);
+                return invalid(
+                    "queue set up before FEATURES_OK (queue index)",
+                    index as u64,
+                );
             }
             if (q.event_idx, q.indirect) != (event_idx, indirect) {
-                return invalid("queue ring features, index", index as u64);
+                return invalid("ring features of a queue (queue index)", index as u64);
             }
         }
         Ok(())

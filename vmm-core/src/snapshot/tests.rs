@@ -479,3 +479,162 @@ proptest! {
         }
     }
 }
+
+/// The whole device set of a VM, as the VMM will save and restore it.
+mod device_set {
+    use super::*;
+    use crate::devices::blk::{BackendError, Block, BlockBackend, BlockState};
+    use crate::devices::vsock::{
+        ConnKey, HostEvent, Recv, Vsock, VsockBackend, VsockBackendError, VsockState,
+    };
+    use crate::irq::CountingIrq;
+    use crate::legacy::{I8042State, ResetSink, Serial, SerialSink, SerialState, I8042};
+    use crate::memory::{GuestAddress, SliceMemory};
+    use crate::mmio::{
+        MmioTransport, MmioTransportState, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_OFFSET,
+    };
+
+    struct NoHost;
+
+    impl VsockBackend for NoHost {
+        fn buf_alloc(&self) -> u32 {
+            4096
+        }
+        fn connect(&mut self, _: ConnKey) -> Result<(), VsockBackendError> {
+            Err(VsockBackendError::Refused)
+        }
+        fn connected(&mut self, _: ConnKey) {}
+        fn send(&mut self, _: ConnKey, _: &[u8]) -> Result<(), VsockBackendError> {
+            Err(VsockBackendError::Broken)
+        }
+        fn unsent(&self, _: ConnKey) -> u32 {
+            0
+        }
+        fn recv(&mut self, _: ConnKey, _: &mut [u8]) -> Result<Recv, VsockBackendError> {
+            Ok(Recv::Eof)
+        }
+        fn shutdown(&mut self, _: ConnKey, _: u32) {}
+        fn close(&mut self, _: ConnKey) {}
+        fn next_event(&mut self) -> Option<HostEvent> {
+            None
+        }
+    }
+
+    struct Zeros(u64);
+
+    impl BlockBackend for Zeros {
+        fn capacity(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&mut self, _: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&mut self, _: u64, _: &[u8]) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    struct Console;
+
+    impl SerialSink for Console {
+        fn write_byte(&mut self, _: u8) {}
+    }
+
+    struct NoReset;
+
+    impl ResetSink for NoReset {
+        fn reset(&mut self) {}
+    }
+
+    type VsockTransport = MmioTransport<Vsock<NoHost, 4>, CountingIrq, 3>;
+    type BlockTransport = MmioTransport<Block<Zeros>, CountingIrq, 1>;
+
+    /// Room for every state at its longest.
+    const SET_LEN: usize = HEADER_LEN
+        + 2 * SECTION_HEADER_LEN
+        + MmioTransportState::<3>::MAX_LEN
+        + VsockState::MAX_LEN
+        + 4 * SECTION_HEADER_LEN
+        + 2 * MmioTransportState::<1>::MAX_LEN
+        + 2 * BlockState::MAX_LEN
+        + 2 * SECTION_HEADER_LEN
+        + SerialState::MAX_LEN
+        + I8042State::MAX_LEN;
+
+    #[test]
+    fn save_and_restore_a_whole_vm() {
+        let mut bytes = vec![0u8; 0x1000];
+        let mem = SliceMemory::new(GuestAddress(0), &mut bytes);
+        let mut vsock: VsockTransport =
+            MmioTransport::new(Vsock::new(3, NoHost).unwrap(), CountingIrq::default()).unwrap();
+        let step = (STATUS_ACKNOWLEDGE | STATUS_DRIVER) as u32;
+        vsock
+            .write(&mem, STATUS_OFFSET, &step.to_le_bytes())
+            .unwrap();
+        let disks: [BlockTransport; 2] = [1, 2].map(|i| {
+            let disk = Block::new(Zeros(i * 4096), i == 2, b"disk");
+            MmioTransport::new(disk, CountingIrq::default()).unwrap()
+        });
+        let irq = CountingIrq::default();
+        let mut serial = Serial::new(&irq, Console);
+        serial.enqueue_raw_bytes(b"login: ").unwrap();
+        let mut i8042 = I8042::new(NoReset);
+        i8042.write(4, &[0xaa]);
+
+        let mut buf = [0u8; SET_LEN];
+        let mut w = StateWriter::new(&mut buf).unwrap();
+        w.add(0, &vsock.state()).unwrap();
+        w.add(0, &vsock.device().state()).unwrap();
+        for (i, disk) in disks.iter().enumerate() {
+            w.add(i as u16 + 1, &disk.state()).unwrap();
+            w.add(i as u16, &disk.device().state()).unwrap();
+        }
+        w.add(0, &serial.state()).unwrap();
+        w.add(0, &i8042.state()).unwrap();
+        let len = w.finish().unwrap();
+        assert!(len < SET_LEN, "{len} of {SET_LEN}");
+
+        let r = StateReader::new(&buf[..len]).unwrap();
+        assert_eq!(r.sections().count(), 8);
+        let vs: MmioTransportState<3> = r.load(0).unwrap();
+        let dev = Vsock::from_state(&r.load(0).unwrap(), NoHost).unwrap();
+        let restored: VsockTransport =
+            MmioTransport::from_state(dev, CountingIrq::default(), &vs, &mem).unwrap();
+        assert_eq!(restored.state(), vsock.state());
+        assert_eq!(restored.device().state(), vsock.device().state());
+        for (i, disk) in disks.iter().enumerate() {
+            let ts: MmioTransportState<1> = r.load(i as u16 + 1).unwrap();
+            let bs: BlockState = r.load(i as u16).unwrap();
+            let dev = Block::from_state(&bs, Zeros(bs.capacity_sectors * 512)).unwrap();
+            let restored: BlockTransport =
+                MmioTransport::from_state(dev, CountingIrq::default(), &ts, &mem).unwrap();
+            assert_eq!(restored.state(), disk.state());
+            assert_eq!(restored.device().state(), disk.device().state());
+        }
+        let irq2 = CountingIrq::default();
+        let s = Serial::from_state(&r.load(0).unwrap(), &irq2, Console);
+        assert_eq!(s.state(), serial.state());
+        let k = I8042::from_state(&r.load(0).unwrap(), NoReset);
+        assert_eq!(k.state(), i8042.state());
+
+        // Sections of one kind hold that kind: a disk's transport state is
+        // no vsock transport state.
+        assert!(matches!(
+            r.load::<MmioTransportState<3>>(1),
+            Ok(MmioTransportState { device_type: 2, .. })
+        ));
+        let disk_ts: MmioTransportState<3> = r.load(1).unwrap();
+        let dev = Vsock::new(3, NoHost).unwrap();
+        assert!(matches!(
+            VsockTransport::from_state(dev, CountingIrq::default(), &disk_ts, &mem),
+            Err(StateError::Mismatch {
+                field: "device type",
+                ..
+            })
+        ));
+    }
+}
