@@ -2,9 +2,10 @@
 //!
 //! Everything a guest can touch on the hot path lives here: split virtqueues,
 //! the virtio-mmio transport, the address-range bus, and the legacy UART and
-//! i8042. Guest memory, interrupts and time come in through small traits
-//! ([`memory::GuestMemory`], [`irq::IrqLine`]), so the crate is `#![no_std]`,
-//! never allocates, and contains no `unsafe`.
+//! i8042; and, for snapshots, the binary encoding of their state
+//! ([`snapshot`]). Guest memory, interrupts and time come in through small
+//! traits ([`memory::GuestMemory`], [`irq::IrqLine`]), so the crate is
+//! `#![no_std]`, never allocates, and contains no `unsafe`.
 //!
 //! It must never depend on `std`, `alloc`, KVM, or any other skiff crate. A
 //! guest writing garbage into any structure gets a typed error, never a panic.
@@ -25,3 +26,4 @@ pub mod legacy;
 pub mod memory;
 pub mod mmio;
 pub mod queue;
+pub mod snapshot;

@@ -101,6 +101,16 @@ impl<I> Interrupt<I> {
         &self.line
     }
 
+    /// Interrupt state restored from a snapshot: `status` pending (not
+    /// raised again), `config_generation` as saved.
+    pub(super) fn from_state(line: I, status: u32, config_generation: u32) -> Self {
+        Interrupt {
+            line,
+            status,
+            config_generation,
+        }
+    }
+
     /// Clears the bits set in `bits` (the driver's InterruptACK).
     pub(super) fn acknowledge(&mut self, bits: u32) {
         self.status &= !bits;

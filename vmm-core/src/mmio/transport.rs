@@ -2,10 +2,16 @@
 
 use heapless::Vec;
 
-use super::device::{DeviceError, Interrupt, VirtioContext, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::device::{
+    DeviceError, Interrupt, VirtioContext, VirtioDevice, INT_CONFIG_CHANGE, INT_USED_BUFFER,
+    VIRTIO_F_VERSION_1,
+};
 use crate::irq::IrqLine;
 use crate::memory::{GuestAddress, GuestMemory};
-use crate::queue::{Queue, QueueError};
+use crate::queue::{
+    Queue, QueueError, QueueState, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::snapshot::{DeviceState, Persist, Reader, SectionKind, StateError, Writer};
 
 /// MagicValue register (R): [`MMIO_MAGIC_VALUE`].
 pub const MAGIC_VALUE_OFFSET: u64 = 0x000;
@@ -102,6 +108,14 @@ const STATUS_STEPS: [u8; 4] = [
     STATUS_DRIVER_OK,
 ];
 
+/// Every status bit there is.
+const STATUS_ALL: u8 = STATUS_ACKNOWLEDGE
+    | STATUS_DRIVER
+    | STATUS_FEATURES_OK
+    | STATUS_DRIVER_OK
+    | STATUS_NEEDS_RESET
+    | STATUS_FAILED;
+
 /// Shared memory registers read as all ones: "no such region".
 const NO_SHM_REGION: u32 = u32::MAX;
 
@@ -173,6 +187,167 @@ pub enum MmioError {
         #[source]
         source: DeviceError,
     },
+}
+
+/// A snapshot of an [`MmioTransport`]'s guest-visible state, from
+/// [`MmioTransport::state`]: the registers the driver wrote and reads back,
+/// the interrupt state, and every queue. The device behind the transport
+/// has a state of its own.
+///
+/// Encoding (36 bytes, then 33 per queue): `device_type` (`u32`),
+/// `status` (`u8`), `activated` (`u8`, 0 or 1), the number of queues
+/// (`u16`, at most `Q`), `device_features_sel`, `driver_features_sel`
+/// (`u32`), `driver_features` (`u64`), `queue_sel`, `interrupt_status`,
+/// `config_generation` (`u32`), then each [`QueueState`].
+///
+/// Loading rejects what no transport can reach: unknown status bits or
+/// initialisation steps out of order, `activated` without DRIVER_OK,
+/// unknown interrupt bits, FEATURES_OK without `VIRTIO_F_VERSION_1`, a
+/// queue set up before FEATURES_OK, a ready queue with an invalid size or
+/// misaligned rings, and ring features that differ from the negotiated
+/// ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MmioTransportState<const Q: usize> {
+    /// The DeviceID register: the type of the device behind the transport.
+    pub device_type: u32,
+    /// The Status register.
+    pub status: u8,
+    /// Whether the device was activated (after DRIVER_OK).
+    pub activated: bool,
+    /// The DeviceFeaturesSel register.
+    pub device_features_sel: u32,
+    /// The DriverFeaturesSel register.
+    pub driver_features_sel: u32,
+    /// The features the driver accepted (both DriverFeatures windows).
+    pub driver_features: u64,
+    /// The QueueSel register.
+    pub queue_sel: u32,
+    /// The InterruptStatus register.
+    pub interrupt_status: u32,
+    /// The ConfigGeneration register.
+    pub config_generation: u32,
+    /// The queues, indexed as QueueSel.
+    pub queues: Vec<QueueState, Q>,
+}
+
+impl<const Q: usize> MmioTransportState<Q> {
+    /// Checks what the state says about itself (see the type's
+    /// documentation); [`MmioTransport::from_state`] checks the rest against
+    /// the device.
+    fn check(&self) -> Result<(), StateError> {
+        let invalid = |field, value| Err(StateError::InvalidValue { field, value });
+        let status = self.status;
+        // The driver's steps come in order: each one set has all the
+        // earlier ones set too (FAILED and NEEDS_RESET may come any time).
+        let mut missing = false;
+        for step in STATUS_STEPS {
+            if status & step == 0 {
+                missing = true;
+            } else if missing {
+                return invalid("device status", u64::from(status));
+            }
+        }
+        if status & !STATUS_ALL != 0 {
+            return invalid("device status", u64::from(status));
+        }
+        if self.activated && status & STATUS_DRIVER_OK == 0 {
+            return invalid("status of an activated device", u64::from(status));
+        }
+        if self.interrupt_status & !(INT_USED_BUFFER | INT_CONFIG_CHANGE) != 0 {
+            return invalid("interrupt status", u64::from(self.interrupt_status));
+        }
+        let features_ok = status & STATUS_FEATURES_OK != 0;
+        if features_ok && self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return invalid("driver features", self.driver_features);
+        }
+        // Queues take the ring features at FEATURES_OK, and lose them (and
+        // readiness) only in a reset, which clears FEATURES_OK too.
+        let negotiated = |bit: u32| features_ok && self.driver_features & (1 << bit) != 0;
+        let event_idx = negotiated(VIRTIO_RING_F_EVENT_IDX);
+        let indirect = negotiated(VIRTIO_RING_F_INDIRECT_DESC);
+        for (index, q) in self.queues.iter().enumerate() {
+            Queue::from_state(q).map_err(|source| StateError::Queue { index, source })?;
+            // The driver configures queues only after FEATURES_OK.
+            let pristine = QueueState {
+                max_size: q.max_size,
+                size: q.max_size,
+                ..QueueState::default()
+            };
+            if !features_ok && *q != pristine {
+                return invalid(
+                    "queue set up before FEATURES_OK (queue index)",
+                    index as u64,
+                );
+            }
+            if (q.event_idx, q.indirect) != (event_idx, indirect) {
+                return invalid("ring features of a queue (queue index)", index as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<const Q: usize> Persist for MmioTransportState<Q> {
+    const MAX_LEN: usize = 36 + Q * QueueState::MAX_LEN;
+
+    fn write_to(&self, w: &mut Writer<'_>) -> Result<(), StateError> {
+        let count = u16::try_from(self.queues.len()).map_err(|_| StateError::InvalidValue {
+            field: "queue count",
+            value: self.queues.len() as u64,
+        })?;
+        w.u32(self.device_type)?;
+        w.u8(self.status)?;
+        w.bool(self.activated)?;
+        w.u16(count)?;
+        w.u32(self.device_features_sel)?;
+        w.u32(self.driver_features_sel)?;
+        w.u64(self.driver_features)?;
+        w.u32(self.queue_sel)?;
+        w.u32(self.interrupt_status)?;
+        w.u32(self.config_generation)?;
+        for q in self.queues.iter() {
+            q.write_to(w)?;
+        }
+        Ok(())
+    }
+
+    fn read_from(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        let device_type = r.u32()?;
+        let status = r.u8()?;
+        let activated = r.bool("activated flag")?;
+        let count = r.u16()?;
+        let mut state = MmioTransportState {
+            device_type,
+            status,
+            activated,
+            device_features_sel: r.u32()?,
+            driver_features_sel: r.u32()?,
+            driver_features: r.u64()?,
+            queue_sel: r.u32()?,
+            interrupt_status: r.u32()?,
+            config_generation: r.u32()?,
+            queues: Vec::new(),
+        };
+        if usize::from(count) > Q {
+            return Err(StateError::InvalidValue {
+                field: "queue count",
+                value: u64::from(count),
+            });
+        }
+        for _ in 0..count {
+            let q = QueueState::read_from(r)?;
+            state.queues.push(q).map_err(|_| StateError::InvalidValue {
+                field: "queue count",
+                value: u64::from(count),
+            })?;
+        }
+        state.check()?;
+        Ok(state)
+    }
+}
+
+impl<const Q: usize> DeviceState for MmioTransportState<Q> {
+    const KIND: SectionKind = SectionKind::MmioTransport;
 }
 
 /// A virtio-mmio (version 2) transport for device `D`, raising interrupts on
@@ -247,6 +422,107 @@ impl<D: VirtioDevice, I: IrqLine, const Q: usize> MmioTransport<D, I, Q> {
             driver_features: 0,
             queue_sel: 0,
             activated: false,
+        })
+    }
+
+    /// A snapshot of the transport's state. The device's own state is
+    /// saved separately, through the device.
+    pub fn state(&self) -> MmioTransportState<Q> {
+        let mut queues = Vec::new();
+        for q in self.queues.iter() {
+            // Both hold Q queues, so this never stops early.
+            if queues.push(q.state()).is_err() {
+                break;
+            }
+        }
+        MmioTransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            activated: self.activated,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+            queues,
+        }
+    }
+
+    /// A transport restored from `state`, in front of `device` (restored
+    /// from its own state first), raising interrupts on `irq`, with guest
+    /// memory `mem` already restored.
+    ///
+    /// Besides what loading checks, the state must fit the device: same
+    /// device type, same number of queues with the same maximum sizes,
+    /// accepted features (once FEATURES_OK) that the device offers; and
+    /// every ready queue must pass [`Queue::validate`] in `mem`.
+    ///
+    /// The device is not activated again: if the state says it was
+    /// activated, it goes on as it was. No interrupt is raised; one that
+    /// was pending is still in InterruptStatus (and, for an edge that was
+    /// in flight, in the interrupt controller's state, which the VMM
+    /// restores).
+    pub fn from_state<M: GuestMemory + ?Sized>(
+        device: D,
+        irq: I,
+        state: &MmioTransportState<Q>,
+        mem: &M,
+    ) -> Result<Self, StateError> {
+        state.check()?;
+        let mismatch = |field, saved, device| {
+            Err(StateError::Mismatch {
+                field,
+                saved,
+                device,
+            })
+        };
+        if state.device_type != device.device_type() {
+            return mismatch(
+                "device type",
+                u64::from(state.device_type),
+                u64::from(device.device_type()),
+            );
+        }
+        let sizes = device.queue_max_sizes();
+        if state.queues.len() != sizes.len() {
+            return mismatch("queue count", state.queues.len() as u64, sizes.len() as u64);
+        }
+        let offered = device.avail_features() | (1 << VIRTIO_F_VERSION_1);
+        let accepted = state.driver_features;
+        if state.status & STATUS_FEATURES_OK != 0 && accepted & !offered != 0 {
+            return mismatch("driver features", accepted, offered);
+        }
+        let mut queues = Vec::new();
+        for (index, (saved, &max)) in state.queues.iter().zip(sizes).enumerate() {
+            if saved.max_size != max {
+                return mismatch(
+                    "maximum queue size",
+                    u64::from(saved.max_size),
+                    u64::from(max),
+                );
+            }
+            let queue_error = |source| StateError::Queue { index, source };
+            let queue = Queue::from_state(saved).map_err(queue_error)?;
+            if queue.ready() {
+                queue.validate(mem).map_err(queue_error)?;
+            }
+            // At most Q saved queues, so this never fails.
+            queues.push(queue).map_err(|_| StateError::InvalidValue {
+                field: "queue count",
+                value: sizes.len() as u64,
+            })?;
+        }
+        Ok(MmioTransport {
+            device,
+            queues,
+            interrupt: Interrupt::from_state(irq, state.interrupt_status, state.config_generation),
+            status: state.status,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            activated: state.activated,
         })
     }
 

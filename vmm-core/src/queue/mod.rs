@@ -26,6 +26,7 @@ pub use chain::{
 };
 
 use crate::memory::{GuestAddress, GuestMemory, MemoryError};
+use crate::snapshot::{Persist, Reader, StateError, Writer};
 
 /// Largest queue size the split ring allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -107,7 +108,20 @@ pub enum QueueError {
     },
 }
 
-/// A queue's state, for snapshots (serialisation lives outside the core).
+/// A queue's state, for snapshots: from [`Queue::state`], back with
+/// [`Queue::from_state`], encoded by its [`Persist`] implementation.
+///
+/// Two things a queue knows are not part of it, and a restored queue
+/// starts without them: the last `avail.idx` it read (it reads the index
+/// again), and the `used.idx` of its last event-index notification
+/// decision (so its first [`Queue::needs_notification`] says yes; a
+/// spurious interrupt is harmless, a lost one is not).
+///
+/// Encoding (33 bytes): `max_size`, `size`, `next_avail`, `next_used` as
+/// `u16`; a flags byte (bit 0 `ready`, bit 1 `event_idx`, bit 2
+/// `indirect`); `desc_table`, `avail_ring`, `used_ring` as `u64`. Loading
+/// checks only the flags; [`Queue::from_state`] checks the sizes and
+/// rings.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueState {
     /// Device maximum size.
@@ -130,6 +144,58 @@ pub struct QueueState {
     pub event_idx: bool,
     /// Whether `VIRTIO_RING_F_INDIRECT_DESC` is in effect.
     pub indirect: bool,
+}
+
+const QUEUE_READY: u8 = 1 << 0;
+const QUEUE_EVENT_IDX: u8 = 1 << 1;
+const QUEUE_INDIRECT: u8 = 1 << 2;
+
+impl Persist for QueueState {
+    const MAX_LEN: usize = 33;
+
+    fn write_to(&self, w: &mut Writer<'_>) -> Result<(), StateError> {
+        let mut flags = 0;
+        for (set, bit) in [
+            (self.ready, QUEUE_READY),
+            (self.event_idx, QUEUE_EVENT_IDX),
+            (self.indirect, QUEUE_INDIRECT),
+        ] {
+            if set {
+                flags |= bit;
+            }
+        }
+        w.u16(self.max_size)?;
+        w.u16(self.size)?;
+        w.u16(self.next_avail)?;
+        w.u16(self.next_used)?;
+        w.u8(flags)?;
+        w.u64(self.desc_table)?;
+        w.u64(self.avail_ring)?;
+        w.u64(self.used_ring)
+    }
+
+    fn read_from(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        let max_size = r.u16()?;
+        let size = r.u16()?;
+        let next_avail = r.u16()?;
+        let next_used = r.u16()?;
+        let flags = r.flags(
+            "queue flags",
+            QUEUE_READY | QUEUE_EVENT_IDX | QUEUE_INDIRECT,
+        )?;
+        Ok(QueueState {
+            max_size,
+            size,
+            ready: flags & QUEUE_READY != 0,
+            desc_table: r.u64()?,
+            avail_ring: r.u64()?,
+            used_ring: r.u64()?,
+            next_avail,
+            next_used,
+            event_idx: flags & QUEUE_EVENT_IDX != 0,
+            indirect: flags & QUEUE_INDIRECT != 0,
+        })
+    }
 }
 
 /// The device side of a split virtqueue.
@@ -300,7 +366,10 @@ impl Queue {
         }
     }
 
-    /// Restores a snapshot (the sizes are checked again).
+    /// Restores a snapshot. The maximum size is checked as by
+    /// [`Queue::new`]; a ready queue must also pass the checks of
+    /// [`Queue::validate`] that need no guest memory (size and ring
+    /// alignment), since no driver will set it ready again.
     pub fn from_state(state: &QueueState) -> Result<Queue, QueueError> {
         let mut q = Queue::new(state.max_size)?;
         q.size = state.size;
@@ -313,14 +382,25 @@ impl Queue {
         q.avail_idx_seen = q.next_avail;
         q.event_idx = state.event_idx;
         q.indirect = state.indirect;
+        if q.ready {
+            q.check_layout()?;
+        }
         Ok(q)
     }
 
-    /// Checks size, alignment and that all three areas lie in guest memory
-    /// (virtio 1.2, 2.7: descriptor table 16-aligned, available ring
-    /// 2-aligned, used ring 4-aligned). Call when the driver sets the queue
-    /// ready; a queue that fails must not be used.
-    pub fn validate<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), QueueError> {
+    /// The ring areas: name, address, alignment and length in bytes.
+    fn areas(&self) -> [(&'static str, GuestAddress, u64, u64); 3] {
+        let n = u64::from(self.size);
+        [
+            ("descriptor table", self.desc_table, 16, DESCRIPTOR_SIZE * n),
+            ("available ring", self.avail_ring, 2, 6 + 2 * n),
+            ("used ring", self.used_ring, 4, 6 + USED_ELEM_SIZE * n),
+        ]
+    }
+
+    /// The checks of [`Queue::validate`] that need no guest memory: the
+    /// size, and the alignment of the three areas.
+    fn check_layout(&self) -> Result<(), QueueError> {
         let size = self.size;
         if size == 0 || !size.is_power_of_two() || size > self.max_size {
             return Err(QueueError::InvalidSize {
@@ -328,13 +408,7 @@ impl Queue {
                 max: self.max_size,
             });
         }
-        let n = u64::from(size);
-        let areas = [
-            ("descriptor table", self.desc_table, 16, DESCRIPTOR_SIZE * n),
-            ("available ring", self.avail_ring, 2, 6 + 2 * n),
-            ("used ring", self.used_ring, 4, 6 + USED_ELEM_SIZE * n),
-        ];
-        for (ring, addr, align, len) in areas {
+        for (ring, addr, align, _) in self.areas() {
             if !addr.is_aligned(align) {
                 return Err(QueueError::Misaligned {
                     ring,
@@ -342,6 +416,17 @@ impl Queue {
                     align,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Checks size, alignment and that all three areas lie in guest memory
+    /// (virtio 1.2, 2.7: descriptor table 16-aligned, available ring
+    /// 2-aligned, used ring 4-aligned). Call when the driver sets the queue
+    /// ready; a queue that fails must not be used.
+    pub fn validate<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), QueueError> {
+        self.check_layout()?;
+        for (ring, addr, _, len) in self.areas() {
             mem.check_range(addr, len)
                 .map_err(|source| QueueError::RingOutOfBounds { ring, source })?;
         }

@@ -12,6 +12,7 @@ use crate::mmio::{read_config_window, DeviceError, VirtioContext, VirtioDevice};
 use crate::queue::{
     drain, DescriptorChain, Served, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::snapshot::{DeviceState, Persist, Reader, SectionKind, StateError, Writer};
 
 /// Queue size offered to the driver.
 pub const BLOCK_QUEUE_SIZE: u16 = 256;
@@ -55,6 +56,46 @@ pub trait BlockBackend {
     fn flush(&mut self) -> Result<(), BackendError>;
 }
 
+/// A snapshot of a [`Block`] device's guest-visible state, from
+/// [`Block::state`]: what the driver has read about the disk. Requests are
+/// served within the notification that announces them, so none is in
+/// flight between two notifications; the queue (in the transport's state)
+/// says which ones are done.
+///
+/// Encoding (29 bytes): `capacity_sectors` (`u64`), `read_only` (`u8`, 0
+/// or 1), `id` (20 bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockState {
+    /// The disk's size in sectors, as the configuration space reports it.
+    pub capacity_sectors: u64,
+    /// Whether `VIRTIO_BLK_F_RO` is offered.
+    pub read_only: bool,
+    /// What GET_ID returns.
+    pub id: [u8; VIRTIO_BLK_ID_BYTES],
+}
+
+impl Persist for BlockState {
+    const MAX_LEN: usize = 9 + VIRTIO_BLK_ID_BYTES;
+
+    fn write_to(&self, w: &mut Writer<'_>) -> Result<(), StateError> {
+        w.u64(self.capacity_sectors)?;
+        w.bool(self.read_only)?;
+        w.bytes(&self.id)
+    }
+
+    fn read_from(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        Ok(BlockState {
+            capacity_sectors: r.u64()?,
+            read_only: r.bool("read-only flag")?,
+            id: r.array()?,
+        })
+    }
+}
+
+impl DeviceState for BlockState {
+    const KIND: SectionKind = SectionKind::Block;
+}
+
 /// A virtio-blk device over backend `B`.
 pub struct Block<B> {
     backend: B,
@@ -85,6 +126,34 @@ impl<B: BlockBackend> Block<B> {
             bounce: [0; BOUNCE_SIZE],
             failed_requests: 0,
         }
+    }
+
+    /// A snapshot of the device's guest-visible state.
+    pub fn state(&self) -> BlockState {
+        BlockState {
+            capacity_sectors: self.capacity_sectors(),
+            read_only: self.read_only,
+            id: self.id,
+        }
+    }
+
+    /// A device restored from `state`, over `backend`, which must hold a
+    /// disk of the saved size ([`StateError::Mismatch`] otherwise: the
+    /// driver would not know of another size). To restore with another
+    /// disk, restore with one of the saved size, then
+    /// [`Block::replace_backend`]. The failed-request counter starts at
+    /// zero.
+    pub fn from_state(state: &BlockState, backend: B) -> Result<Self, StateError> {
+        let dev = Block::new(backend, state.read_only, &state.id);
+        let sectors = dev.capacity_sectors();
+        if sectors != state.capacity_sectors {
+            return Err(StateError::Mismatch {
+                field: "disk capacity in sectors",
+                saved: state.capacity_sectors,
+                device: sectors,
+            });
+        }
+        Ok(dev)
     }
 
     /// Disk size in sectors.

@@ -9,7 +9,7 @@
 mod device;
 mod request;
 
-pub use device::{BackendError, Block, BlockBackend, BLOCK_QUEUE_SIZE, SEG_MAX};
+pub use device::{BackendError, Block, BlockBackend, BlockState, BLOCK_QUEUE_SIZE, SEG_MAX};
 pub use request::{Request, RequestError, RequestType};
 
 /// virtio device ID of a block device.

@@ -17,6 +17,7 @@ use crate::queue::{
     drain, Descriptor, DescriptorChain, Served, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
+use crate::snapshot::{DeviceState, Persist, Reader, SectionKind, StateError, Writer};
 
 /// Size of each of the three queues offered to the driver.
 pub const VSOCK_QUEUE_SIZE: u16 = 256;
@@ -141,6 +142,63 @@ pub struct ReservedCidError {
     pub cid: u64,
 }
 
+/// A snapshot of a [`Vsock`] device's state, from [`Vsock::state`].
+///
+/// Connections are not part of it: their host sides (sockets) cannot be
+/// carried into another VMM. A device restored with [`Vsock::from_state`]
+/// has none, and owes the guest a `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`
+/// (virtio 1.2, 5.10.6.7) whenever the saved device had connections, or
+/// had such an event still to deliver; the guest's driver then resets
+/// every socket it has.
+///
+/// Encoding (9 bytes): `guest_cid` (`u64`, 3 to 0xfffffffe),
+/// `transport_reset_pending` (`u8`, 0 or 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VsockState {
+    /// The guest's CID: the configuration space.
+    pub guest_cid: u64,
+    /// Whether the restored device must send the guest a transport reset
+    /// event.
+    pub transport_reset_pending: bool,
+}
+
+impl Persist for VsockState {
+    const MAX_LEN: usize = 9;
+
+    fn write_to(&self, w: &mut Writer<'_>) -> Result<(), StateError> {
+        w.u64(self.guest_cid)?;
+        w.bool(self.transport_reset_pending)
+    }
+
+    fn read_from(r: &mut Reader<'_>) -> Result<Self, StateError> {
+        let guest_cid = r.u64()?;
+        check_cid(guest_cid).map_err(reserved_cid)?;
+        Ok(VsockState {
+            guest_cid,
+            transport_reset_pending: r.bool("transport reset flag")?,
+        })
+    }
+}
+
+impl DeviceState for VsockState {
+    const KIND: SectionKind = SectionKind::Vsock;
+}
+
+/// Checks that `cid` is one a guest may have.
+fn check_cid(cid: u64) -> Result<(), ReservedCidError> {
+    if !(3..0xffff_ffff).contains(&cid) {
+        return Err(ReservedCidError { cid });
+    }
+    Ok(())
+}
+
+fn reserved_cid(e: ReservedCidError) -> StateError {
+    StateError::InvalidValue {
+        field: "guest CID",
+        value: e.cid,
+    }
+}
+
 /// A virtio-vsock device for a guest with CID `guest_cid`, connecting it to
 /// the host through backend `B`, with room for `C` connections.
 pub struct Vsock<B, const C: usize> {
@@ -158,9 +216,7 @@ pub struct Vsock<B, const C: usize> {
 impl<B: VsockBackend, const C: usize> Vsock<B, C> {
     /// A device for the guest with CID `guest_cid` (3 to 0xfffffffe).
     pub fn new(guest_cid: u64, backend: B) -> Result<Self, ReservedCidError> {
-        if !(3..0xffff_ffff).contains(&guest_cid) {
-            return Err(ReservedCidError { cid: guest_cid });
-        }
+        check_cid(guest_cid)?;
         Ok(Vsock {
             backend,
             guest_cid,
@@ -171,6 +227,30 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
             bounce: [0; BOUNCE_SIZE],
             stats: VsockStats::default(),
         })
+    }
+
+    /// A snapshot of the device's state (see [`VsockState`] for what is
+    /// left out).
+    pub fn state(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.guest_cid,
+            transport_reset_pending: self.event_pending || !self.conns.is_empty(),
+        }
+    }
+
+    /// A device restored from `state`, over `backend`, with no
+    /// connections and zeroed [`VsockStats`].
+    ///
+    /// If `state.transport_reset_pending`, the device sends
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` the next time it works its
+    /// queues and the guest has an event buffer. Once the transport is
+    /// restored too, call [`Vsock::process_host_events`] through
+    /// [`MmioTransport::run_device`](crate::mmio::MmioTransport::run_device)
+    /// so the event goes out without waiting for the guest.
+    pub fn from_state(state: &VsockState, backend: B) -> Result<Self, StateError> {
+        let mut dev = Self::new(state.guest_cid, backend).map_err(reserved_cid)?;
+        dev.event_pending = state.transport_reset_pending;
+        Ok(dev)
     }
 
     /// The guest's CID.

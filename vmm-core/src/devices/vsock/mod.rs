@@ -33,8 +33,8 @@ mod packet;
 
 pub use connection::ConnKey;
 pub use device::{
-    HostEvent, Recv, ReservedCidError, Vsock, VsockBackend, VsockBackendError, VsockStats,
-    VSOCK_QUEUE_SIZE,
+    HostEvent, Recv, ReservedCidError, Vsock, VsockBackend, VsockBackendError, VsockState,
+    VsockStats, VSOCK_QUEUE_SIZE,
 };
 pub use packet::{Op, PacketError, PacketHeader, TxPacket, HEADER_SIZE, MAX_PAYLOAD};
 

@@ -407,3 +407,120 @@ fn replaced_medium_changes_capacity_and_bounds() {
     assert_eq!(back.data.len(), 8 * 512);
     assert_eq!(read_sector(&mut dev, &mut rig, 1).0, VIRTIO_BLK_S_IOERR);
 }
+
+mod state {
+    use std::string::ToString;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::snapshot::{Persist, StateError};
+
+    fn encode(state: &BlockState) -> Vec<u8> {
+        let mut out = vec![0u8; BlockState::MAX_LEN];
+        let len = state.save(&mut out).unwrap();
+        out.truncate(len);
+        out
+    }
+
+    /// Everything the driver can read of a device: features and config.
+    fn guest_view(dev: &Block<MemDisk>) -> (u64, Vec<u8>) {
+        let mut config = vec![0u8; 24];
+        for (i, b) in config.iter_mut().enumerate() {
+            dev.read_config(i as u64, core::slice::from_mut(b));
+        }
+        (dev.avail_features(), config)
+    }
+
+    #[test]
+    fn encoding_is_fixed() {
+        let dev = Block::new(disk(0x0102), true, b"serial-1");
+        let state = dev.state();
+        let mut expected = vec![0x02, 0x01, 0, 0, 0, 0, 0, 0, 1];
+        expected.extend_from_slice(b"serial-1\0\0\0\0\0\0\0\0\0\0\0\0");
+        assert_eq!(encode(&state), expected);
+        assert_eq!(encode(&state).len(), BlockState::MAX_LEN);
+        assert_eq!(BlockState::load(&expected), Ok(state));
+        let mut bad = expected.clone();
+        bad[8] = 7;
+        assert_eq!(
+            BlockState::load(&bad),
+            Err(StateError::InvalidValue {
+                field: "read-only flag",
+                value: 7
+            })
+        );
+        assert!(matches!(
+            BlockState::load(&expected[..28]),
+            Err(StateError::TooShort { .. })
+        ));
+    }
+
+    #[test]
+    fn a_restored_device_looks_and_serves_the_same() {
+        let mut dev = Block::new(disk(16), true, b"skiff-vda");
+        let state = BlockState::load(&encode(&dev.state())).unwrap();
+        let mut r = Block::from_state(&state, disk(16)).unwrap();
+        assert_eq!(r.state(), dev.state());
+        assert_eq!(guest_view(&r), guest_view(&dev));
+
+        let mut rig = Rig::new();
+        let descs = [rd(HDR, 16), wr(DATA, 20), wr(STATUS, 1)];
+        let (s, len, _) = run(&mut r, &mut rig, VIRTIO_BLK_T_GET_ID, 0, &descs, |_| {});
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, 21));
+        assert_eq!(
+            &rig.bytes[DATA as usize..DATA as usize + 10],
+            b"skiff-vda\0"
+        );
+        // Still read-only.
+        let descs = [rd(HDR, 16), rd(DATA, 512), wr(STATUS, 1)];
+        let (s, _, _) = run(&mut r, &mut Rig::new(), VIRTIO_BLK_T_OUT, 0, &descs, |_| {});
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        let (s, _, _) = run(
+            &mut dev,
+            &mut Rig::new(),
+            VIRTIO_BLK_T_OUT,
+            0,
+            &descs,
+            |_| {},
+        );
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn a_disk_of_another_size_is_refused() {
+        let state = Block::new(disk(16), false, b"").state();
+        assert_eq!(
+            Block::from_state(&state, disk(15))
+                .err()
+                .map(|e| e.to_string()),
+            Some("saved disk capacity in sectors 0x10 does not match the device's 0xf".to_string())
+        );
+        // To change the medium, restore, then swap it.
+        let mut dev = Block::from_state(&state, disk(16)).unwrap();
+        dev.replace_backend(disk(32));
+        assert_eq!(dev.state().capacity_sectors, 32);
+    }
+
+    proptest! {
+        /// Loading arbitrary bytes never panics; what loads re-encodes to
+        /// the same bytes; every state round-trips.
+        #[test]
+        fn arbitrary_bytes_and_states(
+            bytes in proptest::collection::vec(any::<u8>(), 0..32),
+            capacity_sectors in any::<u64>(),
+            read_only in any::<bool>(),
+            id in any::<[u8; VIRTIO_BLK_ID_BYTES]>(),
+        ) {
+            if let Ok(state) = BlockState::load(&bytes) {
+                prop_assert_eq!(encode(&state), bytes);
+            }
+            let state = BlockState { capacity_sectors, read_only, id };
+            prop_assert_eq!(BlockState::load(&encode(&state)), Ok(state));
+            let sectors = capacity_sectors % 64;
+            let state = BlockState { capacity_sectors: sectors, ..state };
+            let dev = Block::from_state(&state, disk(sectors as usize)).unwrap();
+            prop_assert_eq!(dev.state(), state);
+        }
+    }
+}

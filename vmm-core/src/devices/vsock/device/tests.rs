@@ -881,3 +881,188 @@ fn device_reset_closes_connections() {
     assert_eq!(dev.connection_count(), 0);
     assert_eq!(dev.backend().closed, [key(1)]);
 }
+
+mod state {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::snapshot::{Persist, StateError};
+
+    fn encode(state: &VsockState) -> Vec<u8> {
+        let mut out = vec![0u8; VsockState::MAX_LEN];
+        let len = state.save(&mut out).unwrap();
+        out.truncate(len);
+        out
+    }
+
+    /// Saves `dev`, encodes and loads the state, and restores it over a
+    /// fresh backend.
+    fn restore<const C: usize>(dev: &Dev<C>) -> Dev<C> {
+        let state = VsockState::load(&encode(&dev.state())).unwrap();
+        assert_eq!(state, dev.state());
+        Vsock::from_state(&state, TestBackend::listening_on(HOST_PORT)).unwrap()
+    }
+
+    #[test]
+    fn encoding_is_fixed() {
+        let state = VsockState {
+            guest_cid: 0x0102_0304,
+            transport_reset_pending: true,
+        };
+        assert_eq!(encode(&state), [4, 3, 2, 1, 0, 0, 0, 0, 1]);
+        assert_eq!(VsockState::load(&encode(&state)), Ok(state));
+        let mut bad = encode(&state);
+        bad[8] = 2;
+        assert_eq!(
+            VsockState::load(&bad),
+            Err(StateError::InvalidValue {
+                field: "transport reset flag",
+                value: 2
+            })
+        );
+        for cid in [0, 1, 2, 0xffff_ffff, 1 << 32, u64::MAX] {
+            let state = VsockState {
+                guest_cid: cid,
+                transport_reset_pending: false,
+            };
+            let err = StateError::InvalidValue {
+                field: "guest CID",
+                value: cid,
+            };
+            assert_eq!(VsockState::load(&encode(&state)), Err(err));
+            assert_eq!(
+                Dev::<4>::from_state(&state, TestBackend::default()).err(),
+                Some(err)
+            );
+        }
+        assert!(matches!(
+            VsockState::load(&[3, 0, 0, 0]),
+            Err(StateError::TooShort { .. })
+        ));
+    }
+
+    #[test]
+    fn a_reset_is_owed_only_for_connections_or_a_pending_event() {
+        let mut bytes = memory();
+        let mem = SliceMemory::new(GuestAddress(0), &mut bytes);
+        let mut g = MockVsockDriver::new(&mem, GuestAddress(0), 0).unwrap();
+        let mut dev: Dev<4> = Vsock::new(CID, TestBackend::listening_on(HOST_PORT)).unwrap();
+        assert!(!dev.state().transport_reset_pending);
+        g.activate(&mut dev).unwrap();
+        g.fill_rx().unwrap();
+        guest_connect(&mut g, &mut dev, 1);
+        assert!(dev.state().transport_reset_pending);
+        send(
+            &mut g,
+            &mut dev,
+            hdr(VIRTIO_VSOCK_OP_RST, 1, HOST_PORT, 0),
+            &[],
+        );
+        assert_eq!(dev.connection_count(), 0);
+        assert!(!dev.state().transport_reset_pending);
+        // A reset event the guest has no buffer for yet.
+        dev.transport_reset(&mut g.context()).unwrap();
+        assert!(dev.state().transport_reset_pending);
+        assert_eq!(restore(&dev).state(), dev.state());
+    }
+
+    #[test]
+    fn a_restored_device_resets_the_guest_transport_once() {
+        let mut bytes = memory();
+        let mem = SliceMemory::new(GuestAddress(0), &mut bytes);
+        let mut g = MockVsockDriver::new(&mem, GuestAddress(0), 0).unwrap();
+        let mut dev: Dev<4> = Vsock::new(CID, TestBackend::listening_on(HOST_PORT)).unwrap();
+        g.activate(&mut dev).unwrap();
+        g.fill_rx().unwrap();
+        g.post_event_buffers(2).unwrap();
+        guest_connect(&mut g, &mut dev, 1);
+        guest_connect(&mut g, &mut dev, 2);
+
+        // The guest (its memory and queues, in `g`) goes on with a device
+        // restored from the snapshot.
+        let mut dev = restore(&dev);
+        assert_eq!(dev.guest_cid(), CID);
+        assert_eq!(dev.connection_count(), 0);
+        assert_eq!(dev.stats(), VsockStats::default());
+        let irqs = g.irq_count();
+        dev.process_host_events(&mut g.context()).unwrap();
+        assert_eq!(
+            g.next_event().unwrap(),
+            Some(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+        );
+        assert_eq!(g.next_event().unwrap(), None, "one event");
+        assert!(g.irq_count() > irqs);
+        assert!(!dev.state().transport_reset_pending);
+        dev.process_host_events(&mut g.context()).unwrap();
+        assert_eq!(g.next_event().unwrap(), None);
+        assert!(received(&mut g).is_empty());
+        assert!(
+            dev.backend().closed.is_empty(),
+            "the new backend never knew the old connections"
+        );
+
+        // Old connections are unknown; new ones work.
+        send(
+            &mut g,
+            &mut dev,
+            hdr(VIRTIO_VSOCK_OP_RW, 1, HOST_PORT, 1),
+            b"x",
+        );
+        assert_eq!(ops(&received(&mut g)), [VIRTIO_VSOCK_OP_RST]);
+        g.fill_rx().unwrap();
+        guest_connect(&mut g, &mut dev, 3);
+        send(
+            &mut g,
+            &mut dev,
+            hdr(VIRTIO_VSOCK_OP_RW, 3, HOST_PORT, 2),
+            b"hi",
+        );
+        assert_eq!(dev.backend_mut().conn(key(3)).from_guest, b"hi");
+    }
+
+    #[test]
+    fn a_restored_device_waits_for_an_event_buffer() {
+        let mut bytes = memory();
+        let mem = SliceMemory::new(GuestAddress(0), &mut bytes);
+        let mut g = MockVsockDriver::new(&mem, GuestAddress(0), 0).unwrap();
+        let mut dev: Dev<4> = Vsock::new(CID, TestBackend::listening_on(HOST_PORT)).unwrap();
+        g.activate(&mut dev).unwrap();
+        g.fill_rx().unwrap();
+        guest_connect(&mut g, &mut dev, 1);
+        let mut dev = restore(&dev);
+        dev.process_host_events(&mut g.context()).unwrap();
+        assert_eq!(g.next_event().unwrap(), None);
+        assert!(dev.state().transport_reset_pending);
+        g.post_event_buffers(1).unwrap();
+        g.notify_event(&mut dev).unwrap();
+        assert_eq!(
+            g.next_event().unwrap(),
+            Some(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+        );
+        // A device reset drops an owed event: the driver starts over.
+        let mut dev = restore(&dev);
+        assert!(!dev.state().transport_reset_pending);
+        dev.transport_reset(&mut g.context()).unwrap();
+        dev.reset();
+        assert!(!dev.state().transport_reset_pending);
+    }
+
+    proptest! {
+        /// Loading arbitrary bytes never panics; what loads re-encodes to
+        /// the same bytes; every valid state round-trips.
+        #[test]
+        fn arbitrary_bytes_and_states(
+            bytes in proptest::collection::vec(any::<u8>(), 0..12),
+            guest_cid in 3u64..0xffff_ffff,
+            transport_reset_pending in any::<bool>(),
+        ) {
+            if let Ok(state) = VsockState::load(&bytes) {
+                prop_assert_eq!(encode(&state), bytes);
+            }
+            let state = VsockState { guest_cid, transport_reset_pending };
+            prop_assert_eq!(VsockState::load(&encode(&state)), Ok(state));
+            let dev = Dev::<2>::from_state(&state, TestBackend::default()).unwrap();
+            prop_assert_eq!(dev.state(), state);
+        }
+    }
+}
