@@ -15,11 +15,13 @@ pub mod cpuid;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
 pub use boot::{load_kernel, BootError, BootInfo, BootProtocol, KernelSpec};
 pub use cpuid::{CpuTemplate, CpuidError};
 pub use memory::{create_guest_memory, GuestRam, MemoryLayoutError};
+pub use snapshot::{SnapshotError, VcpuState, VmState};
 pub use vcpu::{configure_vcpu, VcpuError};
 pub use vm::{create_vm, KvmVm, VmError};

@@ -32,6 +32,23 @@ pub enum MemoryLayoutError {
     /// mmap failed.
     #[error("cannot allocate guest memory")]
     Mmap(#[source] vm_memory::mmap::FromRangesError),
+    /// Guest memory could not be written to its file.
+    #[error("cannot write guest memory to its file")]
+    Save(#[source] vm_memory::VolatileMemoryError),
+    /// A guest memory region could not be read for saving.
+    #[error("cannot read guest memory to save it")]
+    SaveRegion(#[source] vm_memory::GuestMemoryError),
+    /// A memory file is shorter than the guest memory it should hold.
+    #[error("the memory file holds {len} bytes, not the {size} of the guest's memory")]
+    FileSize {
+        /// The file's length.
+        len: u64,
+        /// The guest memory's size.
+        size: u64,
+    },
+    /// A memory file could not be mapped.
+    #[error("cannot map the memory file")]
+    MapFile(#[source] vm_memory::mmap::MmapRegionError),
 }
 
 /// The RAM ranges `(start, len)` for `size` bytes of guest memory: below the
@@ -60,6 +77,69 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryLayoutErr
         .collect::<Result<_, _>>()
         .map_err(|_| MemoryLayoutError::Unaligned { size })?;
     GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryLayoutError::Mmap)
+}
+
+/// Writes `mem`'s RAM regions, in address order, back to back to `out`
+/// (what [`guest_memory_from_file`] maps again).
+pub fn save_guest_memory(
+    mem: &GuestMemoryMmap,
+    out: &mut std::fs::File,
+) -> Result<(), MemoryLayoutError> {
+    use vm_memory::WriteVolatile;
+    for region in mem.iter() {
+        let slice = region
+            .as_volatile_slice()
+            .map_err(MemoryLayoutError::SaveRegion)?;
+        out.write_all_volatile(&slice)
+            .map_err(MemoryLayoutError::Save)?;
+    }
+    Ok(())
+}
+
+/// Maps a file [`save_guest_memory`] wrote for `size` bytes of guest memory
+/// as that memory, copy on write (`MAP_PRIVATE`): the guest's writes stay
+/// in this process, and every VM mapping the same file shares its
+/// unmodified pages through the page cache.
+pub fn guest_memory_from_file(
+    size: u64,
+    file: &std::fs::File,
+) -> Result<GuestMemoryMmap, MemoryLayoutError> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    if size < MIN_MEM_SIZE {
+        return Err(MemoryLayoutError::TooSmall { size });
+    }
+    if !size.is_multiple_of(4096) {
+        return Err(MemoryLayoutError::Unaligned { size });
+    }
+    let len = file
+        .metadata()
+        .map_err(|e| MemoryLayoutError::MapFile(vm_memory::mmap::MmapRegionError::Mmap(e)))?
+        .len();
+    if len != size {
+        return Err(MemoryLayoutError::FileSize { len, size });
+    }
+    let mut regions = Vec::new();
+    let mut offset = 0;
+    for (start, region_len) in ram_ranges(size) {
+        let bytes =
+            usize::try_from(region_len).map_err(|_| MemoryLayoutError::Unaligned { size })?;
+        let file = file
+            .try_clone()
+            .map_err(|e| MemoryLayoutError::MapFile(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
+        let map = MmapRegionBuilder::new_with_bitmap(bytes, ())
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(MemoryLayoutError::MapFile)?;
+        regions.push(
+            GuestRegionMmap::new(map, VmAddress(start))
+                .ok_or(MemoryLayoutError::Unaligned { size })?,
+        );
+        offset += region_len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryLayoutError::Unaligned { size })
 }
 
 /// One guest RAM region, captured when the adapter is built: the guest range

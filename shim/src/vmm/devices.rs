@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_core::bus::{Bus, BusRange};
-use vmm_core::legacy::i8042::{ResetSink, I8042, I8042_PORT_SPAN};
-use vmm_core::legacy::serial::{Serial, SerialSink};
+use vmm_core::legacy::i8042::{I8042State, ResetSink, I8042, I8042_PORT_SPAN};
+use vmm_core::legacy::serial::{Serial, SerialSink, SerialState};
 use vmm_core::mmio::QUEUE_NOTIFY_OFFSET;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -430,6 +430,22 @@ impl Devices {
             installed.push(done);
         }
         Ok(())
+    }
+
+    /// How many virtio devices the VM has.
+    pub fn virtio_count(&self) -> usize {
+        self.virtio.len()
+    }
+
+    /// The UART's and the i8042's state, for a snapshot.
+    pub fn legacy_state(&self) -> (SerialState, I8042State) {
+        (lock(&self.serial).state(), lock(&self.i8042).state())
+    }
+
+    /// Puts the UART and the i8042 back to a snapshot's state.
+    pub fn restore_legacy(&self, serial: &SerialState, i8042: &I8042State) {
+        lock(&self.serial).restore(serial);
+        lock(&self.i8042).restore(i8042);
     }
 
     /// Wakes every device thread (to make it notice the stop flag).

@@ -22,6 +22,7 @@ pub mod seccomp;
 mod serial_log;
 mod shared;
 mod slot;
+pub mod snapshot;
 mod vcpu;
 mod vsock;
 
@@ -112,6 +113,9 @@ pub enum VmmError {
     /// The jailed VMM process failed.
     #[error(transparent)]
     Jail(#[from] jail::JailError),
+    /// Taking or restoring a snapshot failed.
+    #[error("snapshot")]
+    Snapshot(#[from] snapshot::SnapshotError),
     /// An OS resource (eventfd, thread) could not be created.
     #[error("cannot create {what}")]
     Os {
@@ -236,12 +240,93 @@ impl Vm {
             devices,
             vcpu_fds: fds,
             seccomp: config.seccomp,
+            msrs: snapshot_msrs(&kvm),
+        })
+    }
+
+    /// Builds a VM from snapshot `dir` ([`RunningVm::snapshot`]) with
+    /// `config`'s devices (which must be the snapshot's: its memory size,
+    /// vCPUs, no virtio devices yet): guest memory is the snapshot's memory
+    /// file mapped copy on write, KVM and device state are restored, and
+    /// nothing of the guest runs until [`BuiltVm::start`].
+    pub fn restore(config: VmConfig, dir: &std::path::Path) -> Result<BuiltVm, VmmError> {
+        let saved = snapshot::read(dir)?;
+        let mem_size = config.mem_mib.checked_mul(1 << 20).ok_or_else(|| {
+            VmmError::Config(format!("{} MiB is too much memory", config.mem_mib))
+        })?;
+        let mismatch = |what, saved: u64, config: u64| snapshot::SnapshotError::Mismatch {
+            what,
+            saved,
+            config,
+        };
+        if saved.mem_size != mem_size {
+            return Err(mismatch("memory bytes", saved.mem_size, mem_size).into());
+        }
+        if saved.vcpus.len() != usize::from(config.vcpus) {
+            return Err(
+                mismatch("vCPUs", saved.vcpus.len() as u64, u64::from(config.vcpus)).into(),
+            );
+        }
+        if config.virtio_device_count() > 0 {
+            return Err(
+                snapshot::SnapshotError::VirtioDevices(config.virtio_device_count()).into(),
+            );
+        }
+        let (serial, i8042) =
+            snapshot::decode_devices(&saved.devices).map_err(snapshot::SnapshotError::from)?;
+        let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
+        let path = dir.join(snapshot::MEMORY_FILE);
+        let file = std::fs::File::open(&path).map_err(|source| snapshot::SnapshotError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let mem = platform::memory::guest_memory_from_file(mem_size, &file)
+            .map_err(snapshot::SnapshotError::from)?;
+        let vm = Arc::new(platform::create_vm(&kvm, mem.clone())?);
+        platform::snapshot::restore_vm(vm.fd(), &saved.vm)
+            .map_err(snapshot::SnapshotError::from)?;
+        let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os("an exit eventfd"))?;
+        let shared = Arc::new(Shared::new(exit_evt, config.epoch));
+        let ram = platform::GuestRam::new(mem);
+        let devices = Arc::new(Devices::new(vm.fd(), ram, &config, shared.clone())?);
+        devices.restore_legacy(&serial, &i8042);
+        let mut fds = Vec::with_capacity(saved.vcpus.len());
+        for (id, state) in saved.vcpus.iter().enumerate() {
+            let fd = vm
+                .fd()
+                .create_vcpu(id as u64)
+                .map_err(|source| VmmError::Kvm {
+                    what: "create a vCPU",
+                    source,
+                })?;
+            platform::snapshot::restore_vcpu(&fd, state).map_err(snapshot::SnapshotError::from)?;
+            fds.push(fd);
+        }
+        Ok(BuiltVm {
+            vm,
+            shared,
+            devices,
+            vcpu_fds: fds,
+            seccomp: config.seccomp,
+            msrs: snapshot_msrs(&kvm),
         })
     }
 
     /// Builds the VM and starts its threads.
     pub fn start(config: VmConfig) -> Result<RunningVm, VmmError> {
         Self::build(config)?.start()
+    }
+}
+
+/// The MSRs this host's KVM saves (none if it cannot say: a snapshot of
+/// such a VM then fails to restore its MSRs, and says so).
+fn snapshot_msrs(kvm: &Kvm) -> Arc<[u32]> {
+    match platform::snapshot::msr_index_list(kvm) {
+        Ok(list) => list.into(),
+        Err(e) => {
+            log::warn!("snapshots will hold no MSRs: {e}");
+            Arc::from([])
+        }
     }
 }
 
@@ -255,6 +340,8 @@ pub struct BuiltVm {
     devices: Arc<Devices>,
     vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
     seccomp: bool,
+    /// The MSRs a snapshot saves.
+    msrs: Arc<[u32]>,
 }
 
 impl BuiltVm {
@@ -268,6 +355,7 @@ impl BuiltVm {
             devices,
             vcpu_fds: fds,
             seccomp,
+            msrs,
         } = self;
         if !seccomp {
             log::warn!(
@@ -300,8 +388,15 @@ impl BuiltVm {
             .and_then(|()| {
                 for (id, fd) in fds.into_iter().enumerate() {
                     let (filter, installed) = seccomp::handoff(seccomp::ThreadKind::Vcpu, seccomp);
-                    let t = vcpu::spawn(id as u8, fd, devices.clone(), shared.clone(), filter)
-                        .map_err(os("a vCPU thread"))?;
+                    let t = vcpu::spawn(
+                        id as u8,
+                        fd,
+                        devices.clone(),
+                        shared.clone(),
+                        msrs.clone(),
+                        filter,
+                    )
+                    .map_err(os("a vCPU thread"))?;
                     running.vcpus.push(t);
                     installed.wait()?;
                 }
@@ -346,6 +441,52 @@ impl RunningVm {
             return Err(slot_error(DiskSlotError::EmptyImage));
         }
         self.devices.swap_disk(index, medium).map_err(slot_error)
+    }
+
+    /// Writes a snapshot of the VM into `dir` ([`snapshot`]): pauses the
+    /// vCPUs (each saves its state out of `KVM_RUN`), saves the irqchip,
+    /// PIT, clock, devices and guest memory, and lets the vCPUs run on.
+    /// A VM with virtio devices cannot be snapshotted yet.
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<(), VmmError> {
+        const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+        let virtio = self.devices.virtio_count();
+        if virtio > 0 {
+            return Err(snapshot::SnapshotError::VirtioDevices(virtio).into());
+        }
+        let n = self.vcpus.len();
+        let pause = &self.shared.pause;
+        pause.request(n, true);
+        let taken = (|| {
+            if !pause.wait_parked(n, PAUSE_TIMEOUT, || vcpu::kick(&self.vcpus)) {
+                return Err(snapshot::SnapshotError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+            let mut vcpus = Vec::with_capacity(n);
+            for (id, saved) in pause.take_saved().into_iter().enumerate() {
+                match saved {
+                    Some(Ok(state)) => vcpus.push(state),
+                    Some(Err(reason)) => {
+                        return Err(snapshot::SnapshotError::VcpuSave { id, reason })
+                    }
+                    None => {
+                        return Err(snapshot::SnapshotError::VcpuSave {
+                            id,
+                            reason: "it saved nothing".into(),
+                        })
+                    }
+                }
+            }
+            let vm = platform::snapshot::save_vm(self._vm.fd())?;
+            let (serial, i8042) = self.devices.legacy_state();
+            let saved = snapshot::VmSnapshot {
+                mem_size: platform::GuestRam::new(self._vm.memory().clone()).size(),
+                vm,
+                vcpus,
+                devices: snapshot::encode_devices(&serial, &i8042)?,
+            };
+            snapshot::write(dir, &saved, self._vm.memory())
+        })();
+        pause.resume();
+        Ok(taken?)
     }
 
     /// Readable once the VM is to end (an eventfd; do not read it): for

@@ -35,6 +35,38 @@ const KVM_RUN: u64 =
     vmm_sys_util::ioctl::ioctl_expr(vmm_sys_util::ioctl::_IOC_NONE, kvm_bindings::KVMIO, 0x80, 0)
         as u64;
 
+/// An `_IOR`/`_IOWR` KVM ioctl number for a `T`-sized argument.
+#[cfg(target_arch = "x86_64")]
+const fn kvm_ior<T>(dir: u32, nr: u32) -> u64 {
+    vmm_sys_util::ioctl::ioctl_expr(
+        dir,
+        kvm_bindings::KVMIO,
+        nr,
+        std::mem::size_of::<T>() as u32,
+    ) as u64
+}
+
+#[cfg(target_arch = "x86_64")]
+mod snapshot_ioctls {
+    use super::kvm_ior;
+    use kvm_bindings::*;
+    use vmm_sys_util::ioctl::{_IOC_READ, _IOC_WRITE};
+    const R: u32 = _IOC_READ;
+    const RW: u32 = _IOC_READ | _IOC_WRITE;
+    pub const KVM_GET_REGS: u64 = kvm_ior::<kvm_regs>(R, 0x81);
+    pub const KVM_GET_SREGS: u64 = kvm_ior::<kvm_sregs>(R, 0x83);
+    pub const KVM_GET_MSRS: u64 = kvm_ior::<kvm_msrs>(RW, 0x88);
+    pub const KVM_GET_LAPIC: u64 = kvm_ior::<kvm_lapic_state>(R, 0x8e);
+    pub const KVM_GET_CPUID2: u64 = kvm_ior::<kvm_cpuid2>(RW, 0x91);
+    pub const KVM_GET_MP_STATE: u64 = kvm_ior::<kvm_mp_state>(R, 0x98);
+    pub const KVM_GET_VCPU_EVENTS: u64 = kvm_ior::<kvm_vcpu_events>(R, 0x9f);
+    pub const KVM_GET_DEBUGREGS: u64 = kvm_ior::<kvm_debugregs>(R, 0xa1);
+    pub const KVM_GET_XSAVE: u64 = kvm_ior::<kvm_xsave>(R, 0xa4);
+    pub const KVM_GET_XCRS: u64 = kvm_ior::<kvm_xcrs>(R, 0xa6);
+}
+#[cfg(target_arch = "x86_64")]
+use snapshot_ioctls::*;
+
 /// The kinds of VMM thread, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ThreadKind {
@@ -276,7 +308,23 @@ fn rules(kind: ThreadKind) -> Vec<Rule> {
             #[cfg(target_arch = "x86_64")]
             rules.push(sys!(SYS_rename));
             rules.push(sys!(SYS_fchmod));
-            // The one vCPU ioctl after start.
+            // KVM_RUN, and reading the vCPU's state for a snapshot
+            // (paused, on its own thread: platform::snapshot::save_vcpu).
+            #[cfg(target_arch = "x86_64")]
+            rules.push(sys!(SYS_ioctl, 1 => [
+                KVM_RUN,
+                KVM_GET_MP_STATE,
+                KVM_GET_CPUID2,
+                KVM_GET_REGS,
+                KVM_GET_SREGS,
+                KVM_GET_XSAVE,
+                KVM_GET_XCRS,
+                KVM_GET_DEBUGREGS,
+                KVM_GET_LAPIC,
+                KVM_GET_MSRS,
+                KVM_GET_VCPU_EVENTS,
+            ]));
+            #[cfg(not(target_arch = "x86_64"))]
             rules.push(sys!(SYS_ioctl, 1 => [KVM_RUN]));
         }
         ThreadKind::Devices => {
@@ -567,17 +615,40 @@ mod tests {
                 assert!(sorted.contains(&must), "{}: no {must}", d.kind);
             }
         }
-        // The vCPU's only ioctl is KVM_RUN; the device thread's FIONBIO.
+        // The vCPU's ioctls are KVM_RUN and the snapshot's reads of its
+        // state; the device thread's FIONBIO.
         let ioctl = |kind| {
             rules(kind)
                 .into_iter()
                 .find(|r| r.name == "ioctl")
                 .and_then(|r| r.only)
         };
-        assert_eq!(
-            ioctl(ThreadKind::Vcpu),
-            Some((1, vec![("KVM_RUN", 0xae80)]))
-        );
+        let (arg, vcpu_ioctls) = ioctl(ThreadKind::Vcpu).unwrap();
+        assert_eq!(arg, 1);
+        assert_eq!(vcpu_ioctls[0], ("KVM_RUN", 0xae80));
+        // The numbers the kernel headers give (x86_64).
+        #[cfg(target_arch = "x86_64")]
+        for (name, nr) in [
+            ("KVM_GET_REGS", 0x8090_ae81),
+            ("KVM_GET_SREGS", 0x8138_ae83),
+            ("KVM_GET_MSRS", 0xc008_ae88),
+            ("KVM_GET_LAPIC", 0x8400_ae8e),
+            ("KVM_GET_CPUID2", 0xc008_ae91),
+            ("KVM_GET_MP_STATE", 0x8004_ae98),
+            ("KVM_GET_VCPU_EVENTS", 0x8040_ae9f),
+            ("KVM_GET_DEBUGREGS", 0x8080_aea1),
+            ("KVM_GET_XSAVE", 0x9000_aea4),
+            ("KVM_GET_XCRS", 0x8188_aea6),
+        ] {
+            assert!(
+                vcpu_ioctls.contains(&(name, nr)),
+                "{name} {nr:#x}: {vcpu_ioctls:?}"
+            );
+        }
+        // Nothing that changes the vCPU or the VM.
+        assert!(vcpu_ioctls
+            .iter()
+            .all(|(n, _)| n == &"KVM_RUN" || n.starts_with("KVM_GET_")));
         assert_eq!(
             ioctl(ThreadKind::Devices),
             Some((1, vec![("FIONBIO", libc::FIONBIO)]))
@@ -588,7 +659,10 @@ mod tests {
             vcpu.starts_with(&format!("vcpu: {} syscalls: ", described[0].syscalls.len())),
             "{vcpu}"
         );
-        assert!(vcpu.contains(", ioctl(arg 1: KVM_RUN), "), "{vcpu}");
+        assert!(
+            vcpu.contains(", ioctl(arg 1: KVM_RUN or KVM_GET_MP_STATE or "),
+            "{vcpu}"
+        );
         assert!(
             vcpu.contains("openat(arg 2: O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC or "),
             "{vcpu}"

@@ -9,6 +9,7 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::devices::Devices;
+use super::platform;
 use super::seccomp::Installer;
 use super::shared::{ExitReason, Shared};
 use crate::sync::lock;
@@ -34,11 +35,14 @@ pub fn install_kick_handler() {
 
 /// Starts vCPU `id`'s thread; it installs its seccomp filter with
 /// `filter` before its first `KVM_RUN`.
+///
+/// `msrs` are the MSRs a snapshot saves ([`platform::snapshot`]).
 pub fn spawn(
     id: u8,
     fd: VcpuFd,
     devices: Arc<Devices>,
     shared: Arc<Shared>,
+    msrs: Arc<[u32]>,
     filter: Installer,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -50,7 +54,7 @@ pub fn spawn(
             // A bug that panics a vCPU thread ends the VM with a reason
             // instead of leaving a guest with a vCPU that never runs again.
             let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run(id, fd, &devices, &shared)
+                run(id, fd, &devices, &shared, &msrs)
             }));
             if ran.is_err() {
                 shared.request_exit(ExitReason::VcpuError(format!(
@@ -72,9 +76,23 @@ pub const TEST_PANIC_PORT: u16 = 0xf4;
 #[cfg(feature = "test-utils")]
 pub const TEST_FORBIDDEN_SYSCALL_PORT: u16 = 0xf5;
 
-fn run(id: u8, mut fd: VcpuFd, devices: &Devices, shared: &Shared) {
+fn run(id: u8, mut fd: VcpuFd, devices: &Devices, shared: &Shared, msrs: &[u32]) {
     let mut first = id == 0;
     while !shared.stop.load(Ordering::SeqCst) {
+        if shared.pause.requested() {
+            shared.pause.park(usize::from(id), &shared.stop, || {
+                platform::snapshot::save_vcpu(&fd, msrs).map_err(|e| {
+                    let mut text = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        text.push_str(&format!(": {s}"));
+                        source = s.source();
+                    }
+                    text
+                })
+            });
+            continue;
+        }
         if first {
             first = false;
             let at = shared.epoch.elapsed();
@@ -139,6 +157,17 @@ fn handle_exit(id: u8, exit: VcpuExit<'_>, devices: &Devices) -> Option<ExitReas
         }
     }
     None
+}
+
+/// Kicks each of `threads` (still running) out of `KVM_RUN` once.
+pub fn kick(threads: &[JoinHandle<()>]) {
+    for t in threads {
+        if !t.is_finished() {
+            // SAFETY: the handle is not joined (we only borrow it), so its
+            // pthread_t is valid; the signal has a no-op handler installed.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
 }
 
 /// Kicks each thread out of `KVM_RUN` until it notices the stop flag, then

@@ -221,6 +221,14 @@ impl<R: ResetSink> I8042<R> {
         I8042 { reset, state }
     }
 
+    /// Puts the guest-visible state back to `state`, keeping the reset
+    /// sink.
+    pub fn restore(&mut self, state: &I8042State) {
+        let mut state = *state;
+        state.pending_command = state.pending_command.filter(|&c| takes_data(c));
+        self.state = state;
+    }
+
     /// A snapshot of the guest-visible state.
     pub fn state(&self) -> I8042State {
         self.state

@@ -327,6 +327,29 @@ impl<I: IrqLine, S: SerialSink> Serial<I, S> {
     /// A UART restored from `state`. Raises no interrupt: one that was
     /// pending is still reported in IIR.
     pub fn from_state(state: &SerialState, irq: I, sink: S) -> Self {
+        let mut serial = Serial {
+            irq,
+            sink,
+            divisor_low: 0,
+            divisor_high: 0,
+            ier: 0,
+            fcr: 0,
+            lcr: 0,
+            mcr: 0,
+            overrun: false,
+            msr_delta: 0,
+            scr: 0,
+            thr_pending: false,
+            rx: Deque::new(),
+        };
+        serial.restore(state);
+        serial
+    }
+
+    /// Puts the guest-visible state back to `state`, as
+    /// [`Serial::from_state`] builds it, keeping this UART's interrupt line
+    /// and sink (a VM restored into devices it already made).
+    pub fn restore(&mut self, state: &SerialState) {
         let mut rx = Deque::new();
         for &byte in state.rx_fifo.iter() {
             // Both hold RX_FIFO_SIZE bytes, so this never stops early.
@@ -335,21 +358,17 @@ impl<I: IrqLine, S: SerialSink> Serial<I, S> {
             }
         }
         let ier = state.interrupt_enable & IER_MASK;
-        Serial {
-            irq,
-            sink,
-            divisor_low: state.divisor_low,
-            divisor_high: state.divisor_high,
-            ier,
-            fcr: state.fifo_control & FCR_KEPT,
-            lcr: state.line_control,
-            mcr: state.modem_control & MCR_MASK,
-            overrun: state.overrun,
-            msr_delta: state.modem_status_delta & MSR_DELTA_MASK,
-            scr: state.scratch,
-            thr_pending: state.thr_interrupt_pending && ier & IER_THRI != 0,
-            rx,
-        }
+        self.divisor_low = state.divisor_low;
+        self.divisor_high = state.divisor_high;
+        self.ier = ier;
+        self.fcr = state.fifo_control & FCR_KEPT;
+        self.lcr = state.line_control;
+        self.mcr = state.modem_control & MCR_MASK;
+        self.overrun = state.overrun;
+        self.msr_delta = state.modem_status_delta & MSR_DELTA_MASK;
+        self.scr = state.scratch;
+        self.thr_pending = state.thr_interrupt_pending && ier & IER_THRI != 0;
+        self.rx = rx;
     }
 
     /// A snapshot of the guest-visible state.

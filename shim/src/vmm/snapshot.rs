@@ -1,0 +1,308 @@
+//! Snapshots of a VM: what KVM holds (each vCPU, the irqchip, PIT and
+//! clock; [`platform::snapshot`]), the devices' state (`vmm-core`'s
+//! checksummed container) and guest memory, written to a directory; and a
+//! VM restored from one, its memory the snapshot's file mapped copy on
+//! write.
+//!
+//! A snapshot directory holds two files: [`STATE_FILE`] (a header — magic,
+//! format version, payload length, CRC-32C of the payload — then the
+//! payload, JSON) and [`MEMORY_FILE`] (guest RAM, region after region).
+//! A VM with virtio devices cannot be snapshotted yet: their queues are
+//! served by device threads and their host sides (disk images, vsock
+//! connections) need the restore fix-ups of the templates work.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vmm_core::legacy::{I8042State, SerialState};
+use vmm_core::snapshot::{
+    crc32c, Persist, StateError, StateReader, StateWriter, HEADER_LEN, SECTION_HEADER_LEN,
+};
+
+use super::platform;
+use super::platform::snapshot::{VcpuState, VmState};
+
+/// The state file in a snapshot directory.
+pub const STATE_FILE: &str = "vm.state";
+/// The guest memory file in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+/// The state file's first bytes.
+const MAGIC: &[u8; 8] = b"SKIFFVM\0";
+/// The state file's format version.
+const VERSION: u32 = 1;
+/// Magic, version, payload length, checksum.
+const FILE_HEADER_LEN: usize = 8 + 4 + 8 + 4;
+/// The most a state file may hold (vCPU states are a few KiB each).
+const MAX_STATE_BYTES: u64 = 16 << 20;
+
+/// Errors taking or restoring a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A file of the snapshot could not be read or written.
+    #[error("{}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM could not save or restore part of the VM's state.
+    #[error("KVM state")]
+    Kvm(#[from] platform::SnapshotError),
+    /// Guest memory could not be saved or mapped.
+    #[error("guest memory")]
+    Memory(#[from] platform::MemoryLayoutError),
+    /// The devices' state could not be encoded or decoded.
+    #[error("device state")]
+    Devices(#[from] StateError),
+    /// The VM has devices a snapshot does not hold yet.
+    #[error("a VM with {0} virtio device(s) cannot be snapshotted yet")]
+    VirtioDevices(usize),
+    /// The vCPUs did not pause in time.
+    #[error("the vCPUs did not pause within {0:?}")]
+    PauseTimeout(std::time::Duration),
+    /// A vCPU could not save its state.
+    #[error("vCPU {id} could not save its state: {reason}")]
+    VcpuSave {
+        /// The vCPU.
+        id: usize,
+        /// Why.
+        reason: String,
+    },
+    /// The state file is not a skiff VM state file.
+    #[error("{} is not a skiff VM state file", path.display())]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The state file is of a format this skiff cannot read.
+    #[error("{} has format version {found}; this skiff reads {VERSION}", path.display())]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+    },
+    /// The state file is truncated, too large or fails its checksum.
+    #[error("{} is corrupt: {what}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// The payload does not decode.
+    #[error("{} does not decode", path.display())]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// The decoder's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The snapshot does not fit the VM config it is restored with.
+    #[error("the snapshot has {what} {saved}, the config {config}")]
+    Mismatch {
+        /// Which setting.
+        what: &'static str,
+        /// The snapshot's value.
+        saved: u64,
+        /// The config's value.
+        config: u64,
+    },
+}
+
+/// What a state file holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// The VM's irqchip, PIT and clock.
+    pub vm: VmState,
+    /// Each vCPU's state, by id.
+    pub vcpus: Vec<VcpuState>,
+    /// The devices' state: `vmm-core`'s container (UART, i8042).
+    pub devices: Vec<u8>,
+}
+
+/// The legacy devices' states in `vmm-core`'s container.
+pub fn encode_devices(serial: &SerialState, i8042: &I8042State) -> Result<Vec<u8>, StateError> {
+    let mut buf = vec![
+        0;
+        HEADER_LEN
+            + 2 * SECTION_HEADER_LEN
+            + <SerialState as Persist>::MAX_LEN
+            + <I8042State as Persist>::MAX_LEN
+    ];
+    let mut w = StateWriter::new(&mut buf)?;
+    w.add(0, serial)?;
+    w.add(0, i8042)?;
+    let len = w.finish()?;
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// The legacy devices' states from `vmm-core`'s container.
+pub fn decode_devices(bytes: &[u8]) -> Result<(SerialState, I8042State), StateError> {
+    let r = StateReader::new(bytes)?;
+    Ok((r.load::<SerialState>(0)?, r.load::<I8042State>(0)?))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Writes `snapshot` and the guest memory `mem` into `dir` (made if
+/// missing); each file is written aside and renamed into place.
+pub fn write(
+    dir: &Path,
+    snapshot: &VmSnapshot,
+    mem: &vm_memory::GuestMemoryMmap,
+) -> Result<(), SnapshotError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let memory = dir.join(MEMORY_FILE);
+    let tmp = dir.join(format!("{MEMORY_FILE}.tmp"));
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    platform::memory::save_guest_memory(mem, &mut file)?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &memory).map_err(io(&memory))?;
+
+    let payload = serde_json::to_vec(snapshot).map_err(|source| SnapshotError::Decode {
+        path: dir.join(STATE_FILE),
+        source,
+    })?;
+    let mut bytes = Vec::with_capacity(FILE_HEADER_LEN + payload.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&crc32c(&payload).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    let state = dir.join(STATE_FILE);
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(&bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &state).map_err(io(&state))?;
+    Ok(())
+}
+
+/// Reads and checks the state file of snapshot `dir`.
+pub fn read(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let file = std::fs::File::open(&path).map_err(io(&path))?;
+    let len = file.metadata().map_err(io(&path))?.len();
+    if len > MAX_STATE_BYTES {
+        return Err(SnapshotError::Corrupt {
+            path,
+            what: "larger than any state file",
+        });
+    }
+    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    decode(&path, &bytes)
+}
+
+fn decode(path: &Path, bytes: &[u8]) -> Result<VmSnapshot, SnapshotError> {
+    let corrupt = |what| SnapshotError::Corrupt {
+        path: path.to_owned(),
+        what,
+    };
+    if bytes.len() < FILE_HEADER_LEN {
+        return Err(corrupt("shorter than its header"));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(SnapshotError::BadMagic {
+            path: path.to_owned(),
+        });
+    }
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or([0; 4]));
+    let found = u32_at(8);
+    if found != VERSION {
+        return Err(SnapshotError::Version {
+            path: path.to_owned(),
+            found,
+        });
+    }
+    let payload_len = u64::from_le_bytes(bytes[12..20].try_into().unwrap_or([0; 8]));
+    let payload = &bytes[FILE_HEADER_LEN..];
+    if payload.len() as u64 != payload_len {
+        return Err(corrupt("its length does not match its header"));
+    }
+    if crc32c(payload) != u32_at(20) {
+        return Err(corrupt("its checksum does not match"));
+    }
+    serde_json::from_slice(payload).map_err(|source| SnapshotError::Decode {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_device_states_round_trip() {
+        let serial = SerialState {
+            scratch: 0x5a,
+            line_control: 3,
+            ..SerialState::default()
+        };
+        let i8042 = I8042State::default();
+        let bytes = encode_devices(&serial, &i8042).unwrap();
+        assert_eq!(decode_devices(&bytes).unwrap(), (serial, i8042));
+        let mut bad = bytes.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            decode_devices(&bad),
+            Err(StateError::ChecksumMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_a_typed_error() {
+        let path = Path::new("/snap/vm.state");
+        let payload = br#"{"mem_size":1}"#;
+        let mut good = Vec::new();
+        good.extend_from_slice(MAGIC);
+        good.extend_from_slice(&VERSION.to_le_bytes());
+        good.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        good.extend_from_slice(&crc32c(payload).to_le_bytes());
+        good.extend_from_slice(payload);
+        // Valid framing, but not a whole snapshot: a decode error.
+        assert!(matches!(
+            decode(path, &good),
+            Err(SnapshotError::Decode { .. })
+        ));
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 0x20;
+        assert!(matches!(
+            decode(path, &flipped),
+            Err(SnapshotError::Corrupt { .. })
+        ));
+        let mut magic = good.clone();
+        magic[0] = b'X';
+        assert!(matches!(
+            decode(path, &magic),
+            Err(SnapshotError::BadMagic { .. })
+        ));
+        let mut version = good.clone();
+        version[8] = 9;
+        assert!(matches!(
+            decode(path, &version),
+            Err(SnapshotError::Version { found: 9, .. })
+        ));
+        assert!(matches!(
+            decode(path, &good[..good.len() - 1]),
+            Err(SnapshotError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            decode(path, &good[..5]),
+            Err(SnapshotError::Corrupt { .. })
+        ));
+    }
+}
