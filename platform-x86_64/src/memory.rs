@@ -49,6 +49,13 @@ pub enum MemoryLayoutError {
     /// A memory file could not be mapped.
     #[error("cannot map the memory file")]
     MapFile(#[source] vm_memory::mmap::MmapRegionError),
+    /// A memory file could not be examined or its descriptor duplicated.
+    #[error("cannot use the memory file")]
+    File(#[source] std::io::Error),
+    /// The mapped regions do not form guest memory (cannot happen with
+    /// [`ram_ranges`]).
+    #[error("the memory file's regions do not form guest memory")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
 }
 
 /// The RAM ranges `(start, len)` for `size` bytes of guest memory: below the
@@ -112,10 +119,7 @@ pub fn guest_memory_from_file(
     if !size.is_multiple_of(4096) {
         return Err(MemoryLayoutError::Unaligned { size });
     }
-    let len = file
-        .metadata()
-        .map_err(|e| MemoryLayoutError::MapFile(vm_memory::mmap::MmapRegionError::Mmap(e)))?
-        .len();
+    let len = file.metadata().map_err(MemoryLayoutError::File)?.len();
     if len != size {
         return Err(MemoryLayoutError::FileSize { len, size });
     }
@@ -124,9 +128,7 @@ pub fn guest_memory_from_file(
     for (start, region_len) in ram_ranges(size) {
         let bytes =
             usize::try_from(region_len).map_err(|_| MemoryLayoutError::Unaligned { size })?;
-        let file = file
-            .try_clone()
-            .map_err(|e| MemoryLayoutError::MapFile(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
+        let file = file.try_clone().map_err(MemoryLayoutError::File)?;
         let map = MmapRegionBuilder::new_with_bitmap(bytes, ())
             .with_file_offset(FileOffset::new(file, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -139,7 +141,7 @@ pub fn guest_memory_from_file(
         );
         offset += region_len;
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryLayoutError::Unaligned { size })
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryLayoutError::Regions)
 }
 
 /// One guest RAM region, captured when the adapter is built: the guest range

@@ -138,6 +138,19 @@ pub struct RunningVm {
     _vm: Arc<platform::KvmVm>,
 }
 
+/// `err` and its sources, `: `-separated, for a report that crosses a
+/// thread or process boundary as text.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
     move |source| VmmError::Os { what, source }
 }
@@ -155,9 +168,7 @@ impl Vm {
                 platform::mptable::MAX_CPUS
             )));
         }
-        let mem_size = config.mem_mib.checked_mul(1 << 20).ok_or_else(|| {
-            VmmError::Config(format!("{} MiB is too much memory", config.mem_mib))
-        })?;
+        let mem_size = mem_bytes(&config)?;
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         log::debug!("start: /dev/kvm open at {:?}", config.epoch.elapsed());
         let mem = platform::create_guest_memory(mem_size)?;
@@ -215,13 +226,7 @@ impl Vm {
             })?;
         let mut fds = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
-            let fd = vm
-                .fd()
-                .create_vcpu(u64::from(id))
-                .map_err(|source| VmmError::Kvm {
-                    what: "create a vCPU",
-                    source,
-                })?;
+            let fd = create_vcpu(&vm, u64::from(id))?;
             platform::configure_vcpu(
                 &fd,
                 &mem,
@@ -251,9 +256,7 @@ impl Vm {
     /// nothing of the guest runs until [`BuiltVm::start`].
     pub fn restore(config: VmConfig, dir: &std::path::Path) -> Result<BuiltVm, VmmError> {
         let saved = snapshot::read(dir)?;
-        let mem_size = config.mem_mib.checked_mul(1 << 20).ok_or_else(|| {
-            VmmError::Config(format!("{} MiB is too much memory", config.mem_mib))
-        })?;
+        let mem_size = mem_bytes(&config)?;
         let mismatch = |what, saved: u64, config: u64| snapshot::SnapshotError::Mismatch {
             what,
             saved,
@@ -292,13 +295,7 @@ impl Vm {
         devices.restore_legacy(&serial, &i8042);
         let mut fds = Vec::with_capacity(saved.vcpus.len());
         for (id, state) in saved.vcpus.iter().enumerate() {
-            let fd = vm
-                .fd()
-                .create_vcpu(id as u64)
-                .map_err(|source| VmmError::Kvm {
-                    what: "create a vCPU",
-                    source,
-                })?;
+            let fd = create_vcpu(&vm, id as u64)?;
             platform::snapshot::restore_vcpu(&fd, state).map_err(snapshot::SnapshotError::from)?;
             fds.push(fd);
         }
@@ -316,6 +313,21 @@ impl Vm {
     pub fn start(config: VmConfig) -> Result<RunningVm, VmmError> {
         Self::build(config)?.start()
     }
+}
+
+/// `config`'s guest memory in bytes.
+fn mem_bytes(config: &VmConfig) -> Result<u64, VmmError> {
+    config
+        .mem_mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| VmmError::Config(format!("{} MiB is too much memory", config.mem_mib)))
+}
+
+fn create_vcpu(vm: &platform::KvmVm, id: u64) -> Result<kvm_ioctls::VcpuFd, VmmError> {
+    vm.fd().create_vcpu(id).map_err(|source| VmmError::Kvm {
+        what: "create a vCPU",
+        source,
+    })
 }
 
 /// The MSRs this host's KVM saves (none if it cannot say: a snapshot of
@@ -453,6 +465,7 @@ impl RunningVm {
         if virtio > 0 {
             return Err(snapshot::SnapshotError::VirtioDevices(virtio).into());
         }
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         let n = self.vcpus.len();
         let pause = &self.shared.pause;
         pause.request(n, true);
@@ -478,7 +491,7 @@ impl RunningVm {
             let vm = platform::snapshot::save_vm(self._vm.fd())?;
             let (serial, i8042) = self.devices.legacy_state();
             let saved = snapshot::VmSnapshot {
-                mem_size: platform::GuestRam::new(self._vm.memory().clone()).size(),
+                mem_size: self._vm.memory().iter().map(|r| r.len()).sum(),
                 vm,
                 vcpus,
                 devices: snapshot::encode_devices(&serial, &i8042)?,

@@ -193,16 +193,19 @@ pub fn write(
 
 /// Reads and checks the state file of snapshot `dir`.
 pub fn read(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
+    use std::io::Read;
     let path = dir.join(STATE_FILE);
     let file = std::fs::File::open(&path).map_err(io(&path))?;
-    let len = file.metadata().map_err(io(&path))?.len();
-    if len > MAX_STATE_BYTES {
+    let mut bytes = Vec::new();
+    file.take(MAX_STATE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io(&path))?;
+    if bytes.len() as u64 > MAX_STATE_BYTES {
         return Err(SnapshotError::Corrupt {
             path,
             what: "larger than any state file",
         });
     }
-    let bytes = std::fs::read(&path).map_err(io(&path))?;
     decode(&path, &bytes)
 }
 

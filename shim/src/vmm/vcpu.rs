@@ -81,15 +81,7 @@ fn run(id: u8, mut fd: VcpuFd, devices: &Devices, shared: &Shared, msrs: &[u32])
     while !shared.stop.load(Ordering::SeqCst) {
         if shared.pause.requested() {
             shared.pause.park(usize::from(id), &shared.stop, || {
-                platform::snapshot::save_vcpu(&fd, msrs).map_err(|e| {
-                    let mut text = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        text.push_str(&format!(": {s}"));
-                        source = s.source();
-                    }
-                    text
-                })
+                platform::snapshot::save_vcpu(&fd, msrs).map_err(|e| super::error_chain(&e))
             });
             continue;
         }

@@ -18,8 +18,8 @@ use super::confine::confine;
 use super::wire::{self, BootSpec, Reply, Request, VmSpec};
 use crate::vmm::seccomp::{install, ThreadKind};
 use crate::vmm::{
-    BootProtocol, BootSource, DiskConfig, FileDisk, KernelSpec, RunningVm, SerialOutput, Vm,
-    VmConfig, VsockConfig,
+    error_chain, BootProtocol, BootSource, DiskConfig, FileDisk, KernelSpec, RunningVm,
+    SerialOutput, Vm, VmConfig, VsockConfig,
 };
 
 /// The VMM process's `argv[0]`: how `ps` shows it, and how the binaries
@@ -63,17 +63,6 @@ impl log::Log for PipeLogger {
         }
     }
     fn flush(&self) {}
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The VM config `spec` describes.
@@ -132,7 +121,7 @@ fn vm_config(spec: VmSpec, seccomp: bool) -> Result<VmConfig, String> {
 }
 
 fn serve(control: &OwnedFd) -> Result<(), String> {
-    let (request, _) = wire::recv::<Request>(control).map_err(|e| chain(&e))?;
+    let (request, _) = wire::recv::<Request>(control).map_err(|e| error_chain(&e))?;
     let Request::Start {
         vm,
         jail,
@@ -149,13 +138,13 @@ fn serve(control: &OwnedFd) -> Result<(), String> {
     std::env::set_current_dir(&jail.root)
         .map_err(|e| format!("cannot enter {}: {e}", jail.root.display()))?;
     let config = vm_config(*vm, jail.seccomp)?;
-    let built = Vm::build(config).map_err(|e| chain(&e))?;
-    confine(&jail).map_err(|e| chain(&e))?;
-    let vm = built.start().map_err(|e| chain(&e))?;
+    let built = Vm::build(config).map_err(|e| error_chain(&e))?;
+    confine(&jail).map_err(|e| error_chain(&e))?;
+    let vm = built.start().map_err(|e| error_chain(&e))?;
     if jail.seccomp {
-        install(ThreadKind::Control).map_err(|e| chain(&e))?;
+        install(ThreadKind::Control).map_err(|e| error_chain(&e))?;
     }
-    wire::send(control, &Reply::Done, None).map_err(|e| chain(&e))?;
+    wire::send(control, &Reply::Done, None).map_err(|e| error_chain(&e))?;
     log::debug!("VM started, confined in {}", jail.root.display());
     run(control, vm)
 }
@@ -196,11 +185,11 @@ fn run(control: &OwnedFd, vm: RunningVm) -> Result<(), String> {
                     Ok(()) => Reply::Done,
                     Err(message) => Reply::Failed(message),
                 };
-                wire::send(control, &reply, None).map_err(|e| chain(&e))?;
+                wire::send(control, &reply, None).map_err(|e| error_chain(&e))?;
             }
             Ok((other, _)) => {
                 let reply = Reply::Failed(format!("unexpected request {other:?}"));
-                wire::send(control, &reply, None).map_err(|e| chain(&e))?;
+                wire::send(control, &reply, None).map_err(|e| error_chain(&e))?;
             }
             Err(wire::WireError::Closed) => {
                 log::warn!("the shim closed the control channel; stopping the VM");
@@ -209,8 +198,8 @@ fn run(control: &OwnedFd, vm: RunningVm) -> Result<(), String> {
                 return Ok(());
             }
             Err(e) => {
-                let reply = Reply::Failed(chain(&e));
-                wire::send(control, &reply, None).map_err(|e| chain(&e))?;
+                let reply = Reply::Failed(error_chain(&e));
+                wire::send(control, &reply, None).map_err(|e| error_chain(&e))?;
             }
         }
     }
@@ -224,11 +213,11 @@ fn set_disk(
 ) -> Result<(), String> {
     let medium = match (path, file) {
         (Some(path), Some(fd)) => {
-            Some(FileDisk::from_file(std::fs::File::from(fd), path).map_err(|e| chain(&e))?)
+            Some(FileDisk::from_file(std::fs::File::from(fd), path).map_err(|e| error_chain(&e))?)
         }
         (None, None) => None,
         (Some(_), None) => return Err("SetDisk named an image but passed no file".into()),
         (None, Some(_)) => return Err("SetDisk passed a file but named no image".into()),
     };
-    vm.set_medium(index, medium).map_err(|e| chain(&e))
+    vm.set_medium(index, medium).map_err(|e| error_chain(&e))
 }
