@@ -18,6 +18,8 @@
 //! vmm_uid = 65534              # `vm`, `vmm = "process"`: the VMM process's user
 //! vmm_gid = 65534              # `vm`, `vmm = "process"`: the VMM process's group
 //! seccomp = true               # `vm`: per-thread seccomp filters in the VMM (false: debugging only)
+//! template = true              # `vm`: start VMs from a snapshot of a booted one (VM templates)
+//! template_dir = "/var/lib/skiff/templates"  # `vm`: where templates are kept
 //! ```
 //!
 //! `seccomp = false` runs the VMM's vCPU, device and control threads
@@ -179,6 +181,12 @@ pub struct Config {
     /// Whether the VMM's threads install their seccomp filters (`vm`
     /// handler). `false` is for debugging only.
     pub seccomp: bool,
+    /// Whether VMs start from a template (`vm` handler): the first VM of a
+    /// configuration boots and is snapshotted once its agent answers;
+    /// later ones are restored from that snapshot.
+    pub template: bool,
+    /// Where templates are kept, one directory per configuration.
+    pub template_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -199,9 +207,14 @@ impl Default for Config {
             vmm_uid: NOBODY,
             vmm_gid: NOBODY,
             seccomp: true,
+            template: true,
+            template_dir: PathBuf::from(DEFAULT_TEMPLATE_DIR),
         }
     }
 }
+
+/// Where templates are kept by default.
+pub const DEFAULT_TEMPLATE_DIR: &str = "/var/lib/skiff/templates";
 
 /// Default bound on a VM's boot and its agent's first answer: guest boots
 /// take 60 to 120 s on a PVM host.
@@ -273,6 +286,12 @@ impl Config {
         }
         if self.kernel_params.contains('\n') {
             return Err(invalid("kernel_params must be one line".into()));
+        }
+        if !self.template_dir.is_absolute() {
+            return Err(invalid(format!(
+                "template_dir = {:?} is not an absolute path",
+                self.template_dir
+            )));
         }
         if !(1..=MAX_VM_DISKS).contains(&self.vm_disks) {
             return Err(invalid(format!(

@@ -10,6 +10,14 @@
 //! both slots are taken is refused). The probe container is killed; the
 //! sandbox stops and the VM must end by the agent's reset.
 //!
+//! The booted VM is also the template (`template_dir` in the test's temp
+//! dir): once its agent answers, it is snapshotted. Two more sandboxes are
+//! then restored from it, each in its own jailed VMM, and run a container:
+//! both answer; the bytes their `/dev/urandom` gives differ from each
+//! other's and from the template VM's; their clocks are the host's (the
+//! snapshot is minutes old by then). Last, a template whose state file is
+//! corrupt is not used: the next sandbox boots and makes a new one.
+//!
 //! A boot costs one to two minutes on a PVM host. The kernel and agent
 //! initramfs come from `SKIFF_TEST_KERNEL` / `SKIFF_TEST_AGENT_INITRD`
 //! (scripts/test builds and sets both); without them the test says so and
@@ -38,6 +46,79 @@ const ECHO_CONNS: usize = 4;
 const ECHO_BYTES: usize = 1 << 20;
 /// Bound on the probe container's start.
 const PROBE_START: Duration = Duration::from_secs(120);
+
+/// Runs `script` in a container of `sandbox` from `rootfs`; its exit
+/// status and stdout.
+fn run_script(sandbox: &VmSandbox, rootfs: &Path, id: &str, script: &str) -> (u32, String) {
+    let device = sandbox.share_path(rootfs).expect("a free disk slot");
+    let agent = sandbox.agent();
+    agent
+        .create_container(id, spec_json(&["/bin/sh", "-c", script]), &device, false, false)
+        .unwrap_or_else(|e| panic!("CreateContainer {id}: {e}"));
+    agent.start_container(id).expect("StartContainer");
+    let mut out = Vec::new();
+    loop {
+        match agent.read_stream(id, "", false) {
+            Ok(chunk) => {
+                out.extend_from_slice(&chunk.data);
+                if chunk.eof {
+                    break;
+                }
+            }
+            Err(err) if err.is_timeout() => continue,
+            Err(err) => panic!("ReadStdout {id}: {err}"),
+        }
+    }
+    let status = loop {
+        match agent.wait_process(id, "") {
+            Ok(status) => break status.status,
+            Err(err) if err.is_timeout() => continue,
+            Err(err) => panic!("WaitProcess {id}: {err}"),
+        }
+    };
+    agent.remove_container(id).expect("RemoveContainer");
+    sandbox.unshare_path(rootfs).expect("the disk is taken out");
+    (status, String::from_utf8_lossy(&out).into_owned())
+}
+
+/// What each VM's container reports: 32 bytes of `/dev/urandom` in hex,
+/// then the guest's wall clock (seconds since the epoch).
+const ENTROPY_AND_CLOCK: &str = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+
+/// The urandom bytes and the clock from [`ENTROPY_AND_CLOCK`]'s output.
+fn entropy_and_clock(out: &str) -> (String, u64) {
+    let mut lines = out.lines();
+    let bytes = lines.next().unwrap_or_default().trim().to_owned();
+    assert_eq!(bytes.len(), 64, "32 bytes in hex: {out:?}");
+    let clock = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a clock: {out:?}"));
+    (bytes, clock)
+}
+
+/// The host's wall clock, seconds since the epoch.
+fn host_clock() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Starts sandbox `id` of `config` in `dir`.
+fn start(config: &Config, dir: &Path, id: &str, rootfs: &Path) -> VmSandbox {
+    VmHandler::with_vmm_exe(env!("CARGO_BIN_EXE_skiff"))
+        .start_vm(&SandboxRequest {
+            id,
+            state_dir: &dir.join(id),
+            hostname: id,
+            rootfs,
+            cgroups_path: None,
+            config,
+            ready_timeout: config.vm_ready_timeout(),
+        })
+        .unwrap_or_else(|e| panic!("sandbox {id} starts: {e:#?}"))
+}
 
 /// Runs a container of the pod from a rootfs of its own (shared into the
 /// running VM) whose `/marker` holds `marker`, with, if `volume`, a
@@ -157,20 +238,28 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
         "needs {BUSYBOX} (busybox-static)"
     );
     let t0 = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("skiff-vm-handler-")
+        .tempdir()
+        .unwrap();
+    let templates = dir.path().join("templates");
     let config = Config {
         kernel: Some(kernel),
         initrd: Some(initrd),
         memory_mib: 256,
         vm_disks: 3,
+        template: true,
+        template_dir: templates.clone(),
         ..Config::default()
     };
-    let dir = tempfile::Builder::new()
-        .prefix("skiff-vm-handler-")
-        .tempdir()
-        .unwrap();
     let rootfs = dir.path().join("rootfs");
     let probe = probe_binary().unwrap_or_else(|e| panic!("{e}"));
-    busybox_rootfs(&rootfs, &["sh", "true"], Some(&probe)).unwrap();
+    busybox_rootfs(
+        &rootfs,
+        &["sh", "true", "head", "od", "tr", "echo", "date"],
+        Some(&probe),
+    )
+    .unwrap();
     let state_dir = dir.path().join("state");
     eprintln!("[{:6.1}s] rootfs ready", t0.elapsed().as_secs_f64());
 
@@ -194,6 +283,17 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
         t0.elapsed().as_secs_f64(),
         sandbox.ready_after().as_secs_f64(),
     );
+    assert!(!sandbox.restored(), "the first VM boots");
+    let template = std::fs::read_dir(&templates)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .expect("the booted VM was made the template");
+    for file in ["vm.state", "memory", "inputs", "memory-id"] {
+        assert!(template.join(file).is_file(), "template has {file}");
+    }
+    let snapshot_taken = host_clock();
     let vmm = sandbox.vmm_pid().expect("a jailed VMM");
     let vmm_cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
     let in_pod: Vec<&str> = vmm_cgroup
@@ -325,6 +425,83 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
     {
         eprintln!("guest: {line}");
     }
+
+    // The template VM's own entropy, after its refresh.
+    let (status, out) = run_script(&sandbox, &rootfs, "entropy0", ENTROPY_AND_CLOCK);
+    assert_eq!(status, 0, "{out}");
+    let (template_bytes, _) = entropy_and_clock(&out);
+
+    // Two sandboxes restored from the template, at once, each in its own
+    // VMM process.
+    let t = Instant::now();
+    let clones: Vec<VmSandbox> = std::thread::scope(|s| {
+        let handles: Vec<_> = ["clone1", "clone2"]
+            .map(|id| {
+                let (config, dir, rootfs) = (&config, dir.path(), &rootfs);
+                s.spawn(move || start(config, dir, id, rootfs))
+            })
+            .into_iter()
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!(
+        "[{:6.1}s] two sandboxes restored from the template in {:.1} s",
+        t0.elapsed().as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        host_clock() >= snapshot_taken + 5,
+        "the test ran long enough for a stale clock to show"
+    );
+    let mut seen = vec![template_bytes];
+    for (i, clone) in clones.iter().enumerate() {
+        assert!(clone.restored(), "clone {i} was restored, not booted");
+        assert_ne!(clone.vmm_pid(), sandbox.vmm_pid());
+        let (status, out) = run_script(clone, &rootfs, &format!("entropy{}", i + 1), ENTROPY_AND_CLOCK);
+        assert_eq!(status, 0, "{out}");
+        let (bytes, clock) = entropy_and_clock(&out);
+        let now = host_clock();
+        assert!(
+            clock + 3 >= now && clock <= now + 3,
+            "clone {i}: guest clock {clock}, host {now}, snapshot {snapshot_taken}"
+        );
+        assert!(!seen.contains(&bytes), "clone {i} repeats entropy {bytes}");
+        seen.push(bytes);
+    }
+    eprintln!(
+        "[{:6.1}s] clones ran containers: entropy differs, clocks current",
+        t0.elapsed().as_secs_f64()
+    );
+    for clone in clones {
+        let report = clone
+            .stop_vm(Duration::from_secs(60))
+            .expect("the clone stops")
+            .expect("the clone was running");
+        assert_eq!(report.exit, ExitReason::Reset, "the agent resets the clone");
+    }
+
+    // A corrupt template is not used: the next sandbox boots, and makes a
+    // new template.
+    let state = template.join("vm.state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x55;
+    std::fs::write(&state, &bytes).unwrap();
+    let t = Instant::now();
+    let rebuilt = start(&config, dir.path(), "rebuilt", &rootfs);
+    assert!(!rebuilt.restored(), "a corrupt template is not restored");
+    let fresh = std::fs::read(&state).expect("a new template");
+    assert_ne!(fresh, bytes, "the template was rebuilt");
+    let (status, out) = run_script(&rebuilt, &rootfs, "after-rebuild", "echo ok");
+    assert_eq!((status, out.trim()), (0, "ok"));
+    rebuilt
+        .stop_vm(Duration::from_secs(60))
+        .expect("the rebuilt sandbox stops");
+    eprintln!(
+        "[{:6.1}s] a corrupt template was rebuilt by a boot in {:.1} s",
+        t0.elapsed().as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
 
     let t = Instant::now();
     let report = sandbox

@@ -33,7 +33,11 @@ use vmm_core::mmio::{
     DeviceError, Interrupt, MmioError, MmioTransport, VirtioContext, VirtioDevice, INT_USED_BUFFER,
     STATUS_FAILED, STATUS_NEEDS_RESET,
 };
+use vmm_core::mmio::MmioTransportState;
 use vmm_core::queue::Queue;
+use vmm_core::snapshot::{
+    Persist, StateError, StateReader, StateWriter, SECTION_HEADER_LEN,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::file_disk::FileDisk;
@@ -276,6 +280,70 @@ impl<B: BlockBackend + Send> DiskSlot<B> {
     }
 }
 
+impl<B: BlockBackend + Send> DiskSlot<B> {
+    /// Sections `index`: the transport (its queue as the I/O side has
+    /// moved it on), then the disk as the driver knows it.
+    fn save_state(&self, w: &mut StateWriter<'_>, index: u16) -> Result<(), StateError> {
+        let t = lock(&self.regs);
+        let io = lock(&self.io);
+        let mut transport = t.state();
+        if let (Some(live), Some(saved)) = (&io.live, transport.queues.first_mut()) {
+            *saved = live.queue.state();
+        }
+        w.add(index, &transport)?;
+        w.add(index, &t.device().face.state())
+    }
+
+    /// Back to sections `index` of `r`: the disk must be the saved one (same
+    /// size, mode and id), the transport is restored, and an activated
+    /// queue goes to the I/O side, which serves whatever the driver queued
+    /// (a notification in flight at the snapshot is not lost).
+    fn restore_state(
+        &self,
+        r: &StateReader<'_>,
+        index: u16,
+        mem: &GuestRam,
+    ) -> Result<(), StateError> {
+        let transport: MmioTransportState<DISK_QUEUES> = r.load(index)?;
+        let disk: vmm_core::devices::blk::BlockState = r.load(index)?;
+        {
+            let mut t = lock(&self.regs);
+            let built = t.device().face.state();
+            if disk.capacity_sectors != built.capacity_sectors {
+                return Err(StateError::Mismatch {
+                    field: "disk capacity in sectors",
+                    saved: disk.capacity_sectors,
+                    device: built.capacity_sectors,
+                });
+            }
+            if disk != built {
+                return Err(StateError::Mismatch {
+                    field: "disk mode or id",
+                    saved: u64::from(disk.read_only),
+                    device: u64::from(built.read_only),
+                });
+            }
+            t.restore(&transport, mem)?;
+            let live = match (t.is_activated(), t.queues().first()) {
+                (true, Some(queue)) => Some(LiveQueue {
+                    queue: queue.clone(),
+                    features: t.driver_features(),
+                    epoch: t.device().epoch,
+                }),
+                _ => None,
+            };
+            lock(&self.io).live = live;
+        }
+        self.serve_queue(mem, 0);
+        Ok(())
+    }
+}
+
+/// Most bytes a disk's state takes in a container.
+const DISK_STATE_LEN: usize = 2 * SECTION_HEADER_LEN
+    + <MmioTransportState<DISK_QUEUES> as Persist>::MAX_LEN
+    + <vmm_core::devices::blk::BlockState as Persist>::MAX_LEN;
+
 impl DiskSlot<FileDisk> {
     fn replace_medium(&self, medium: Option<FileDisk>) -> Result<(), DiskSlotError> {
         let capacity = medium.as_ref().map_or(0, BlockBackend::capacity);
@@ -319,6 +387,15 @@ impl VirtioSlot for DiskSlot<FileDisk> {
     fn swap_disk(&self, medium: Option<FileDisk>) -> Result<(), DiskSlotError> {
         self.replace_medium(medium)
     }
+    fn state_len(&self) -> usize {
+        DISK_STATE_LEN
+    }
+    fn save(&self, w: &mut StateWriter<'_>, index: u16) -> Result<(), StateError> {
+        self.save_state(w, index)
+    }
+    fn restore(&self, r: &StateReader<'_>, index: u16, mem: &GuestRam) -> Result<(), StateError> {
+        self.restore_state(r, index, mem)
+    }
 }
 
 /// A disk whose I/O blocks until the test lets it through, and a driver
@@ -338,6 +415,7 @@ pub(super) mod testing {
         QUEUE_SEL_OFFSET, STATUS_OFFSET,
     };
     use vmm_core::queue::mock::MockSplitQueue;
+    use vmm_core::snapshot::{StateError, StateReader, StateWriter};
     use vmm_core::queue::{Descriptor, VIRTQ_DESC_F_WRITE};
     use vmm_sys_util::eventfd::EventFd;
 
@@ -444,6 +522,20 @@ pub(super) mod testing {
         }
         fn queue_count(&self) -> usize {
             super::DISK_QUEUES
+        }
+        fn state_len(&self) -> usize {
+            super::DISK_STATE_LEN
+        }
+        fn save(&self, w: &mut StateWriter<'_>, index: u16) -> Result<(), StateError> {
+            self.save_state(w, index)
+        }
+        fn restore(
+            &self,
+            r: &StateReader<'_>,
+            index: u16,
+            mem: &GuestRam,
+        ) -> Result<(), StateError> {
+            self.restore_state(r, index, mem)
         }
     }
 

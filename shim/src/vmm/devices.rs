@@ -28,6 +28,9 @@ use vmm_core::bus::{Bus, BusRange};
 use vmm_core::legacy::i8042::{I8042State, ResetSink, I8042, I8042_PORT_SPAN};
 use vmm_core::legacy::serial::{Serial, SerialSink, SerialState};
 use vmm_core::mmio::QUEUE_NOTIFY_OFFSET;
+use vmm_core::snapshot::{
+    Persist, StateError, StateReader, StateWriter, HEADER_LEN, SECTION_HEADER_LEN,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -432,20 +435,67 @@ impl Devices {
         Ok(())
     }
 
-    /// How many virtio devices the VM has.
-    pub fn virtio_count(&self) -> usize {
-        self.virtio.len()
+    /// Every device's state in `vmm-core`'s container: the UART and the
+    /// i8042 (sections 0), then each virtio device's transport and device
+    /// (sections `i`, its window). Call it with the VM paused
+    /// ([`Devices::pause`] after the vCPUs).
+    pub fn save_state(&self) -> Result<Vec<u8>, StateError> {
+        let len = HEADER_LEN
+            + 2 * SECTION_HEADER_LEN
+            + <SerialState as Persist>::MAX_LEN
+            + <I8042State as Persist>::MAX_LEN
+            + self.virtio.iter().map(|u| u.slot.state_len()).sum::<usize>();
+        let mut buf = vec![0; len];
+        let mut w = StateWriter::new(&mut buf)?;
+        w.add(0, &lock(&self.serial).state())?;
+        w.add(0, &lock(&self.i8042).state())?;
+        for (i, unit) in self.virtio.iter().enumerate() {
+            unit.slot.save(&mut w, virtio_index(i))?;
+        }
+        let len = w.finish()?;
+        buf.truncate(len);
+        Ok(buf)
     }
 
-    /// The UART's and the i8042's state, for a snapshot.
-    pub fn legacy_state(&self) -> (SerialState, I8042State) {
-        (lock(&self.serial).state(), lock(&self.i8042).state())
+    /// Puts every device, built from the snapshot's config, back into the
+    /// state `bytes` holds ([`Devices::save_state`]), before the VM runs.
+    /// The container must hold exactly these devices.
+    pub fn restore_state(&self, bytes: &[u8]) -> Result<(), StateError> {
+        let r = StateReader::new(bytes)?;
+        let expected = 2 + 2 * self.virtio.len();
+        let found = r.sections().count();
+        if found != expected {
+            return Err(StateError::Mismatch {
+                field: "device state sections",
+                saved: found as u64,
+                device: expected as u64,
+            });
+        }
+        let serial: SerialState = r.load(0)?;
+        let i8042: I8042State = r.load(0)?;
+        for (i, unit) in self.virtio.iter().enumerate() {
+            unit.slot.restore(&r, virtio_index(i), &self.mem)?;
+        }
+        lock(&self.serial).restore(&serial);
+        lock(&self.i8042).restore(&i8042);
+        Ok(())
     }
 
-    /// Puts the UART and the i8042 back to a snapshot's state.
-    pub fn restore_legacy(&self, serial: &SerialState, i8042: &I8042State) {
-        lock(&self.serial).restore(serial);
-        lock(&self.i8042).restore(i8042);
+    /// Parks every device thread (after it served the notifications the
+    /// guest made before its vCPUs paused), so that no queue or guest page
+    /// moves while a snapshot is taken; `false` if they did not all park
+    /// within `timeout`. [`Devices::resume`] lets them go on.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        let n = self.virtio.len();
+        self.shared.device_pause.request(n, false);
+        self.shared
+            .device_pause
+            .wait_parked(n, timeout, || self.wake_device_threads())
+    }
+
+    /// Lets the device threads parked by [`Devices::pause`] go on.
+    pub fn resume(&self) {
+        self.shared.device_pause.resume();
     }
 
     /// Wakes every device thread (to make it notice the stop flag).
@@ -456,6 +506,11 @@ impl Devices {
             let _ = unit.wake();
         }
     }
+}
+
+/// The section index of virtio device `i` (at most [`MAX_VIRTIO_DEVICES`]).
+fn virtio_index(i: usize) -> u16 {
+    u16::try_from(i).unwrap_or(u16::MAX)
 }
 
 /// epoll token of a unit's wake eventfd.
@@ -546,6 +601,16 @@ fn serve_device(unit: &VirtioUnit, epoll: &Epoll, mem: &GuestRam, shared: &Share
                     }
                 }
             }
+        }
+        if shared.device_pause.requested() {
+            // What the guest notified before its vCPUs paused is served
+            // first: a snapshot holds no notification in flight.
+            for (q, evt) in unit.notifiers.iter().enumerate() {
+                if evt.read().is_ok() {
+                    unit.slot.notify(mem, q as u16);
+                }
+            }
+            shared.device_pause.park_idle(&shared.stop);
         }
     }
 }

@@ -251,11 +251,23 @@ impl Vm {
 
     /// Builds a VM from snapshot `dir` ([`RunningVm::snapshot`]) with
     /// `config`'s devices (which must be the snapshot's: its memory size,
-    /// vCPUs, no virtio devices yet): guest memory is the snapshot's memory
-    /// file mapped copy on write, KVM and device state are restored, and
+    /// vCPUs and devices): guest memory is the snapshot's memory file
+    /// mapped copy on write, KVM and device state are restored, and
     /// nothing of the guest runs until [`BuiltVm::start`].
     pub fn restore(config: VmConfig, dir: &std::path::Path) -> Result<BuiltVm, VmmError> {
-        let saved = snapshot::read(dir)?;
+        let (state, memory, path) = snapshot::open(dir)?;
+        Self::restore_files(config, state, &path, &memory)
+    }
+
+    /// Like [`Vm::restore`], from the snapshot's open state file (`path`,
+    /// for errors) and memory file: what a jailed VMM is passed.
+    pub fn restore_files(
+        config: VmConfig,
+        state: std::fs::File,
+        path: &std::path::Path,
+        memory: &std::fs::File,
+    ) -> Result<BuiltVm, VmmError> {
+        let saved = snapshot::read_file(state, path)?;
         let mem_size = mem_bytes(&config)?;
         let mismatch = |what, saved: u64, config: u64| snapshot::SnapshotError::Mismatch {
             what,
@@ -270,20 +282,8 @@ impl Vm {
                 mismatch("vCPUs", saved.vcpus.len() as u64, u64::from(config.vcpus)).into(),
             );
         }
-        if config.virtio_device_count() > 0 {
-            return Err(
-                snapshot::SnapshotError::VirtioDevices(config.virtio_device_count()).into(),
-            );
-        }
-        let (serial, i8042) =
-            snapshot::decode_devices(&saved.devices).map_err(snapshot::SnapshotError::from)?;
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
-        let path = dir.join(snapshot::MEMORY_FILE);
-        let file = std::fs::File::open(&path).map_err(|source| snapshot::SnapshotError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let mem = platform::memory::guest_memory_from_file(mem_size, &file)
+        let mem = platform::memory::guest_memory_from_file(mem_size, memory)
             .map_err(snapshot::SnapshotError::from)?;
         let vm = Arc::new(platform::create_vm(&kvm, mem.clone())?);
         platform::snapshot::restore_vm(vm.fd(), &saved.vm)
@@ -292,7 +292,9 @@ impl Vm {
         let shared = Arc::new(Shared::new(exit_evt, config.epoch));
         let ram = platform::GuestRam::new(mem);
         let devices = Arc::new(Devices::new(vm.fd(), ram, &config, shared.clone())?);
-        devices.restore_legacy(&serial, &i8042);
+        devices
+            .restore_state(&saved.devices)
+            .map_err(snapshot::SnapshotError::from)?;
         let mut fds = Vec::with_capacity(saved.vcpus.len());
         for (id, state) in saved.vcpus.iter().enumerate() {
             let fd = create_vcpu(&vm, id as u64)?;
@@ -456,22 +458,50 @@ impl RunningVm {
     }
 
     /// Writes a snapshot of the VM into `dir` ([`snapshot`]): pauses the
-    /// vCPUs (each saves its state out of `KVM_RUN`), saves the irqchip,
-    /// PIT, clock, devices and guest memory, and lets the vCPUs run on.
-    /// A VM with virtio devices cannot be snapshotted yet.
+    /// vCPUs (each saves its state out of `KVM_RUN`), then the device
+    /// threads (each first serves what the guest notified), saves the
+    /// irqchip, PIT, clock, devices and guest memory, and lets the VM run
+    /// on.
     pub fn snapshot(&self, dir: &std::path::Path) -> Result<(), VmmError> {
+        self.snapshot_with(|saved, mem| snapshot::write(dir, saved, mem))
+    }
+
+    /// Like [`RunningVm::snapshot`], into the open, empty files `state`
+    /// and `memory` (what a jailed VMM is passed).
+    pub fn snapshot_to_files(
+        &self,
+        state: &mut std::fs::File,
+        memory: &mut std::fs::File,
+    ) -> Result<(), VmmError> {
+        self.snapshot_with(|saved, mem| snapshot::write_files(state, memory, saved, mem))
+    }
+
+    fn snapshot_with(
+        &self,
+        write: impl FnOnce(
+            &snapshot::VmSnapshot,
+            &vm_memory::GuestMemoryMmap,
+        ) -> Result<(), snapshot::SnapshotError>,
+    ) -> Result<(), VmmError> {
         const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-        let virtio = self.devices.virtio_count();
-        if virtio > 0 {
-            return Err(snapshot::SnapshotError::VirtioDevices(virtio).into());
-        }
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         let n = self.vcpus.len();
         let pause = &self.shared.pause;
         pause.request(n, true);
+        let mut devices_paused = false;
         let taken = (|| {
             if !pause.wait_parked(n, PAUSE_TIMEOUT, || vcpu::kick(&self.vcpus)) {
-                return Err(snapshot::SnapshotError::PauseTimeout(PAUSE_TIMEOUT));
+                return Err(snapshot::SnapshotError::PauseTimeout {
+                    what: "vCPUs",
+                    timeout: PAUSE_TIMEOUT,
+                });
+            }
+            devices_paused = true;
+            if !self.devices.pause(PAUSE_TIMEOUT) {
+                return Err(snapshot::SnapshotError::PauseTimeout {
+                    what: "device threads",
+                    timeout: PAUSE_TIMEOUT,
+                });
             }
             let mut vcpus = Vec::with_capacity(n);
             for (id, saved) in pause.take_saved().into_iter().enumerate() {
@@ -489,15 +519,17 @@ impl RunningVm {
                 }
             }
             let vm = platform::snapshot::save_vm(self._vm.fd())?;
-            let (serial, i8042) = self.devices.legacy_state();
             let saved = snapshot::VmSnapshot {
                 mem_size: self._vm.memory().iter().map(|r| r.len()).sum(),
                 vm,
                 vcpus,
-                devices: snapshot::encode_devices(&serial, &i8042)?,
+                devices: self.devices.save_state()?,
             };
-            snapshot::write(dir, &saved, self._vm.memory())
+            write(&saved, self._vm.memory())
         })();
+        if devices_paused {
+            self.devices.resume();
+        }
         pause.resume();
         Ok(taken?)
     }
@@ -588,6 +620,32 @@ impl VmHandle {
             None => VmHandle::Inline(Vm::start(config)?),
             Some(jail) => VmHandle::Jailed(jail::JailedVm::start(&config, jail)?),
         })
+    }
+
+    /// Restores snapshot `dir` ([`VmHandle::snapshot`]) with `config`'s
+    /// devices, inline (`jail` `None`) or in a jailed VMM process (which is
+    /// passed the open files), and runs it.
+    pub fn restore(
+        config: VmConfig,
+        jail: Option<&jail::JailConfig>,
+        dir: &std::path::Path,
+    ) -> Result<Self, VmmError> {
+        Ok(match jail {
+            None => VmHandle::Inline(Vm::restore(config, dir)?.start()?),
+            Some(jail) => VmHandle::Jailed(jail::JailedVm::restore(&config, jail, dir)?),
+        })
+    }
+
+    /// Writes a snapshot of the running VM into `dir` (see
+    /// [`RunningVm::snapshot`]); a jailed VMM writes into files the shim
+    /// opened for it.
+    pub fn snapshot(&self, dir: &std::path::Path) -> Result<(), VmmError> {
+        match self {
+            VmHandle::Inline(vm) => vm.snapshot(dir),
+            VmHandle::Jailed(vm) => snapshot::write_with(dir, |state, memory| {
+                vm.snapshot(state, memory).map_err(VmmError::from)
+            }),
+        }
     }
 
     /// Asks the VM to stop.

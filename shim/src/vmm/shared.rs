@@ -1,5 +1,6 @@
 //! What the vCPU threads, the device threads and the VM's owner share: the
-//! stop flag and why the VM ended, and the pause a snapshot takes.
+//! stop flag and why the VM ended, and the pauses a snapshot takes (of the
+//! vCPU threads, then of the device threads).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -41,6 +42,8 @@ pub struct Shared {
     pub epoch: Instant,
     /// Pausing the vCPUs (for a snapshot).
     pub pause: Pause,
+    /// Pausing the device threads (for a snapshot, once the vCPUs are).
+    pub device_pause: Pause,
 }
 
 /// Pausing the vCPU threads: the owner asks ([`Pause::request`]) and kicks
@@ -106,6 +109,12 @@ impl Pause {
         st.parked -= 1;
     }
 
+    /// Called by a thread that saves nothing (a device thread) when a
+    /// pause is requested: waits until resumed or `stop`.
+    pub fn park_idle(&self, stop: &AtomicBool) {
+        self.park(usize::MAX, stop, || Err("nothing to save".into()));
+    }
+
     /// Waits up to `timeout` until `vcpus` threads are parked, calling
     /// `kick` between looks (a kick may land before a thread enters
     /// `KVM_RUN`). Whether they all parked.
@@ -151,6 +160,7 @@ impl Shared {
             first_entry: Mutex::new(None),
             epoch,
             pause: Pause::default(),
+            device_pause: Pause::default(),
         }
     }
 

@@ -9,6 +9,8 @@
 
 use std::os::fd::RawFd;
 
+use vmm_core::snapshot::{StateError, StateReader, StateWriter};
+
 use super::file_disk::FileDisk;
 use super::platform::GuestRam;
 
@@ -50,6 +52,18 @@ pub trait VirtioSlot: Send + Sync {
     }
     /// The [`VirtioSlot::host_fd`] is ready: serve the host side.
     fn host_ready(&self, _mem: &GuestRam) {}
+    /// Most bytes [`VirtioSlot::save`] adds to a container, section headers
+    /// included.
+    fn state_len(&self) -> usize;
+    /// Adds the slot's state (its transport's, then its device's) to `w`
+    /// as sections `index`. Called while the VM is paused: its vCPUs and
+    /// its device threads parked, so neither registers nor queues move.
+    fn save(&self, w: &mut StateWriter<'_>, index: u16) -> Result<(), StateError>;
+    /// Puts the slot, built from the same config, back into sections
+    /// `index` of `r`, before the VM runs; then does what a restored device
+    /// owes the guest (a disk serves what was queued, vsock sends a
+    /// transport reset). On an error the slot is as built.
+    fn restore(&self, r: &StateReader<'_>, index: u16, mem: &GuestRam) -> Result<(), StateError>;
     /// Puts `medium` into this disk slot (which must be empty), or takes the
     /// medium out (`None`), and signals a configuration change.
     fn swap_disk(&self, _medium: Option<FileDisk>) -> Result<(), DiskSlotError> {

@@ -7,18 +7,15 @@
 //! A snapshot directory holds two files: [`STATE_FILE`] (a header — magic,
 //! format version, payload length, CRC-32C of the payload — then the
 //! payload, JSON) and [`MEMORY_FILE`] (guest RAM, region after region).
-//! A VM with virtio devices cannot be snapshotted yet: their queues are
-//! served by device threads and their host sides (disk images, vsock
-//! connections) need the restore fix-ups of the templates work.
+//!
+//! A jailed VMM opens no file by path: the shim opens both files and
+//! passes them ([`write_files`], [`read_file`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vmm_core::legacy::{I8042State, SerialState};
-use vmm_core::snapshot::{
-    crc32c, Persist, StateError, StateReader, StateWriter, HEADER_LEN, SECTION_HEADER_LEN,
-};
+use vmm_core::snapshot::{crc32c, StateError};
 
 use super::platform;
 use super::platform::snapshot::{VcpuState, VmState};
@@ -30,7 +27,7 @@ pub const MEMORY_FILE: &str = "memory";
 /// The state file's first bytes.
 const MAGIC: &[u8; 8] = b"SKIFFVM\0";
 /// The state file's format version.
-const VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 1;
 /// Magic, version, payload length, checksum.
 const FILE_HEADER_LEN: usize = 8 + 4 + 8 + 4;
 /// The most a state file may hold (vCPU states are a few KiB each).
@@ -57,12 +54,14 @@ pub enum SnapshotError {
     /// The devices' state could not be encoded or decoded.
     #[error("device state")]
     Devices(#[from] StateError),
-    /// The VM has devices a snapshot does not hold yet.
-    #[error("a VM with {0} virtio device(s) cannot be snapshotted yet")]
-    VirtioDevices(usize),
-    /// The vCPUs did not pause in time.
-    #[error("the vCPUs did not pause within {0:?}")]
-    PauseTimeout(std::time::Duration),
+    /// The vCPUs or the device threads did not pause in time.
+    #[error("the {what} did not pause within {timeout:?}")]
+    PauseTimeout {
+        /// Which threads.
+        what: &'static str,
+        /// How long they were given.
+        timeout: std::time::Duration,
+    },
     /// A vCPU could not save its state.
     #[error("vCPU {id} could not save its state: {reason}")]
     VcpuSave {
@@ -78,7 +77,7 @@ pub enum SnapshotError {
         path: PathBuf,
     },
     /// The state file is of a format this skiff cannot read.
-    #[error("{} has format version {found}; this skiff reads {VERSION}", path.display())]
+    #[error("{} has format version {found}; this skiff reads {FORMAT_VERSION}", path.display())]
     Version {
         /// The file.
         path: PathBuf,
@@ -123,31 +122,9 @@ pub struct VmSnapshot {
     pub vm: VmState,
     /// Each vCPU's state, by id.
     pub vcpus: Vec<VcpuState>,
-    /// The devices' state: `vmm-core`'s container (UART, i8042).
+    /// The devices' state: `vmm-core`'s container (UART, i8042, each
+    /// virtio device's transport and device).
     pub devices: Vec<u8>,
-}
-
-/// The legacy devices' states in `vmm-core`'s container.
-pub fn encode_devices(serial: &SerialState, i8042: &I8042State) -> Result<Vec<u8>, StateError> {
-    let mut buf = vec![
-        0;
-        HEADER_LEN
-            + 2 * SECTION_HEADER_LEN
-            + <SerialState as Persist>::MAX_LEN
-            + <I8042State as Persist>::MAX_LEN
-    ];
-    let mut w = StateWriter::new(&mut buf)?;
-    w.add(0, serial)?;
-    w.add(0, i8042)?;
-    let len = w.finish()?;
-    buf.truncate(len);
-    Ok(buf)
-}
-
-/// The legacy devices' states from `vmm-core`'s container.
-pub fn decode_devices(bytes: &[u8]) -> Result<(SerialState, I8042State), StateError> {
-    let r = StateReader::new(bytes)?;
-    Ok((r.load::<SerialState>(0)?, r.load::<I8042State>(0)?))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -158,55 +135,100 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 }
 
 /// Writes `snapshot` and the guest memory `mem` into `dir` (made if
-/// missing); each file is written aside and renamed into place.
+/// missing); each file is written aside and renamed into place, the state
+/// file last.
 pub fn write(
     dir: &Path,
     snapshot: &VmSnapshot,
     mem: &vm_memory::GuestMemoryMmap,
 ) -> Result<(), SnapshotError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let memory = dir.join(MEMORY_FILE);
-    let tmp = dir.join(format!("{MEMORY_FILE}.tmp"));
-    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    platform::memory::save_guest_memory(mem, &mut file)?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &memory).map_err(io(&memory))?;
+    write_with(dir, |state, memory| {
+        write_files(state, memory, snapshot, mem)
+    })
+}
 
+/// Makes `dir` if missing, has `fill` write the state and memory files
+/// (open, empty, beside their final names), then renames them into place,
+/// the state file last: a directory with a state file has its memory.
+pub fn write_with<E: From<SnapshotError>>(
+    dir: &Path,
+    fill: impl FnOnce(&mut std::fs::File, &mut std::fs::File) -> Result<(), E>,
+) -> Result<(), E> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tmp_state = dir.join(format!("{STATE_FILE}.tmp"));
+    let tmp_memory = dir.join(format!("{MEMORY_FILE}.tmp"));
+    let mut state = std::fs::File::create(&tmp_state).map_err(io(&tmp_state))?;
+    let mut memory = std::fs::File::create(&tmp_memory).map_err(io(&tmp_memory))?;
+    fill(&mut state, &mut memory)?;
+    let path = dir.join(MEMORY_FILE);
+    std::fs::rename(&tmp_memory, &path).map_err(io(&path))?;
+    let path = dir.join(STATE_FILE);
+    std::fs::rename(&tmp_state, &path).map_err(io(&path))?;
+    Ok(())
+}
+
+/// The open state and memory files of snapshot `dir`, and the state
+/// file's path (for errors).
+pub fn open(dir: &Path) -> Result<(std::fs::File, std::fs::File, PathBuf), SnapshotError> {
+    let open = |name: &str| {
+        let path = dir.join(name);
+        std::fs::File::open(&path).map_err(io(&path))
+    };
+    Ok((
+        open(STATE_FILE)?,
+        open(MEMORY_FILE)?,
+        dir.join(STATE_FILE),
+    ))
+}
+
+/// Writes `snapshot` into the open, empty file `state` and guest memory
+/// `mem` into `memory`, and syncs both (what a jailed VMM does with the
+/// files the shim passed it).
+pub fn write_files(
+    state: &mut std::fs::File,
+    memory: &mut std::fs::File,
+    snapshot: &VmSnapshot,
+    mem: &vm_memory::GuestMemoryMmap,
+) -> Result<(), SnapshotError> {
+    let passed = Path::new(STATE_FILE);
+    platform::memory::save_guest_memory(mem, memory)?;
+    memory.sync_all().map_err(io(Path::new(MEMORY_FILE)))?;
     let payload = serde_json::to_vec(snapshot).map_err(|source| SnapshotError::Decode {
-        path: dir.join(STATE_FILE),
+        path: passed.to_owned(),
         source,
     })?;
     let mut bytes = Vec::with_capacity(FILE_HEADER_LEN + payload.len());
     bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&VERSION.to_le_bytes());
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&crc32c(&payload).to_le_bytes());
     bytes.extend_from_slice(&payload);
-    let state = dir.join(STATE_FILE);
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    file.write_all(&bytes).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &state).map_err(io(&state))?;
+    state.write_all(&bytes).map_err(io(passed))?;
+    state.sync_all().map_err(io(passed))?;
     Ok(())
 }
 
 /// Reads and checks the state file of snapshot `dir`.
 pub fn read(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
-    use std::io::Read;
     let path = dir.join(STATE_FILE);
     let file = std::fs::File::open(&path).map_err(io(&path))?;
+    read_file(file, &path)
+}
+
+/// Reads and checks the open state file `file` (`path`, for errors).
+pub fn read_file(file: std::fs::File, path: &Path) -> Result<VmSnapshot, SnapshotError> {
+    use std::io::Read;
     let mut bytes = Vec::new();
     file.take(MAX_STATE_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(io(&path))?;
+        .map_err(io(path))?;
     if bytes.len() as u64 > MAX_STATE_BYTES {
         return Err(SnapshotError::Corrupt {
-            path,
+            path: path.to_owned(),
             what: "larger than any state file",
         });
     }
-    decode(&path, &bytes)
+    decode(path, &bytes)
 }
 
 fn decode(path: &Path, bytes: &[u8]) -> Result<VmSnapshot, SnapshotError> {
@@ -224,7 +246,7 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<VmSnapshot, SnapshotError> {
     }
     let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or([0; 4]));
     let found = u32_at(8);
-    if found != VERSION {
+    if found != FORMAT_VERSION {
         return Err(SnapshotError::Version {
             path: path.to_owned(),
             found,
@@ -249,30 +271,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn legacy_device_states_round_trip() {
-        let serial = SerialState {
-            scratch: 0x5a,
-            line_control: 3,
-            ..SerialState::default()
-        };
-        let i8042 = I8042State::default();
-        let bytes = encode_devices(&serial, &i8042).unwrap();
-        assert_eq!(decode_devices(&bytes).unwrap(), (serial, i8042));
-        let mut bad = bytes.clone();
-        *bad.last_mut().unwrap() ^= 1;
-        assert!(matches!(
-            decode_devices(&bad),
-            Err(StateError::ChecksumMismatch { .. })
-        ));
-    }
-
-    #[test]
     fn a_corrupt_state_file_is_a_typed_error() {
         let path = Path::new("/snap/vm.state");
         let payload = br#"{"mem_size":1}"#;
         let mut good = Vec::new();
         good.extend_from_slice(MAGIC);
-        good.extend_from_slice(&VERSION.to_le_bytes());
+        good.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         good.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         good.extend_from_slice(&crc32c(payload).to_le_bytes());
         good.extend_from_slice(payload);

@@ -111,6 +111,13 @@ impl<I> Interrupt<I> {
         }
     }
 
+    /// Back to a snapshot's `status` (pending, not raised again) and
+    /// `config_generation`, on the same line.
+    pub(super) fn restore(&mut self, status: u32, config_generation: u32) {
+        self.status = status;
+        self.config_generation = config_generation;
+    }
+
     /// Clears the bits set in `bits` (the driver's InterruptACK).
     pub(super) fn acknowledge(&mut self, bits: u32) {
         self.status &= !bits;

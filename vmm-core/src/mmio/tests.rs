@@ -1145,7 +1145,21 @@ mod state {
     fn restore<M: GuestMemory + ?Sized>(state: &State, mem: &M) -> Result<Transport, StateError> {
         let loaded = State::load(&encode(state))?;
         assert_eq!(&loaded, state);
-        MmioTransport::from_state(TestDevice::new(), CountingIrq::default(), &loaded, mem)
+        let restored =
+            MmioTransport::from_state(TestDevice::new(), CountingIrq::default(), &loaded, mem);
+        // In place, over a transport built by `new`: the same transport, or
+        // the same error with the transport untouched.
+        let mut in_place = Transport::new(TestDevice::new(), CountingIrq::default()).unwrap();
+        let fresh = in_place.state();
+        match (&restored, in_place.restore(&loaded, mem)) {
+            (Ok(t), Ok(())) => assert_eq!(in_place.state(), t.state()),
+            (Err(a), Err(b)) => {
+                assert_eq!(*a, b);
+                assert_eq!(in_place.state(), fresh);
+            }
+            (a, b) => panic!("from_state {:?} but restore {b:?}", a.as_ref().err()),
+        }
+        restored
     }
 
     /// Every register the driver can read, under every selector.

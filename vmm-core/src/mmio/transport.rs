@@ -469,6 +469,47 @@ impl<D: VirtioDevice, I: IrqLine, const Q: usize> MmioTransport<D, I, Q> {
         state: &MmioTransportState<Q>,
         mem: &M,
     ) -> Result<Self, StateError> {
+        let queues = Self::restored_queues(&device, state, mem)?;
+        Ok(MmioTransport {
+            device,
+            queues,
+            interrupt: Interrupt::from_state(irq, state.interrupt_status, state.config_generation),
+            status: state.status,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            activated: state.activated,
+        })
+    }
+
+    /// Puts this transport, with its device and interrupt line, back into
+    /// `state` (checked as [`MmioTransport::from_state`] checks it); the
+    /// device's own state is restored separately. On an error nothing
+    /// changes.
+    pub fn restore<M: GuestMemory + ?Sized>(
+        &mut self,
+        state: &MmioTransportState<Q>,
+        mem: &M,
+    ) -> Result<(), StateError> {
+        self.queues = Self::restored_queues(&self.device, state, mem)?;
+        self.interrupt
+            .restore(state.interrupt_status, state.config_generation);
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.activated = state.activated;
+        Ok(())
+    }
+
+    /// `state`'s queues, once `state` is found to fit `device` and `mem`.
+    fn restored_queues<M: GuestMemory + ?Sized>(
+        device: &D,
+        state: &MmioTransportState<Q>,
+        mem: &M,
+    ) -> Result<Vec<Queue, Q>, StateError> {
         state.check()?;
         let mismatch = |field, saved, device| {
             Err(StateError::Mismatch {
@@ -513,17 +554,7 @@ impl<D: VirtioDevice, I: IrqLine, const Q: usize> MmioTransport<D, I, Q> {
                 value: sizes.len() as u64,
             })?;
         }
-        Ok(MmioTransport {
-            device,
-            queues,
-            interrupt: Interrupt::from_state(irq, state.interrupt_status, state.config_generation),
-            status: state.status,
-            device_features_sel: state.device_features_sel,
-            driver_features_sel: state.driver_features_sel,
-            driver_features: state.driver_features,
-            queue_sel: state.queue_sel,
-            activated: state.activated,
-        })
+        Ok(queues)
     }
 
     /// The features offered to the driver: the device's plus

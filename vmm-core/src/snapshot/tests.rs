@@ -606,6 +606,26 @@ mod device_set {
             MmioTransport::from_state(dev, CountingIrq::default(), &vs, &mem).unwrap();
         assert_eq!(restored.state(), vsock.state());
         assert_eq!(restored.device().state(), vsock.device().state());
+        // In place, into devices built over fresh backends: the same, or
+        // for another guest CID a mismatch that changes nothing.
+        let saved: VsockState = r.load(0).unwrap();
+        let mut in_place: VsockTransport =
+            MmioTransport::new(Vsock::new(3, NoHost).unwrap(), CountingIrq::default()).unwrap();
+        in_place.restore(&vs, &mem).unwrap();
+        in_place.device_mut().restore(&saved).unwrap();
+        assert_eq!(in_place.state(), vsock.state());
+        assert_eq!(in_place.device().state(), vsock.device().state());
+        let mut other: VsockTransport =
+            MmioTransport::new(Vsock::new(4, NoHost).unwrap(), CountingIrq::default()).unwrap();
+        assert!(matches!(
+            other.device_mut().restore(&saved),
+            Err(StateError::Mismatch {
+                field: "guest CID",
+                saved: 3,
+                device: 4
+            })
+        ));
+        assert_eq!(other.device().guest_cid(), 4);
         for (i, disk) in disks.iter().enumerate() {
             let ts: MmioTransportState<1> = r.load(i as u16 + 1).unwrap();
             let bs: BlockState = r.load(i as u16).unwrap();

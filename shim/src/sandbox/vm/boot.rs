@@ -48,18 +48,17 @@ pub(super) fn artifacts(config: &Config) -> Result<Artifacts, VmSandboxError> {
 /// Where the VM's host-side files go.
 #[derive(Debug)]
 pub(super) struct VmFiles<'a> {
-    /// The first disk's image (the first container's rootfs).
-    pub(super) image: &'a Path,
     /// The hybrid vsock's unix socket.
     pub(super) uds: &'a Path,
     /// The serial log.
     pub(super) serial: &'a Path,
 }
 
-/// The VM for `config`: `vm_disks` disk slots (the first holding
-/// `files.image`, the rest empty), vsock, the serial log, the kernel
-/// command line and CPU template for this host.
-pub(super) fn vm_config(config: &Config, artifacts: Artifacts, files: &VmFiles<'_>) -> VmConfig {
+/// The VM for `config`: `vm_disks` empty disk slots, vsock, the serial
+/// log, the kernel command line and CPU template for this host. Nothing
+/// in it depends on the pod, so one template serves every pod of a
+/// config.
+pub(super) fn vm_config(config: &Config, artifacts: &Artifacts, files: &VmFiles<'_>) -> VmConfig {
     let host = crate::check::detect();
     let mut cmdline = host.cmdline();
     if !config.kernel_params.trim().is_empty() {
@@ -70,12 +69,12 @@ pub(super) fn vm_config(config: &Config, artifacts: Artifacts, files: &VmFiles<'
         vcpus: u8::try_from(config.vcpus).unwrap_or(u8::MAX),
         mem_mib: u64::from(config.memory_mib),
         boot: BootSource::Kernel(KernelSpec {
-            kernel: artifacts.kernel,
-            initrd: Some(artifacts.initrd),
+            kernel: artifacts.kernel.clone(),
+            initrd: Some(artifacts.initrd.clone()),
             cmdline,
         }),
-        disks: std::iter::once(DiskConfig::file(files.image))
-            .chain((1..config.vm_disks).map(|_| DiskConfig::empty()))
+        disks: (0..config.vm_disks.max(1))
+            .map(|_| DiskConfig::empty())
             .collect(),
         vsock: Some(VsockConfig {
             guest_cid: GUEST_CID,

@@ -45,6 +45,7 @@ mod image;
 mod sandbox;
 mod serial;
 mod slots;
+mod template;
 mod volumes;
 
 pub use error::VmSandboxError;
@@ -53,9 +54,10 @@ pub use slots::guest_disk;
 
 use self::boot::{artifacts, vm_config, VmFiles};
 use self::connect::connect_agent;
-use self::image::{build_image, image_path};
 use self::serial::SERIAL_NAME;
 use self::slots::DiskSlots;
+use self::template::TemplateStore;
+use crate::agent_client::AgentClient;
 use crate::config::{Config, VmmMode};
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::handler::{Sandbox, SandboxHandler, SandboxRequest};
@@ -69,6 +71,10 @@ use crate::vmm::jail::JailConfig;
 const VSOCK_NAME: &str = "vsock.sock";
 /// The state-dir file recording the jailed VMM's cgroup directories.
 const CGROUP_RECORD: &str = "vmm-cgroup";
+/// Bound on a VM restored from a template answering: it resumes a guest
+/// whose agent was listening, so it answers within a second or two even
+/// on a PVM host; past this the template is taken for broken.
+pub const RESTORED_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Boots one micro-VM per sandbox, with the first container's rootfs as
 /// its disk.
@@ -112,35 +118,110 @@ impl VmHandler {
     /// callers that want the VM's report on stop. The bound on boot plus
     /// the agent's first answer is the config's `vm_ready_timeout_secs`
     /// (default 300 s), not `req.ready_timeout`, which is sized for a host
-    /// process.
+    /// process; a VM restored from a template gets
+    /// [`RESTORED_READY_TIMEOUT`], then the template is dropped and the VM
+    /// boots.
     pub fn start_vm(&self, req: &SandboxRequest<'_>) -> Result<VmSandbox, SandboxError> {
         let artifacts = artifacts(req.config)?;
         state_dir::create(req.state_dir)?;
-        let image = image_path(req.state_dir, 0);
-        let t = Instant::now();
-        let image_bytes = build_image(req.rootfs, &image)?;
-        log::info!(
-            "sandbox {}: rootfs image {} ({} MiB) built in {:?}",
-            req.id,
-            image.display(),
-            image_bytes >> 20,
-            t.elapsed()
-        );
-
         let uds = req.state_dir.join(VSOCK_NAME);
         let serial = req.state_dir.join(SERIAL_NAME);
-        let _ = std::fs::remove_file(&uds);
         let files = VmFiles {
-            image: &image,
             uds: &uds,
             serial: &serial,
         };
-        let booted = Instant::now();
         let jail = self.jail(req);
-        let vm = vmm::VmHandle::start(vm_config(req.config, artifacts, &files), jail.as_ref())
+        let store = if req.config.template {
+            let config = vm_config(req.config, &artifacts, &files);
+            match TemplateStore::new(&req.config.template_dir, &config) {
+                Ok(store) => Some(store),
+                Err(err) => {
+                    log::warn!("sandbox {}: no template: {}", req.id, vmm::error_chain(&err));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let started = Instant::now();
+        let mut restored = None;
+        if let Some((store, dir)) = store.as_ref().and_then(|s| Some((s, s.ready()?))) {
+            let _ = std::fs::remove_file(&uds);
+            let config = vm_config(req.config, &artifacts, &files);
+            let attempt = vmm::VmHandle::restore(config, jail.as_ref(), &dir)
+                .map_err(|e| SandboxError::from(VmSandboxError::Start(e)))
+                .and_then(|vm| match connect_agent(&vm, &uds, &serial, RESTORED_READY_TIMEOUT) {
+                    Ok(client) => Ok((vm, client)),
+                    Err(err) => {
+                        vm.stop();
+                        let _ = vm.wait();
+                        Err(err)
+                    }
+                });
+            match attempt {
+                Ok(vm) => {
+                    log::info!(
+                        "sandbox {}: VM restored from template {} in {:?}",
+                        req.id,
+                        dir.display(),
+                        started.elapsed()
+                    );
+                    restored = Some(vm);
+                }
+                Err(err) => {
+                    log::warn!(
+                        "sandbox {}: template {} did not restore, removing it and booting: {}",
+                        req.id,
+                        dir.display(),
+                        vmm::error_chain(&err)
+                    );
+                    store.discard();
+                }
+            }
+        }
+        let from_template = restored.is_some();
+        let (vm, client) = match restored {
+            Some(vm) => vm,
+            None => self.boot(req, &artifacts, &files, jail.as_ref(), store.as_ref())?,
+        };
+        let ready_after = started.elapsed();
+        log::info!(
+            "sandbox {}: VM agent answered {:?} after {}",
+            req.id,
+            ready_after,
+            if from_template { "restore" } else { "boot" }
+        );
+        let disks = DiskSlots::new(req.config.vm_disks as usize);
+        let sandbox = VmSandbox::new(req.state_dir, disks, client, vm, ready_after, from_template);
+        let set_up = refresh_guest(&sandbox, req.id).and_then(|()| {
+            sandbox
+                .agent()
+                .create_sandbox(req.hostname)
+                .map_err(SandboxError::Agent)
+        });
+        if let Err(err) = set_up {
+            let _ = sandbox.stop_vm(Duration::from_secs(5));
+            return Err(err);
+        }
+        Ok(sandbox)
+    }
+
+    /// Boots the VM and waits for its agent; with a template store, then
+    /// snapshots it as the template (unless another shim is making it).
+    fn boot(
+        &self,
+        req: &SandboxRequest<'_>,
+        artifacts: &boot::Artifacts,
+        files: &VmFiles<'_>,
+        jail: Option<&JailConfig>,
+        store: Option<&TemplateStore>,
+    ) -> Result<(vmm::VmHandle, AgentClient), SandboxError> {
+        let _ = std::fs::remove_file(files.uds);
+        let vm = vmm::VmHandle::start(vm_config(req.config, artifacts, files), jail)
             .map_err(VmSandboxError::Start)?;
         let timeout = req.config.vm_ready_timeout();
-        let client = match connect_agent(&vm, &uds, &serial, timeout) {
+        let client = match connect_agent(&vm, files.uds, files.serial, timeout) {
             Ok(client) => client,
             Err(err) => {
                 vm.stop();
@@ -148,21 +229,58 @@ impl VmHandler {
                 return Err(err);
             }
         };
-        let ready_after = booted.elapsed();
-        log::info!(
-            "sandbox {}: VM agent answered {:?} after boot (bound {:?})",
-            req.id,
-            ready_after,
-            timeout
-        );
-        let disks = DiskSlots::new(req.config.vm_disks as usize, req.rootfs);
-        let sandbox = VmSandbox::new(req.state_dir, disks, client, vm, ready_after);
-        if let Err(err) = sandbox.agent().create_sandbox(req.hostname) {
-            let _ = sandbox.stop_vm(Duration::from_secs(5));
-            return Err(SandboxError::Agent(err));
+        if let Some(store) = store {
+            make_template(req.id, store, &vm);
         }
-        Ok(sandbox)
+        Ok((vm, client))
     }
+}
+
+/// Snapshots the booted `vm`, whose agent answers and runs no container
+/// yet, as `store`'s template; a failure costs the template, not the VM.
+fn make_template(id: &str, store: &TemplateStore, vm: &vmm::VmHandle) {
+    let build = match store.build() {
+        Ok(Some(build)) => build,
+        Ok(None) => {
+            log::info!("sandbox {id}: another shim is making template {}", store.key());
+            return;
+        }
+        Err(err) => {
+            log::warn!("sandbox {id}: cannot make a template: {}", vmm::error_chain(&err));
+            return;
+        }
+    };
+    let t = Instant::now();
+    let made = vm
+        .snapshot(build.dir())
+        .map_err(|e| vmm::error_chain(&e))
+        .and_then(|()| store.commit(build).map_err(|e| vmm::error_chain(&e)));
+    match made {
+        Ok(dir) => log::info!(
+            "sandbox {id}: template {} made in {:?}",
+            dir.display(),
+            t.elapsed()
+        ),
+        Err(err) => log::warn!("sandbox {id}: cannot make a template: {err}"),
+    }
+}
+
+/// The guest fix-ups every VM gets before its first container: fresh host
+/// entropy mixed into the guest's pool and the CRNG reseeded, the wall
+/// clock set, a machine id of its own. A VM restored from a template
+/// shares the template's pool and clock until then, and so does the VM the
+/// template was made from.
+fn refresh_guest(sandbox: &VmSandbox, id: &str) -> Result<(), SandboxError> {
+    let entropy = crate::fixups::host_entropy(crate::fixups::REFRESH_ENTROPY_BYTES)
+        .map_err(|e| SandboxError::io("cannot read host entropy".into(), e))?;
+    let machine_id = crate::fixups::new_machine_id()
+        .map_err(|e| SandboxError::io("cannot make a machine id".into(), e))?;
+    sandbox
+        .agent()
+        .refresh_guest(&entropy, std::time::SystemTime::now(), &machine_id)
+        .map_err(SandboxError::Agent)?;
+    log::debug!("sandbox {id}: guest entropy, clock and machine id refreshed");
+    Ok(())
 }
 
 impl SandboxHandler for VmHandler {

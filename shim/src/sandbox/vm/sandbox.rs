@@ -27,6 +27,7 @@ pub struct VmSandbox {
     client: AgentClient,
     vm: Mutex<Option<VmHandle>>,
     ready_after: Duration,
+    restored: bool,
 }
 
 impl std::fmt::Debug for VmSandbox {
@@ -40,13 +41,14 @@ impl std::fmt::Debug for VmSandbox {
 
 impl VmSandbox {
     /// A sandbox of the running `vm` whose agent answered `client` after
-    /// `ready_after`; `disks` holds the boot disk.
+    /// `ready_after`, restored from a template if `restored`.
     pub(super) fn new(
         state_dir: &Path,
         disks: DiskSlots,
         client: AgentClient,
         vm: VmHandle,
         ready_after: Duration,
+        restored: bool,
     ) -> Self {
         Self {
             state_dir: state_dir.to_owned(),
@@ -54,7 +56,13 @@ impl VmSandbox {
             client,
             vm: Mutex::new(Some(vm)),
             ready_after,
+            restored,
         }
+    }
+
+    /// Whether the VM was restored from a template (not booted).
+    pub fn restored(&self) -> bool {
+        self.restored
     }
 
     /// The jailed VMM process's pid (`None`: the VMM runs inline, or the

@@ -43,13 +43,10 @@ impl DiskSlots {
     /// `count` slots (at least one), the first holding `first`'s image
     /// (the first container's rootfs, attached at boot, no user counted
     /// yet).
-    pub(super) fn new(count: usize, first: &Path) -> Self {
-        let mut slots: Vec<Option<SlotUse>> = (0..count.max(1)).map(|_| None).collect();
-        slots[0] = Some(SlotUse {
-            host: first.to_owned(),
-            users: 0,
-        });
-        Self { slots }
+    pub(super) fn new(count: usize) -> Self {
+        Self {
+            slots: (0..count.max(1)).map(|_| None).collect(),
+        }
     }
 
     fn find(&mut self, host: &Path) -> Option<(usize, &mut SlotUse)> {
@@ -112,7 +109,8 @@ mod tests {
     #[test]
     fn slots_are_counted_shared_and_bounded() {
         let (a, b, c) = (Path::new("/a"), Path::new("/b"), Path::new("/c"));
-        let mut slots = DiskSlots::new(2, a);
+        let mut slots = DiskSlots::new(2);
+        assert_eq!(slots.reserve(a).unwrap(), Reserved::Free(0));
         assert_eq!(slots.reserve(a).unwrap(), Reserved::Shared(0));
         assert_eq!(slots.reserve(b).unwrap(), Reserved::Free(1));
         assert_eq!(slots.reserve(b).unwrap(), Reserved::Shared(1));

@@ -6,7 +6,9 @@
 //! itself ([`super::confine`]), starts the vCPU and device threads (each
 //! installs its seccomp filter before it runs anything of the guest's),
 //! installs the control thread's filter, answers `Done`, and then serves
-//! `SetDisk` and `Stop` until the VM ends; it reports `Exited` and exits.
+//! `SetDisk`, `Snapshot` and `Stop` until the VM ends; it reports `Exited`
+//! and exits. A `Start` that restores a snapshot comes with the snapshot's
+//! open state and memory files, and builds the VM from them.
 //! A closed control socket (the shim is gone) stops the VM.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -43,7 +45,7 @@ pub fn main_if_vmm() -> Option<ExitCode> {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             log::error!("{message}");
-            let _ = wire::send(&control, &Reply::Failed(message), None);
+            let _ = wire::send(&control, &Reply::Failed(message), &[]);
             ExitCode::FAILURE
         }
     })
@@ -121,14 +123,25 @@ fn vm_config(spec: VmSpec, seccomp: bool) -> Result<VmConfig, String> {
 }
 
 fn serve(control: &OwnedFd) -> Result<(), String> {
-    let (request, _) = wire::recv::<Request>(control).map_err(|e| error_chain(&e))?;
+    let (request, files) = wire::recv::<Request>(control).map_err(|e| error_chain(&e))?;
     let Request::Start {
         vm,
         jail,
         log_level,
+        restore,
     } = request
     else {
         return Err(format!("expected Start, got {request:?}"));
+    };
+    let snapshot = match (restore, <[OwnedFd; 2]>::try_from(files)) {
+        (false, _) => None,
+        (true, Ok([state, memory])) => Some((std::fs::File::from(state), std::fs::File::from(memory))),
+        (true, Err(files)) => {
+            return Err(format!(
+                "Start restores a snapshot but came with {} files, not 2",
+                files.len()
+            ))
+        }
     };
     if let Ok(level) = log_level.parse() {
         log::set_max_level(level);
@@ -138,13 +151,19 @@ fn serve(control: &OwnedFd) -> Result<(), String> {
     std::env::set_current_dir(&jail.root)
         .map_err(|e| format!("cannot enter {}: {e}", jail.root.display()))?;
     let config = vm_config(*vm, jail.seccomp)?;
-    let built = Vm::build(config).map_err(|e| error_chain(&e))?;
+    let built = match snapshot {
+        None => Vm::build(config),
+        Some((state, memory)) => {
+            Vm::restore_files(config, state, std::path::Path::new("vm.state"), &memory)
+        }
+    }
+    .map_err(|e| error_chain(&e))?;
     confine(&jail).map_err(|e| error_chain(&e))?;
     let vm = built.start().map_err(|e| error_chain(&e))?;
     if jail.seccomp {
         install(ThreadKind::Control).map_err(|e| error_chain(&e))?;
     }
-    wire::send(control, &Reply::Done, None).map_err(|e| error_chain(&e))?;
+    wire::send(control, &Reply::Done, &[]).map_err(|e| error_chain(&e))?;
     log::debug!("VM started, confined in {}", jail.root.display());
     run(control, vm)
 }
@@ -172,7 +191,7 @@ fn run(control: &OwnedFd, vm: RunningVm) -> Result<(), String> {
         if fds[1].revents != 0 || vm.has_exited() {
             let report = vm.wait();
             log::debug!("VM ended: {:?}", report.exit);
-            let _ = wire::send(control, &Reply::Exited(report), None);
+            let _ = wire::send(control, &Reply::Exited(report), &[]);
             return Ok(());
         }
         if fds[0].revents == 0 {
@@ -180,16 +199,23 @@ fn run(control: &OwnedFd, vm: RunningVm) -> Result<(), String> {
         }
         match wire::recv::<Request>(control) {
             Ok((Request::Stop, _)) => vm.stop(),
-            Ok((Request::SetDisk { index, path }, file)) => {
-                let reply = match set_disk(&vm, index, path, file) {
+            Ok((Request::Snapshot, files)) => {
+                let reply = match snapshot(&vm, files) {
                     Ok(()) => Reply::Done,
                     Err(message) => Reply::Failed(message),
                 };
-                wire::send(control, &reply, None).map_err(|e| error_chain(&e))?;
+                wire::send(control, &reply, &[]).map_err(|e| error_chain(&e))?;
+            }
+            Ok((Request::SetDisk { index, path }, mut files)) => {
+                let reply = match set_disk(&vm, index, path, files.pop()) {
+                    Ok(()) => Reply::Done,
+                    Err(message) => Reply::Failed(message),
+                };
+                wire::send(control, &reply, &[]).map_err(|e| error_chain(&e))?;
             }
             Ok((other, _)) => {
                 let reply = Reply::Failed(format!("unexpected request {other:?}"));
-                wire::send(control, &reply, None).map_err(|e| error_chain(&e))?;
+                wire::send(control, &reply, &[]).map_err(|e| error_chain(&e))?;
             }
             Err(wire::WireError::Closed) => {
                 log::warn!("the shim closed the control channel; stopping the VM");
@@ -199,10 +225,21 @@ fn run(control: &OwnedFd, vm: RunningVm) -> Result<(), String> {
             }
             Err(e) => {
                 let reply = Reply::Failed(error_chain(&e));
-                wire::send(control, &reply, None).map_err(|e| error_chain(&e))?;
+                wire::send(control, &reply, &[]).map_err(|e| error_chain(&e))?;
             }
         }
     }
+}
+
+fn snapshot(vm: &RunningVm, files: Vec<OwnedFd>) -> Result<(), String> {
+    let [state, memory] = <[OwnedFd; 2]>::try_from(files)
+        .map_err(|f| format!("Snapshot came with {} files, not 2", f.len()))?;
+    let (mut state, mut memory) = (std::fs::File::from(state), std::fs::File::from(memory));
+    let t = Instant::now();
+    vm.snapshot_to_files(&mut state, &mut memory)
+        .map_err(|e| error_chain(&e))?;
+    log::info!("snapshot written in {:?}", t.elapsed());
+    Ok(())
 }
 
 fn set_disk(

@@ -54,6 +54,8 @@ pub const VMM_MAX_FILES: u64 = 1024;
 const START_BOUND: Duration = Duration::from_secs(120);
 /// How long a request may take.
 const REQUEST_BOUND: Duration = Duration::from_secs(30);
+/// How long a snapshot may take (guest memory is written out and synced).
+const SNAPSHOT_BOUND: Duration = Duration::from_secs(120);
 /// How long [`JailedVm::wait`] waits for a stopped VMM before killing it.
 const EXIT_BOUND: Duration = Duration::from_secs(10);
 /// Longest log line taken from the VMM.
@@ -364,6 +366,22 @@ impl JailedVm {
     /// Starts a VMM process for `config` in `jail` and waits until its VM
     /// runs (confined).
     pub fn start(config: &VmConfig, jail: &JailConfig) -> Result<Self, JailError> {
+        Self::start_or_restore(config, jail, None)
+    }
+
+    /// Like [`JailedVm::start`], but the VM is restored from snapshot
+    /// `dir` (opened here: the VMM is passed the files).
+    pub fn restore(config: &VmConfig, jail: &JailConfig, dir: &Path) -> Result<Self, JailError> {
+        let (state, memory, _) = super::snapshot::open(dir)
+            .map_err(|e| JailError::Failed(super::error_chain(&e)))?;
+        Self::start_or_restore(config, jail, Some((&state, &memory)))
+    }
+
+    fn start_or_restore(
+        config: &VmConfig,
+        jail: &JailConfig,
+        snapshot: Option<(&std::fs::File, &std::fs::File)>,
+    ) -> Result<Self, JailError> {
         let spec = vm_spec(config, &jail.root)?;
         nix::unistd::chown(
             &jail.root,
@@ -411,8 +429,12 @@ impl JailedVm {
                 max_files: VMM_MAX_FILES,
             },
             log_level: jail.log_level.to_string(),
+            restore: snapshot.is_some(),
         };
-        vm.request(&start, None, START_BOUND)?;
+        let files: Vec<RawFd> = snapshot
+            .map(|(state, memory)| vec![state.as_raw_fd(), memory.as_raw_fd()])
+            .unwrap_or_default();
+        vm.request(&start, &files, START_BOUND)?;
         log::info!(
             "VMM process {} runs the VM (jail {}, uid {}, cgroup {})",
             pid,
@@ -432,7 +454,7 @@ impl JailedVm {
     fn request(
         &self,
         request: &Request,
-        file: Option<RawFd>,
+        files: &[RawFd],
         bound: Duration,
     ) -> Result<(), JailError> {
         let control = lock(&self.control);
@@ -440,7 +462,7 @@ impl JailedVm {
             return Err(JailError::Ended(report.exit.clone()));
         }
         let deadline = Instant::now() + bound;
-        match wire::send(&control, request, file) {
+        match wire::send(&control, request, files) {
             Err(WireError::Closed) => {
                 drop(control);
                 self.reap_within(EXIT_BOUND);
@@ -536,7 +558,7 @@ impl JailedVm {
     /// Asks the VM to stop.
     pub fn stop(&self) {
         let control = lock(&self.control);
-        if wire::send(&control, &Request::Stop, None).is_err() {
+        if wire::send(&control, &Request::Stop, &[]).is_err() {
             drop(control);
             self.reap_within(EXIT_BOUND);
         }
@@ -590,8 +612,18 @@ impl JailedVm {
             index,
             path: file.as_ref().map(|(p, _)| p.clone()),
         };
-        let fd = file.as_ref().map(|(_, f)| f.as_raw_fd());
-        self.request(&request, fd, REQUEST_BOUND)
+        let fds: Vec<RawFd> = file.iter().map(|(_, f)| f.as_raw_fd()).collect();
+        self.request(&request, &fds, REQUEST_BOUND)
+    }
+
+    /// Has the VMM write a snapshot of its VM into the open, empty files
+    /// `state` and `memory` (it opens nothing itself).
+    pub fn snapshot(&self, state: &std::fs::File, memory: &std::fs::File) -> Result<(), JailError> {
+        self.request(
+            &Request::Snapshot,
+            &[state.as_raw_fd(), memory.as_raw_fd()],
+            SNAPSHOT_BOUND,
+        )
     }
 
     /// Waits until the VM ends (killing a VMM that does not end within a

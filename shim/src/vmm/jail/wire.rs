@@ -1,6 +1,7 @@
 //! The control channel between the shim and its jailed VMM: one JSON
-//! message per `SOCK_SEQPACKET` datagram, an open file riding along as
-//! `SCM_RIGHTS` where a request hands one over.
+//! message per `SOCK_SEQPACKET` datagram, open files (at most
+//! [`MAX_FILES`]) riding along as `SCM_RIGHTS` where a request hands some
+//! over.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -17,6 +18,9 @@ use crate::vmm::{ExitReason, VmReport};
 /// Largest message either side sends (a `Start` with a tiny guest's code
 /// inline is the biggest).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 10;
+/// Most files one message carries (a snapshot's state and memory files);
+/// any more that arrive are closed.
+pub const MAX_FILES: usize = 2;
 
 /// Errors on the control channel.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +34,9 @@ pub enum WireError {
     /// A message does not fit [`MAX_MESSAGE_BYTES`].
     #[error("a control message of more than {MAX_MESSAGE_BYTES} bytes")]
     TooLarge,
+    /// A message would carry more than [`MAX_FILES`] files.
+    #[error("a control message with more than {MAX_FILES} files")]
+    TooManyFiles,
     /// A message is not what the protocol allows.
     #[error("a malformed control message")]
     Malformed(#[source] serde_json::Error),
@@ -121,7 +128,14 @@ pub enum Request {
         jail: Confinement,
         /// The log level (`log::LevelFilter` name).
         log_level: String,
+        /// Restore the VM from the snapshot whose state and memory files
+        /// ride along, instead of booting it.
+        #[serde(default)]
+        restore: bool,
     },
+    /// Pause the VM, write a snapshot into the two empty files that ride
+    /// along (state, then memory), let it run on.
+    Snapshot,
     /// Put the file that rides along into disk slot `index`; with `path`
     /// `None` (and no file), take the slot's medium out.
     SetDisk {
@@ -167,19 +181,21 @@ pub fn pair() -> Result<(OwnedFd, OwnedFd), WireError> {
     .map_err(io)
 }
 
-/// Sends `message`, with `file` as `SCM_RIGHTS` if given.
-pub fn send<T: Serialize>(
-    sock: &OwnedFd,
-    message: &T,
-    file: Option<RawFd>,
-) -> Result<(), WireError> {
+/// Sends `message`, with `files` (at most [`MAX_FILES`]) as `SCM_RIGHTS`.
+pub fn send<T: Serialize>(sock: &OwnedFd, message: &T, files: &[RawFd]) -> Result<(), WireError> {
     let bytes = serde_json::to_vec(message).map_err(WireError::Malformed)?;
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(WireError::TooLarge);
     }
     let iov = [std::io::IoSlice::new(&bytes)];
-    let fds = file.map(|fd| [fd]);
-    let cmsgs: Vec<ControlMessage<'_>> = fds.iter().map(|f| ControlMessage::ScmRights(f)).collect();
+    if files.len() > MAX_FILES {
+        return Err(WireError::TooManyFiles);
+    }
+    let cmsgs: Vec<ControlMessage<'_>> = if files.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(files)]
+    };
     loop {
         match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(_) => return Ok(()),
@@ -211,12 +227,13 @@ pub fn readable(sock: &OwnedFd, timeout: Option<Duration>) -> Result<bool, WireE
     }
 }
 
-/// Receives one message (blocking), and the file that rode along.
+/// Receives one message (blocking), and the files that rode along, in
+/// the order they were sent.
 pub fn recv<T: for<'de> Deserialize<'de>>(
     sock: &OwnedFd,
-) -> Result<(T, Option<OwnedFd>), WireError> {
+) -> Result<(T, Vec<OwnedFd>), WireError> {
     let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
-    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FILES]);
     let (len, truncated, file) = loop {
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         match recvmsg::<()>(
@@ -226,16 +243,16 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
             MsgFlags::MSG_CMSG_CLOEXEC,
         ) {
             Ok(msg) => {
-                let mut file = None;
+                let mut file = Vec::new();
                 for c in msg.cmsgs().map_err(io)? {
                     if let ControlMessageOwned::ScmRights(fds) = c {
                         for fd in fds {
                             // SAFETY: the kernel just installed `fd` in
                             // this process for us; nothing else owns it.
                             let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                            // One file per message: any extra is closed.
-                            if file.is_none() {
-                                file = Some(owned);
+                            // Any beyond MAX_FILES is closed here.
+                            if file.len() < MAX_FILES {
+                                file.push(owned);
                             }
                         }
                     }
@@ -275,20 +292,37 @@ mod tests {
             index: 2,
             path: Some("/x/image-2.ext4".into()),
         };
-        send(&a, &request, Some(file.as_raw_fd())).unwrap();
+        send(&a, &request, &[file.as_raw_fd()]).unwrap();
         assert!(readable(&b, Some(Duration::from_secs(5))).unwrap());
-        let (got, fd): (Request, _) = recv(&b).unwrap();
+        let (got, mut fds): (Request, _) = recv(&b).unwrap();
         assert_eq!(got, request);
-        let mut passed = std::fs::File::from(fd.expect("the file rode along"));
+        assert_eq!(fds.len(), 1);
+        let mut passed = std::fs::File::from(fds.pop().expect("the file rode along"));
         passed.rewind().unwrap();
         let mut text = String::new();
         passed.read_to_string(&mut text).unwrap();
         assert_eq!(text, "disk");
 
-        send(&b, &Reply::exited(ExitReason::Reset), None).unwrap();
-        let (got, fd): (Reply, _) = recv(&a).unwrap();
+        send(&b, &Reply::exited(ExitReason::Reset), &[]).unwrap();
+        let (got, fds): (Reply, _) = recv(&a).unwrap();
         assert_eq!(got, Reply::exited(ExitReason::Reset));
-        assert!(fd.is_none());
+        assert!(fds.is_empty());
+
+        // Two files arrive in order; three are refused.
+        let mut second = tempfile::tempfile().unwrap();
+        second.write_all(b"memory").unwrap();
+        let files = [file.as_raw_fd(), second.as_raw_fd()];
+        send(&a, &Request::Stop, &files).unwrap();
+        let (_, fds): (Request, _) = recv(&b).unwrap();
+        let sizes: Vec<u64> = fds
+            .into_iter()
+            .map(|fd| std::fs::File::from(fd).metadata().unwrap().len())
+            .collect();
+        assert_eq!(sizes, [4, 6]);
+        assert!(matches!(
+            send(&a, &Request::Stop, &[files[0], files[1], files[0]]),
+            Err(WireError::TooManyFiles)
+        ));
     }
 
     #[test]
@@ -301,7 +335,7 @@ mod tests {
         assert!(readable(&b, Some(Duration::from_secs(5))).unwrap());
         assert!(matches!(recv::<Request>(&b), Err(WireError::Closed)));
         assert!(matches!(
-            send(&b, &Request::Stop, None),
+            send(&b, &Request::Stop, &[]),
             Err(WireError::Closed)
         ));
     }
@@ -313,7 +347,7 @@ mod tests {
             index: 0,
             path: Some(PathBuf::from("x".repeat(MAX_MESSAGE_BYTES))),
         };
-        assert!(matches!(send(&a, &huge, None), Err(WireError::TooLarge)));
+        assert!(matches!(send(&a, &huge, &[]), Err(WireError::TooLarge)));
         let raw = vec![b' '; MAX_MESSAGE_BYTES + 1];
         nix::sys::socket::send(a.as_raw_fd(), &raw, MsgFlags::empty()).unwrap();
         assert!(matches!(recv::<Request>(&b), Err(WireError::TooLarge)));

@@ -17,8 +17,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vmm_core::devices::vsock::{ReservedCidError, Vsock};
-use vmm_core::mmio::MmioTransport;
+use vmm_core::devices::vsock::{ReservedCidError, Vsock, VsockState};
+use vmm_core::mmio::{MmioTransport, MmioTransportState};
+use vmm_core::snapshot::{Persist, StateError, StateReader, StateWriter, SECTION_HEADER_LEN};
 
 pub use muxer::{Muxer, MuxerError};
 
@@ -118,6 +119,41 @@ impl VirtioSlot for VsockSlot {
 
     fn host_fd(&self) -> Option<RawFd> {
         Some(self.host_fd)
+    }
+
+    fn state_len(&self) -> usize {
+        2 * SECTION_HEADER_LEN
+            + <MmioTransportState<VSOCK_QUEUES> as Persist>::MAX_LEN
+            + VsockState::MAX_LEN
+    }
+
+    fn save(&self, w: &mut StateWriter<'_>, index: u16) -> Result<(), StateError> {
+        let t = lock(&self.transport);
+        w.add(index, &t.state())?;
+        w.add(index, &t.device().state())
+    }
+
+    /// The muxer starts with no connections: if the saved device had any,
+    /// the guest is sent `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` now (it
+    /// drops its sockets; a listening agent goes on listening), and the
+    /// host reconnects.
+    fn restore(&self, r: &StateReader<'_>, index: u16, mem: &GuestRam) -> Result<(), StateError> {
+        let transport: MmioTransportState<VSOCK_QUEUES> = r.load(index)?;
+        let device: VsockState = r.load(index)?;
+        let mut t = lock(&self.transport);
+        if device.guest_cid != t.device().guest_cid() {
+            return Err(StateError::Mismatch {
+                field: "guest CID",
+                saved: device.guest_cid,
+                device: t.device().guest_cid(),
+            });
+        }
+        t.restore(&transport, mem)?;
+        t.device_mut().restore(&device)?;
+        if let Err(e) = t.run_device(mem, |device, ctx| device.process_host_events(ctx)) {
+            log::warn!("virtio-vsock: after restore: {e}");
+        }
+        Ok(())
     }
 
     fn host_ready(&self, mem: &GuestRam) {

@@ -253,6 +253,24 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
         Ok(dev)
     }
 
+    /// Puts this device, built for the same guest CID over a fresh
+    /// backend, back into `state`: like [`Vsock::from_state`], in place.
+    /// Its connections are forgotten; a saved CID other than the device's
+    /// is a [`StateError::Mismatch`] and changes nothing.
+    pub fn restore(&mut self, state: &VsockState) -> Result<(), StateError> {
+        check_cid(state.guest_cid).map_err(reserved_cid)?;
+        if state.guest_cid != self.guest_cid {
+            return Err(StateError::Mismatch {
+                field: "guest CID",
+                saved: state.guest_cid,
+                device: self.guest_cid,
+            });
+        }
+        self.forget_all();
+        self.event_pending = state.transport_reset_pending;
+        Ok(())
+    }
+
     /// The guest's CID.
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
