@@ -6,7 +6,7 @@
 //! client is cheap to clone and safe to share between threads: ttrpc
 //! multiplexes concurrent requests (long polls included) over one socket.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use skiff_agent_proto::agent as pb;
 use skiff_agent_proto::{agent_ttrpc, ContainerStatus, UnknownStatusError};
@@ -399,6 +399,40 @@ impl AgentClient {
         call(CREATE_TIMEOUT, |c| {
             self.inner.remove_container(c, &container(id))
         })?;
+        Ok(())
+    }
+
+    /// Gives a guest restored from a snapshot its own entropy, wall clock
+    /// and machine id (RefreshGuest; call right after reconnecting to a
+    /// restored guest, and on the template after the snapshot). `entropy`
+    /// is fresh host randomness, [`skiff_agent_proto::REFRESH_ENTROPY_LEN`]
+    /// bytes ([`crate::fixups::host_entropy`]); `now` the host's wall clock,
+    /// taken just before the call (`SystemTime::now()`); `machine_id` 32
+    /// lowercase hex chars ([`crate::fixups::new_machine_id`]) or "" to
+    /// keep the guest's. The agent checks all three (INVALID_ARGUMENT) and
+    /// answers FAILED_PRECONDITION unless it is the micro-VM's PID 1 (the
+    /// `linux` handler's agent never refreshes its host). An error may
+    /// leave the guest partly refreshed: do not hand it out.
+    pub fn refresh_guest(
+        &self,
+        entropy: &[u8],
+        now: SystemTime,
+        machine_id: &str,
+    ) -> CallResult<()> {
+        // A time before 1970 or after 2262 is sent as 0, which the agent
+        // refuses: better than a wrapped clock.
+        let unix_time_ns = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| i64::try_from(d.as_nanos()).ok())
+            .unwrap_or(0);
+        let req = pb::RefreshGuestRequest {
+            entropy: entropy.to_vec(),
+            unix_time_ns,
+            machine_id: machine_id.to_owned(),
+            ..Default::default()
+        };
+        call(CALL_TIMEOUT, |c| self.inner.refresh_guest(c, &req))?;
         Ok(())
     }
 

@@ -10,6 +10,8 @@
 //!   (micro-VM) handlers, used by [`task`] and [`run`].
 //! - [`config`]: `/etc/skiff/config.toml` and its overrides.
 //! - [`agent_client`]: the typed client of the skiff agent.
+//! - [`fixups`]: what the host gives a guest restored from a snapshot
+//!   (fresh entropy, a new machine id) for `AgentClient::refresh_guest`.
 //! - [`run`]: `skiff run`, one container in a fresh sandbox without
 //!   containerd.
 //!
@@ -20,6 +22,7 @@
 pub mod agent_client;
 pub mod check;
 pub mod config;
+pub mod fixups;
 pub mod image;
 pub mod procfs;
 pub mod run;

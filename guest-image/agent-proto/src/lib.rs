@@ -5,7 +5,8 @@
 //! (package `skiff.agent.v1`, generated at build time: [`agent`],
 //! [`agent_ttrpc`]), and what both ends must agree on besides the messages:
 //! the agent's vsock port ([`AGENT_VSOCK_PORT`]), the serials that name the
-//! VM's disks ([`disk_serial`]), the typed values behind protocol strings
+//! VM's disks ([`disk_serial`]), the bounds of `RefreshGuest`'s fields
+//! ([`REFRESH_ENTROPY_LEN`], [`MACHINE_ID_LEN`]), the typed values behind protocol strings
 //! ([`ContainerStatus`]) and how errors are worded ([`error_chain`]).
 //!
 //! Both the agent and the shim depend on it, so it stays small: it must
@@ -23,6 +24,15 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// The vsock port the agent listens on in the micro-VM; the shim connects
 /// to it through the VMM's hybrid vsock (`CONNECT 1024`).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// How many bytes of host randomness a `RefreshGuest` request carries
+/// (`RefreshGuestRequest.entropy`): at least 32 (256 bits, what the guest's
+/// CRNG needs to count as seeded), at most 512.
+pub const REFRESH_ENTROPY_LEN: std::ops::RangeInclusive<usize> = 32..=512;
+
+/// The length of a machine id (`/etc/machine-id`, `RefreshGuestRequest.machine_id`):
+/// 32 lowercase hex chars, 128 bits, never all zeros (machine-id(5)).
+pub const MACHINE_ID_LEN: usize = 32;
 
 /// What the serial of every disk skiff attaches to a VM starts with.
 pub const DISK_SERIAL_PREFIX: &str = "skiff-";

@@ -10,7 +10,9 @@
 //! that calls libcontainer to fork) and [`reaper`] / [`stdio`] / [`oom`]
 //! (threads that watch processes). [`init`] is what PID 1 in the micro-VM
 //! does besides serving (mounts, `lo`, reset); [`mounts`] holds the mount
-//! helpers it shares with the engine.
+//! helpers it shares with the engine; [`refresh`] is what a guest restored
+//! from a VM snapshot changes so it shares nothing with its template
+//! (entropy, clock, machine id: guest init only).
 //!
 //! It must never depend on the VMM crates (`vmm-core`, `platform-*`) or the
 //! shim: the agent is what runs *inside* the VM. What it shares with the
@@ -22,6 +24,7 @@ pub mod init;
 pub mod mounts;
 pub mod oom;
 pub mod reaper;
+pub mod refresh;
 pub mod server;
 pub mod service;
 pub mod spawner;

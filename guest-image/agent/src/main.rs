@@ -199,6 +199,9 @@ fn run_init(options: Options) -> Result<std::convert::Infallible> {
     let listen = options.listen.clone().unwrap_or(INIT_LISTEN);
     let server_options = ServerOptions {
         on_sandbox_destroyed: Some(Box::new(|| init::reset_vm_after(RESET_DELAY))),
+        // Only PID 1 is the guest's init; `--init` by hand on a host is not,
+        // and must not set the host's clock, machine id or RNG.
+        guest_init: init::is_pid1(),
     };
     let _server = AgentServer::start_with(&listen, options.engine_config(), server_options)
         .with_context(|| format!("cannot serve on {listen}"))?;

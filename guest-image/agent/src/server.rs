@@ -96,6 +96,10 @@ pub struct ServerOptions {
     /// container and before its reply is sent; the guest init uses it to
     /// schedule the VM's reset.
     pub on_sandbox_destroyed: Option<Box<dyn Fn() + Send + Sync>>,
+    /// The agent is the micro-VM's init (PID 1): it serves RefreshGuest,
+    /// which sets the system's clock and machine id and feeds its RNG.
+    /// False (the default) refuses it; never true on a host.
+    pub guest_init: bool,
 }
 
 impl std::fmt::Debug for ServerOptions {
@@ -105,6 +109,7 @@ impl std::fmt::Debug for ServerOptions {
                 "on_sandbox_destroyed",
                 &self.on_sandbox_destroyed.as_ref().map(|_| "Fn"),
             )
+            .field("guest_init", &self.guest_init)
             .finish()
     }
 }
@@ -147,6 +152,7 @@ impl AgentServer {
         if let Some(hook) = options.on_sandbox_destroyed {
             service.set_on_sandbox_destroyed(hook);
         }
+        service.set_guest_init(options.guest_init);
         let service = Arc::new(service);
         let server = ttrpc::Server::new();
         let server = match addr {

@@ -23,6 +23,7 @@ use crate::container::{
 };
 use crate::oom::{oom_kill_count, OomWatcher};
 use crate::reaper::lock;
+use crate::refresh::{self, RefreshError};
 use crate::stdio::{OutputBuffer, ReadOutcome};
 
 pub use skiff_agent_proto::PROTOCOL_VERSION;
@@ -43,6 +44,9 @@ pub enum AgentError {
     /// A request field is out of range.
     #[error("{0}")]
     InvalidArgument(String),
+    /// RefreshGuest was refused, malformed, or failed.
+    #[error(transparent)]
+    Refresh(#[from] RefreshError),
 }
 
 impl AgentError {
@@ -57,6 +61,9 @@ impl AgentError {
             },
             Self::Timeout => Code::DEADLINE_EXCEEDED,
             Self::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            Self::Refresh(RefreshError::NotGuestInit) => Code::FAILED_PRECONDITION,
+            Self::Refresh(err) if err.is_invalid_request() => Code::INVALID_ARGUMENT,
+            Self::Refresh(_) => Code::INTERNAL,
         }
     }
 }
@@ -90,6 +97,9 @@ pub struct AgentService {
     busy: Mutex<HashSet<String>>,
     sandbox: Mutex<Option<Sandbox>>,
     on_sandbox_destroyed: Option<SandboxDestroyedHook>,
+    /// The agent is the micro-VM's PID 1: RefreshGuest may change the
+    /// system it runs on. False unless set (the host's `linux` handler).
+    guest_init: bool,
 }
 
 impl std::fmt::Debug for AgentService {
@@ -98,6 +108,7 @@ impl std::fmt::Debug for AgentService {
             .field("engine", &self.engine)
             .field("containers", &self.containers)
             .field("sandbox", &self.sandbox)
+            .field("guest_init", &self.guest_init)
             .finish_non_exhaustive()
     }
 }
@@ -133,7 +144,15 @@ impl AgentService {
             busy: Mutex::new(HashSet::new()),
             sandbox: Mutex::new(None),
             on_sandbox_destroyed: None,
+            guest_init: false,
         }
+    }
+
+    /// Marks the agent as the micro-VM's init (PID 1), the only agent that
+    /// serves RefreshGuest (it sets the system's clock, machine id and feeds
+    /// its RNG). Never set it in an agent that runs on a host.
+    pub fn set_guest_init(&mut self, guest_init: bool) {
+        self.guest_init = guest_init;
     }
 
     /// Runs `hook` once DestroySandbox has removed every container (before
@@ -548,6 +567,15 @@ impl Agent for AgentService {
         resp.container_id = id;
         Ok(resp)
     }
+
+    fn refresh_guest(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RefreshGuestRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        refresh::refresh_guest(self.guest_init, &req).map_err(AgentError::from)?;
+        Ok(pb::Empty::new())
+    }
 }
 
 #[cfg(test)]
@@ -579,6 +607,17 @@ mod tests {
         let status = status_of(AgentError::Timeout);
         assert_eq!(status.code(), Code::DEADLINE_EXCEEDED);
 
+        let status = status_of(RefreshError::EntropyLength(8).into());
+        assert_eq!(status.code(), Code::INVALID_ARGUMENT);
+        let status =
+            status_of(RefreshError::Reseed(std::io::Error::from_raw_os_error(libc::EPERM)).into());
+        assert_eq!(status.code(), Code::INTERNAL);
+        assert!(
+            status.message().contains("RNDRESEEDCRNG"),
+            "{}",
+            status.message()
+        );
+
         let io = ContainerError::Io {
             path: "/x".into(),
             source: std::io::Error::from_raw_os_error(libc::ENOSPC),
@@ -587,6 +626,28 @@ mod tests {
         assert_eq!(status.code(), Code::INTERNAL);
         assert!(
             status.message().contains("No space left"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn refresh_guest_is_refused_outside_the_guest_init() {
+        // What `Agent::refresh_guest` answers when `guest_init` is false (the
+        // service itself needs a spawner and a reaper, which a unit test
+        // cannot start): nothing is applied (this host may run the tests as
+        // root), the code is FAILED_PRECONDITION and the message says why.
+        let req = pb::RefreshGuestRequest {
+            entropy: vec![7; 64],
+            unix_time_ns: 1,
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+            ..Default::default()
+        };
+        let err = refresh::refresh_guest(false, &req).unwrap_err();
+        let status = status_of(err.into());
+        assert_eq!(status.code(), Code::FAILED_PRECONDITION);
+        assert!(
+            status.message().contains("guest init only"),
             "{}",
             status.message()
         );
