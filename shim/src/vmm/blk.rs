@@ -581,8 +581,9 @@ pub(super) mod testing {
         u32::from_le_bytes(b)
     }
 
-    /// The driver of one disk: its request queue at `base` in `mem` (64 KiB
-    /// of it: the rings, then one request's header, data and status).
+    /// The driver of one disk (or of another one-queue device): its request
+    /// queue at `base` in `mem` (64 KiB of it: the rings, then one
+    /// request's header, data and status).
     pub struct Driver<'m> {
         mem: &'m GuestRam,
         queue: MockSplitQueue<'m, GuestRam>,
@@ -664,6 +665,18 @@ pub(super) mod testing {
         /// Requests the device has answered.
         pub fn used(&self) -> u16 {
             self.queue.used_idx().unwrap()
+        }
+
+        /// Publishes `bufs` as one chain (without notifying the device);
+        /// for a device other than a disk. Returns the chain's head.
+        pub fn add_chain(&mut self, bufs: &[Descriptor]) -> u16 {
+            self.queue.add_chain(bufs).unwrap()
+        }
+
+        /// The used element in `slot`: the chain's head and the bytes the
+        /// device wrote.
+        pub fn used_elem(&self, slot: u16) -> (u32, u32) {
+            self.queue.used_elem(slot).unwrap()
         }
 
         /// The last request's status byte and first data byte.

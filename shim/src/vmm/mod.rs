@@ -18,6 +18,7 @@ mod file_disk;
 mod irq;
 pub mod jail;
 mod platform;
+mod rng;
 pub mod seccomp;
 mod serial_log;
 mod shared;

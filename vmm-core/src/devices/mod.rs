@@ -4,4 +4,5 @@
 //! implements.
 
 pub mod blk;
+pub mod rng;
 pub mod vsock;

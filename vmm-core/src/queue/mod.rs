@@ -656,8 +656,22 @@ pub fn drain<const N: usize, M: GuestMemory + ?Sized, S: ?Sized>(
     queue: &mut Queue,
     mem: &M,
     state: &mut S,
-    mut wants_more: impl FnMut(&S) -> bool,
+    wants_more: impl FnMut(&S) -> bool,
     mut on_invalid: impl FnMut(&mut S),
+    handle: impl FnMut(&mut S, &M, &DescriptorChain<N>) -> Served,
+) -> Result<bool, QueueError> {
+    drain_reporting(queue, mem, state, wants_more, |s, _| on_invalid(s), handle)
+}
+
+/// [`drain`], with what is wrong with each malformed chain: `on_invalid`
+/// gets the [`ChainError`] too, for a device that reports it.
+#[inline]
+pub fn drain_reporting<const N: usize, M: GuestMemory + ?Sized, S: ?Sized>(
+    queue: &mut Queue,
+    mem: &M,
+    state: &mut S,
+    mut wants_more: impl FnMut(&S) -> bool,
+    mut on_invalid: impl FnMut(&mut S, ChainError),
     mut handle: impl FnMut(&mut S, &M, &DescriptorChain<N>) -> Served,
 ) -> Result<bool, QueueError> {
     let mut used = false;
@@ -672,8 +686,8 @@ pub fn drain<const N: usize, M: GuestMemory + ?Sized, S: ?Sized>(
                 }
                 break;
             }
-            Err(QueueError::InvalidChain { head, .. }) => {
-                on_invalid(state);
+            Err(QueueError::InvalidChain { head, source }) => {
+                on_invalid(state, source);
                 if head < queue.size() {
                     queue.add_used(mem, head, 0)?;
                     used = true;
