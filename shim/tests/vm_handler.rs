@@ -83,7 +83,7 @@ fn run_script(sandbox: &VmSandbox, rootfs: &Path, id: &str, script: &str) -> (u3
 
 /// What each VM's container reports: 32 bytes of `/dev/urandom` in hex,
 /// then the guest's wall clock (seconds since the epoch).
-const ENTROPY_AND_CLOCK: &str = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+const ENTROPY_AND_CLOCK: &str = "exec 2>&1; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
 
 /// The urandom bytes and the clock from [`ENTROPY_AND_CLOCK`]'s output.
 fn entropy_and_clock(out: &str) -> (String, u64) {

@@ -53,6 +53,7 @@ fn spinner(root: &Path, disks: Vec<DiskConfig>) -> VmConfig {
         cpu_template: shim::check::detect().template,
         serial: SerialOutput::File(root.join("serial.log")),
         epoch: Instant::now(),
+        rng: false,
         seccomp: true,
     }
 }

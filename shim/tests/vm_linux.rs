@@ -67,6 +67,7 @@ fn linux_boots_to_init_with_a_virtio_disk() {
         cpu_template: host.template,
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
+        rng: false,
         seccomp: true,
     })
     .expect("the VM runs");

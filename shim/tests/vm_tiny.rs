@@ -32,6 +32,7 @@ fn config(
             cpu_template: template,
             serial: SerialOutput::Buffer(out.clone()),
             epoch: Instant::now(),
+            rng: false,
             seccomp: true,
         },
         out,

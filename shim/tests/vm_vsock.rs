@@ -74,6 +74,7 @@ fn vsock_device_is_wired_and_torn_down() {
         cpu_template: shim::check::detect().template,
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
+        rng: false,
         seccomp: true,
     };
     let vm = vmm::Vm::start(cfg).expect("VM starts");
@@ -238,6 +239,7 @@ fn garbage_from_the_guest_driver_is_answered_with_rst() {
         cpu_template: shim::check::detect().template,
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
+        rng: false,
         seccomp: true,
     };
     let vm = vmm::Vm::start(cfg).expect("VM starts");

@@ -306,6 +306,7 @@ fn boot(a: BootArgs, epoch: Instant) -> anyhow::Result<ExitCode> {
             .map(vmm::SerialOutput::File)
             .unwrap_or(vmm::SerialOutput::Stdout),
         epoch,
+        rng: false,
         seccomp: !a.no_seccomp,
     };
     let report = vmm::run(config).context("cannot run the VM")?;

@@ -103,12 +103,15 @@ pub struct VmConfig {
     /// ([`super::seccomp`]); `false` is for debugging only, and every
     /// start says so in the log.
     pub seccomp: bool,
+    /// A virtio-rng device (after the disks and vsock): the guest's
+    /// `hwrng` feeds its entropy pool from the host's `getrandom`.
+    pub rng: bool,
 }
 
 impl VmConfig {
     /// How many virtio devices the VM gets: the disks, then the vsock
     /// device.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + usize::from(self.vsock.is_some())
+        self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng)
     }
 }

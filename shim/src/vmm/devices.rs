@@ -44,6 +44,7 @@ use super::seccomp::{handoff, Installed, Installer, ThreadKind};
 use super::serial_log::{SerialLog, SERIAL_LOG_CAP_BYTES};
 use super::shared::{ExitReason, Shared};
 use super::slot::{DiskSlotError, VirtioSlot};
+use super::rng::{RngSlot, RNG_QUEUES};
 use super::vsock::{VsockSetupError, VsockSlot, VSOCK_QUEUES};
 use crate::sync::lock;
 
@@ -123,6 +124,14 @@ fn build_virtio_devices(vm: &VmFd, config: &VmConfig) -> Result<Vec<VirtioUnit>,
             "vmm-vsock".into(),
             Box::new(slot),
             notifiers,
+        )?);
+    }
+    if config.rng {
+        let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + units.len() as u32)?;
+        units.push(VirtioUnit::new(
+            "vmm-rng".into(),
+            Box::new(RngSlot::new(irq)?),
+            new_notifiers(RNG_QUEUES)?,
         )?);
     }
     Ok(units)

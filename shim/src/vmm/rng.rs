@@ -10,18 +10,11 @@
 //!
 //! The device has no state of its own to snapshot: the transport's
 //! ([`RngSlot::transport_state`]) is all of it.
-#![cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the VM's device list (devices.rs, config.rs) adds the slot in a change of its own"
-    )
-)]
-
 use std::sync::Mutex;
 
 use vmm_core::devices::rng::{EntropyError, EntropySource, Rng, RngStats};
 use vmm_core::mmio::{MmioError, MmioTransport, MmioTransportState};
+use vmm_core::snapshot::{Persist, StateError, StateReader, StateWriter, SECTION_HEADER_LEN};
 
 use super::error_chain;
 use super::irq::IrqFd;
@@ -85,6 +78,7 @@ impl RngSlot {
         lock(&self.transport).state()
     }
 
+    #[cfg(test)]
     /// The device's counters.
     pub fn stats(&self) -> RngStats {
         lock(&self.transport).device().stats()
@@ -155,6 +149,27 @@ impl VirtioSlot for RngSlot {
 
     fn queue_count(&self) -> usize {
         RNG_QUEUES
+    }
+
+    fn state_len(&self) -> usize {
+        SECTION_HEADER_LEN + <MmioTransportState<RNG_QUEUES> as Persist>::MAX_LEN
+    }
+
+    fn save(&self, w: &mut StateWriter<'_>, index: u16) -> Result<(), StateError> {
+        w.add(index, &self.transport_state())
+    }
+
+    /// The transport only, and the queue served once: a request the guest
+    /// queued as the snapshot was taken is answered (with this host's
+    /// entropy, never the template's).
+    fn restore(&self, r: &StateReader<'_>, index: u16, mem: &GuestRam) -> Result<(), StateError> {
+        let state: MmioTransportState<RNG_QUEUES> = r.load(index)?;
+        let mut t = lock(&self.transport);
+        t.restore(&state, mem)?;
+        if let Err(e) = t.notify(mem, 0) {
+            log::warn!("virtio-rng: after restore: {}", error_chain(&e));
+        }
+        Ok(())
     }
 }
 

@@ -272,9 +272,9 @@ fn make_template(id: &str, store: &TemplateStore, vm: &vmm::VmHandle) {
 /// template was made from.
 fn refresh_guest(sandbox: &VmSandbox, id: &str) -> Result<(), SandboxError> {
     let entropy = crate::fixups::host_entropy(crate::fixups::REFRESH_ENTROPY_BYTES)
-        .map_err(|e| SandboxError::io("cannot read host entropy".into(), e))?;
+        .map_err(|e| SandboxError::io("cannot read host entropy", e))?;
     let machine_id = crate::fixups::new_machine_id()
-        .map_err(|e| SandboxError::io("cannot make a machine id".into(), e))?;
+        .map_err(|e| SandboxError::io("cannot make a machine id", e))?;
     sandbox
         .agent()
         .refresh_guest(&entropy, std::time::SystemTime::now(), &machine_id)

@@ -122,6 +122,7 @@ pub fn inputs(config: &VmConfig) -> Result<String, TemplateError> {
         Some(v) => text.push_str(&format!("vsock cid {}\n", v.guest_cid)),
         None => text.push_str("vsock none\n"),
     }
+    text.push_str(&format!("rng {}\n", config.rng));
     Ok(text)
 }
 
@@ -341,6 +342,7 @@ mod tests {
             cpu_template: crate::vmm::CpuTemplate::default(),
             serial: SerialOutput::Discard,
             epoch: std::time::Instant::now(),
+            rng: false,
             seccomp: true,
         }
     }

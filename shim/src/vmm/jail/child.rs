@@ -118,6 +118,7 @@ fn vm_config(spec: VmSpec, seccomp: bool) -> Result<VmConfig, String> {
             .serial
             .map_or(SerialOutput::Discard, SerialOutput::File),
         epoch: Instant::now(),
+        rng: spec.rng,
         seccomp,
     })
 }

@@ -237,6 +237,7 @@ fn vm_spec(config: &VmConfig, root: &Path) -> Result<VmSpec, JailError> {
         vsock,
         cpu_template: config.cpu_template.to_string(),
         serial,
+        rng: config.rng,
     })
 }
 
@@ -688,6 +689,7 @@ mod tests {
             cpu_template: CpuTemplate::Default,
             serial: SerialOutput::File(root.join("serial.log")),
             epoch: Instant::now(),
+            rng: false,
             seccomp: true,
         }
     }

@@ -100,6 +100,9 @@ pub struct VmSpec {
     pub cpu_template: String,
     /// The serial log (relative to the root), or none.
     pub serial: Option<PathBuf>,
+    /// A virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
 }
 
 /// How the VMM confines itself before the guest runs.
