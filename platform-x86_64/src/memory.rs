@@ -34,7 +34,10 @@ pub enum MemoryLayoutError {
     Mmap(#[source] vm_memory::mmap::FromRangesError),
     /// Guest memory could not be written to its file.
     #[error("cannot write guest memory to its file")]
-    Save(#[source] vm_memory::VolatileMemoryError),
+    Save(#[source] std::io::Error),
+    /// Guest memory could not be read out of its mapping.
+    #[error("cannot read guest memory to save it")]
+    SaveRead(#[source] vm_memory::VolatileMemoryError),
     /// A guest memory region could not be read for saving.
     #[error("cannot read guest memory to save it")]
     SaveRegion(#[source] vm_memory::GuestMemoryError),
@@ -86,20 +89,56 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryLayoutErr
     GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryLayoutError::Mmap)
 }
 
-/// Writes `mem`'s RAM regions, in address order, back to back to `out`
-/// (what [`guest_memory_from_file`] maps again).
+/// Writes guest RAM, region after region, into the empty file `out`,
+/// sparsely: a 4 KiB page of zeros is left a hole, which reads back as
+/// zeros. A guest that has touched little of its memory makes a small
+/// file, written quickly, and restored VMs share no page cache for what is
+/// zero. Uses positioned writes and a final `ftruncate`.
 pub fn save_guest_memory(
     mem: &GuestMemoryMmap,
     out: &mut std::fs::File,
 ) -> Result<(), MemoryLayoutError> {
-    use vm_memory::WriteVolatile;
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    const PAGE: usize = 4096;
+    let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+    let mut buf = vec![0u8; CHUNK];
+    let mut base = 0u64;
     for region in mem.iter() {
         let slice = region
             .as_volatile_slice()
             .map_err(MemoryLayoutError::SaveRegion)?;
-        out.write_all_volatile(&slice)
-            .map_err(MemoryLayoutError::Save)?;
+        let len = slice.len();
+        let mut at = 0;
+        while at < len {
+            let n = CHUNK.min(len - at);
+            let chunk = slice.subslice(at, n).map_err(MemoryLayoutError::SaveRead)?;
+            chunk.copy_to(&mut buf[..n]);
+            let mut page = 0;
+            while page < n {
+                let end = (page + PAGE).min(n);
+                if zero(&buf[page..end]) {
+                    page = end;
+                    continue;
+                }
+                // A run of pages with data, written at once.
+                let mut run_end = end;
+                while run_end < n {
+                    let next = (run_end + PAGE).min(n);
+                    if zero(&buf[run_end..next]) {
+                        break;
+                    }
+                    run_end = next;
+                }
+                out.write_all_at(&buf[page..run_end], base + (at + page) as u64)
+                    .map_err(MemoryLayoutError::Save)?;
+                page = run_end;
+            }
+            at += n;
+        }
+        base += len as u64;
     }
+    out.set_len(base).map_err(MemoryLayoutError::Save)?;
     Ok(())
 }
 

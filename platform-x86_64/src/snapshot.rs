@@ -162,6 +162,39 @@ pub fn save_vcpu(vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, Snapsh
     })
 }
 
+/// `IA32_TSC`.
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// How far `vcpu`'s TSC, once `state` is restored into it, runs ahead of
+/// the TSC `state` saved, in nanoseconds; `None` when it is where it was
+/// saved (within a millisecond) or cannot be told.
+///
+/// Where KVM offsets the guest TSC (VMX, SVM), a restored vCPU's TSC is
+/// the saved one and this is `None`. Where the guest reads the host's TSC
+/// unchanged (PVM), the TSC cannot be restored: it is ahead by the time
+/// since the snapshot, and the kvmclock must be moved on by as much, or
+/// the guest's clock jumps forward (a stale kvmclock page over the newer
+/// TSC) and then back (once KVM updates the page).
+pub fn tsc_lag_ns(vcpu: &VcpuFd, state: &VcpuState) -> Option<u64> {
+    let saved = state.msrs.iter().find(|m| m.index == MSR_IA32_TSC)?.data;
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .ok()?;
+    if vcpu.get_msrs(&mut msrs).ok()? != 1 {
+        return None;
+    }
+    let now = msrs.as_slice()[0].data;
+    let khz = u64::from(vcpu.get_tsc_khz().ok()?);
+    if khz == 0 || now <= saved {
+        return None;
+    }
+    let ns = u128::from(now - saved) * 1_000_000 / u128::from(khz);
+    let ns = u64::try_from(ns).ok()?;
+    (ns > 1_000_000).then_some(ns)
+}
+
 /// Restores `state` into a new `vcpu` that has not run.
 pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), SnapshotError> {
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| SnapshotError::TooMany {
@@ -229,13 +262,19 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState, SnapshotError> {
 }
 
 /// Restores `state` into a new VM (irqchip and PIT created, no vCPU run
-/// yet).
-pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), SnapshotError> {
+/// yet), its kvmclock moved on by `advance_ns` (see [`tsc_lag_ns`]).
+pub fn restore_vm(
+    vm: &VmFd,
+    state: &VmState,
+    advance_ns: Option<u64>,
+) -> Result<(), SnapshotError> {
     vm.set_pit2(&state.pit).map_err(kvm("set the PIT"))?;
     let mut clock = state.clock;
     // Only the clock's value is set: KVM_GET_CLOCK's report flags
     // (TSC_STABLE, REALTIME, HOST_TSC) are not inputs.
     clock.flags = 0;
+    // Moved on with a TSC that could not be restored (see tsc_lag_ns).
+    clock.clock = clock.clock.saturating_add(advance_ns.unwrap_or(0));
     vm.set_clock(&clock).map_err(kvm("set the clock"))?;
     for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
         vm.set_irqchip(chip).map_err(kvm("set the irqchip"))?;

@@ -856,7 +856,23 @@ impl Drop for VmSlot {
     }
 }
 
+/// Templates shared by this run's VM tests (one directory per test
+/// process): the first VM of a config is booted and snapshotted, later ones
+/// are restored, as with the default config.
+fn shared_templates() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        std::env::temp_dir().join(format!("skiff-e2e-templates-{}", std::process::id()))
+    })
+    .clone()
+}
+
 fn vm_config(ctrd: &Containerd) -> Option<PathBuf> {
+    vm_config_with(ctrd, &shared_templates())
+}
+
+/// A `vm` config whose templates live in `templates`.
+fn vm_config_with(ctrd: &Containerd, templates: &Path) -> Option<PathBuf> {
     let ci = std::env::var("CI").as_deref() == Ok("true");
     let (kernel, initrd) = shim::testing::vm_artifacts()?;
     let (kernel, initrd) = (kernel.display(), initrd.display());
@@ -875,24 +891,47 @@ fn vm_config(ctrd: &Containerd) -> Option<PathBuf> {
         &path,
         format!(
             "handler = \"vm\"\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\n\
-             memory_mib = 256\nlog_level = \"debug\"\n"
+             memory_mib = 256\nlog_level = \"debug\"\ntemplate_dir = \"{}\"\n",
+            templates.display()
         ),
     )
     .unwrap();
     Some(path)
 }
 
-/// `ctr run --rm` through the `vm` handler: output and exit code come back
-/// from the container in the micro-VM, and nothing is left.
+/// `ctr run --rm` through the `vm` handler, twice, with templates in a
+/// directory of the test's own: output and exit code come back from the
+/// container in the micro-VM, and nothing is left. The first run boots its
+/// VM and makes the template; the second restores its VM from it (the log
+/// says so).
 #[test]
 fn vm_run_rm_echo_and_exit_code() {
     let Some(image) = prerequisites() else { return };
     let ctrd = Containerd::start();
-    let Some(config) = vm_config(&ctrd) else {
+    let templates = ctrd.dir.path().join("templates");
+    let Some(config) = vm_config_with(&ctrd, &templates) else {
         return;
     };
     let _slot = vm_slot();
     ctrd.import(&image);
+    for round in ["boot", "restore"] {
+        vm_run_rm_echo(&ctrd, &config);
+        let log = ctrd.log();
+        let made = log
+            .lines()
+            .any(|l| l.contains(": template ") && l.contains(" made in "));
+        let restored = log.contains("VM restored from template");
+        assert_eq!(
+            (made, restored),
+            (true, round == "restore"),
+            "{round}: template made, VM restored\n--- containerd log ---\n{}",
+            tail(&log, 8000)
+        );
+    }
+}
+
+/// One `ctr run --rm` of the echo container.
+fn vm_run_rm_echo(ctrd: &Containerd, config: &Path) {
     let t = Instant::now();
     let id = unique("vm-echo");
     let out = ctrd.ctr(&[

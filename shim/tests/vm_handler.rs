@@ -53,7 +53,13 @@ fn run_script(sandbox: &VmSandbox, rootfs: &Path, id: &str, script: &str) -> (u3
     let device = sandbox.share_path(rootfs).expect("a free disk slot");
     let agent = sandbox.agent();
     agent
-        .create_container(id, spec_json(&["/bin/sh", "-c", script]), &device, false, false)
+        .create_container(
+            id,
+            spec_json(&["/bin/sh", "-c", script]),
+            &device,
+            false,
+            false,
+        )
         .unwrap_or_else(|e| panic!("CreateContainer {id}: {e}"));
     agent.start_container(id).expect("StartContainer");
     let mut out = Vec::new();
@@ -83,7 +89,8 @@ fn run_script(sandbox: &VmSandbox, rootfs: &Path, id: &str, script: &str) -> (u3
 
 /// What each VM's container reports: 32 bytes of `/dev/urandom` in hex,
 /// then the guest's wall clock (seconds since the epoch).
-const ENTROPY_AND_CLOCK: &str = "exec 2>&1; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+const ENTROPY_AND_CLOCK: &str =
+    "exec 2>&1; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
 
 /// The urandom bytes and the clock from [`ENTROPY_AND_CLOCK`]'s output.
 fn entropy_and_clock(out: &str) -> (String, u64) {
@@ -457,7 +464,12 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
     for (i, clone) in clones.iter().enumerate() {
         assert!(clone.restored(), "clone {i} was restored, not booted");
         assert_ne!(clone.vmm_pid(), sandbox.vmm_pid());
-        let (status, out) = run_script(clone, &rootfs, &format!("entropy{}", i + 1), ENTROPY_AND_CLOCK);
+        let (status, out) = run_script(
+            clone,
+            &rootfs,
+            &format!("entropy{}", i + 1),
+            ENTROPY_AND_CLOCK,
+        );
         assert_eq!(status, 0, "{out}");
         let (bytes, clock) = entropy_and_clock(&out);
         let now = host_clock();

@@ -85,6 +85,10 @@ enum VmCommand {
     /// Boot a kernel in a micro-VM with the serial console on stdout; exits
     /// 0 when the guest resets or powers off cleanly.
     Boot(BootArgs),
+    /// Restore a micro-VM from a snapshot (`skiff vm boot --snapshot-dir`)
+    /// and run it like `boot`. Memory and vCPUs are the snapshot's; give
+    /// it the devices the snapshotted VM had (disks, vsock, --rng).
+    Restore(RestoreArgs),
 }
 
 #[derive(clap::Args)]
@@ -104,12 +108,32 @@ struct BootArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// A virtio-blk disk: FILE or FILE,ro. Repeatable.
-    #[arg(long = "disk", value_parser = parse_disk)]
-    disks: Vec<DiskConfig>,
     /// CPU template: default or pvm-compat (default: what `skiff check` picks).
     #[arg(long)]
     cpu_template: Option<String>,
+    #[command(flatten)]
+    devices: DeviceArgs,
+    #[command(flatten)]
+    snapshot: SnapshotArgs,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The snapshot directory (`vm.state` and `memory`).
+    #[arg(long)]
+    from: PathBuf,
+    #[command(flatten)]
+    devices: DeviceArgs,
+    #[command(flatten)]
+    snapshot: SnapshotArgs,
+}
+
+/// The VM's devices and how it runs.
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// A virtio-blk disk: FILE or FILE,ro. Repeatable.
+    #[arg(long = "disk", value_parser = parse_disk)]
+    disks: Vec<DiskConfig>,
     /// Write the serial console to this file instead of stdout.
     #[arg(long)]
     serial_out: Option<PathBuf>,
@@ -121,10 +145,26 @@ struct BootArgs {
     /// The guest's vsock CID (with --vsock-uds).
     #[arg(long, default_value_t = 3, requires = "vsock_uds")]
     vsock_cid: u64,
+    /// Give the guest a virtio-rng device (entropy from the host).
+    #[arg(long)]
+    rng: bool,
     /// Run the VMM threads without their seccomp filters (for debugging
     /// only: a denied system call then shows up as what it is).
     #[arg(long)]
     no_seccomp: bool,
+}
+
+/// Taking snapshots of the running VM.
+#[derive(clap::Args)]
+struct SnapshotArgs {
+    /// Where a snapshot of the running VM goes: one is taken on SIGUSR1
+    /// (and after --snapshot-after); the VM runs on. Restore it with
+    /// `skiff vm restore --from DIR`.
+    #[arg(long, value_name = "DIR")]
+    snapshot_dir: Option<PathBuf>,
+    /// Take a snapshot this many seconds after the VM starts.
+    #[arg(long, value_name = "SECS", requires = "snapshot_dir")]
+    snapshot_after: Option<f64>,
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -211,6 +251,19 @@ fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
                     Err(e) => format!("no cgroup of its own can be made here: {e}"),
                 }
             );
+            if r.kind != check::HostKind::NoKvm {
+                match vmm::snapshot::probe() {
+                    Ok(p) => println!(
+                        "VM templates: snapshot and restore work here (a 32 MiB test VM: \
+                         snapshot {:?}, restore {:?}); template = true uses them",
+                        p.snapshot, p.restore
+                    ),
+                    Err(e) => println!(
+                        "VM templates: restore does NOT work here ({:#}); set template = false",
+                        anyhow::Error::from(e)
+                    ),
+                }
+            }
             Ok(if r.kind == check::HostKind::NoKvm {
                 ExitCode::FAILURE
             } else {
@@ -219,6 +272,7 @@ fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
         }
         Command::Run(a) => run_container(a),
         Command::Vm(VmCommand::Boot(a)) => boot(a, epoch),
+        Command::Vm(VmCommand::Restore(a)) => restore(a, epoch),
     }
 }
 
@@ -295,21 +349,108 @@ fn boot(a: BootArgs, epoch: Instant) -> anyhow::Result<ExitCode> {
             initrd: a.initrd,
             cmdline,
         }),
-        disks: a.disks,
-        vsock: a.vsock_uds.map(|uds_path| VsockConfig {
-            guest_cid: a.vsock_cid,
+        cpu_template,
+        ..device_config(a.devices, epoch)
+    };
+    let vm = vmm::Vm::start(config).context("cannot run the VM")?;
+    serve(vm, &a.snapshot, epoch)
+}
+
+/// A config with `d`'s devices; the caller sets what boots.
+fn device_config(d: DeviceArgs, epoch: Instant) -> VmConfig {
+    VmConfig {
+        vcpus: 1,
+        mem_mib: 128,
+        // Replaced by the caller (a restore loads nothing).
+        boot: BootSource::Raw {
+            image: Vec::new(),
+            load_addr: 0,
+            protocol: vmm::BootProtocol::Linux64,
+        },
+        disks: d.disks,
+        vsock: d.vsock_uds.map(|uds_path| VsockConfig {
+            guest_cid: d.vsock_cid,
             uds_path,
         }),
-        cpu_template,
-        serial: a
+        cpu_template: CpuTemplate::default(),
+        serial: d
             .serial_out
             .map(vmm::SerialOutput::File)
             .unwrap_or(vmm::SerialOutput::Stdout),
         epoch,
-        rng: false,
-        seccomp: !a.no_seccomp,
+        rng: d.rng,
+        seccomp: !d.no_seccomp,
+    }
+}
+
+fn restore(a: RestoreArgs, epoch: Instant) -> anyhow::Result<ExitCode> {
+    let saved = vmm::snapshot::read(&a.from)?;
+    let config = VmConfig {
+        vcpus: u8::try_from(saved.vcpus.len()).context("the snapshot's vCPU count")?,
+        mem_mib: saved.mem_size >> 20,
+        ..device_config(a.devices, epoch)
     };
-    let report = vmm::run(config).context("cannot run the VM")?;
+    let built = vmm::Vm::restore(config, &a.from)
+        .with_context(|| format!("cannot restore {}", a.from.display()))?;
+    log::info!("restored {} in {:?}", a.from.display(), epoch.elapsed());
+    let vm = built.start().context("cannot run the VM")?;
+    serve(vm, &a.snapshot, epoch)
+}
+
+/// Runs `vm` to its end, snapshotting it into `snap.snapshot_dir` on
+/// SIGUSR1 and after `snap.snapshot_after`.
+fn serve(vm: vmm::RunningVm, snap: &SnapshotArgs, epoch: Instant) -> anyhow::Result<ExitCode> {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    use std::os::fd::AsRawFd;
+
+    let mut usr1 = None;
+    if snap.snapshot_dir.is_some() {
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGUSR1);
+        // This thread only: the VM's threads are running already.
+        mask.thread_block()?;
+        usr1 = Some(SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK)?);
+    }
+    let mut after = snap
+        .snapshot_after
+        .map(|s| epoch + std::time::Duration::from_secs_f64(s.max(0.0)));
+    while !vm.has_exited() {
+        let mut fds = vec![libc::pollfd {
+            fd: vm.exit_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(sfd) = &usr1 {
+            fds.push(libc::pollfd {
+                fd: sfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let wait_ms = after.map_or(-1, |t| {
+            i32::try_from(t.saturating_duration_since(Instant::now()).as_millis())
+                .unwrap_or(i32::MAX)
+        });
+        // SAFETY: `fds` is a valid array of pollfds for the call and its
+        // length is passed with it.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+        let signalled = usr1
+            .as_mut()
+            .is_some_and(|sfd| matches!(sfd.read_signal(), Ok(Some(_))));
+        let due = after.is_some_and(|t| Instant::now() >= t);
+        if due {
+            after = None;
+        }
+        if let (true, Some(dir)) = (signalled || due, &snap.snapshot_dir) {
+            let t = Instant::now();
+            match vm.snapshot(dir) {
+                Ok(()) => log::info!("snapshot written to {} in {:?}", dir.display(), t.elapsed()),
+                Err(e) => log::error!("snapshot failed: {:#}", anyhow::Error::from(e)),
+            }
+        }
+    }
+    let report = vm.wait();
     if let Some(t) = report.first_entry {
         log::info!("first vCPU entry {} us after start", t.as_micros());
     }

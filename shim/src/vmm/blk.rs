@@ -29,15 +29,13 @@ use std::sync::{Arc, Mutex};
 use vmm_core::devices::blk::{BackendError, Block, BlockBackend};
 use vmm_core::irq::IrqLine;
 use vmm_core::memory::GuestMemory;
+use vmm_core::mmio::MmioTransportState;
 use vmm_core::mmio::{
     DeviceError, Interrupt, MmioError, MmioTransport, VirtioContext, VirtioDevice, INT_USED_BUFFER,
     STATUS_FAILED, STATUS_NEEDS_RESET,
 };
-use vmm_core::mmio::MmioTransportState;
 use vmm_core::queue::Queue;
-use vmm_core::snapshot::{
-    Persist, StateError, StateReader, StateWriter, SECTION_HEADER_LEN,
-};
+use vmm_core::snapshot::{Persist, StateError, StateReader, StateWriter, SECTION_HEADER_LEN};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::file_disk::FileDisk;
@@ -415,8 +413,8 @@ pub(super) mod testing {
         QUEUE_SEL_OFFSET, STATUS_OFFSET,
     };
     use vmm_core::queue::mock::MockSplitQueue;
-    use vmm_core::snapshot::{StateError, StateReader, StateWriter};
     use vmm_core::queue::{Descriptor, VIRTQ_DESC_F_WRITE};
+    use vmm_core::snapshot::{StateError, StateReader, StateWriter};
     use vmm_sys_util::eventfd::EventFd;
 
     use super::{DiskSlot, IrqFd};

@@ -40,11 +40,11 @@ use super::file_disk::{FileDisk, FileDiskError};
 use super::irq::IrqFd;
 use super::platform::layout;
 use super::platform::GuestRam;
+use super::rng::{RngSlot, RNG_QUEUES};
 use super::seccomp::{handoff, Installed, Installer, ThreadKind};
 use super::serial_log::{SerialLog, SERIAL_LOG_CAP_BYTES};
 use super::shared::{ExitReason, Shared};
 use super::slot::{DiskSlotError, VirtioSlot};
-use super::rng::{RngSlot, RNG_QUEUES};
 use super::vsock::{VsockSetupError, VsockSlot, VSOCK_QUEUES};
 use crate::sync::lock;
 
@@ -453,7 +453,11 @@ impl Devices {
             + 2 * SECTION_HEADER_LEN
             + <SerialState as Persist>::MAX_LEN
             + <I8042State as Persist>::MAX_LEN
-            + self.virtio.iter().map(|u| u.slot.state_len()).sum::<usize>();
+            + self
+                .virtio
+                .iter()
+                .map(|u| u.slot.state_len())
+                .sum::<usize>();
         let mut buf = vec![0; len];
         let mut w = StateWriter::new(&mut buf)?;
         w.add(0, &lock(&self.serial).state())?;
@@ -471,7 +475,11 @@ impl Devices {
     /// The container must hold exactly these devices.
     pub fn restore_state(&self, bytes: &[u8]) -> Result<(), StateError> {
         let r = StateReader::new(bytes)?;
-        let expected = 2 + 2 * self.virtio.len();
+        let expected = 2 + self
+            .virtio
+            .iter()
+            .map(|u| u.slot.state_sections())
+            .sum::<usize>();
         let found = r.sections().count();
         if found != expected {
             return Err(StateError::Mismatch {

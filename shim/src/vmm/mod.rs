@@ -287,8 +287,6 @@ impl Vm {
         let mem = platform::memory::guest_memory_from_file(mem_size, memory)
             .map_err(snapshot::SnapshotError::from)?;
         let vm = Arc::new(platform::create_vm(&kvm, mem.clone())?);
-        platform::snapshot::restore_vm(vm.fd(), &saved.vm)
-            .map_err(snapshot::SnapshotError::from)?;
         let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(os("an exit eventfd"))?;
         let shared = Arc::new(Shared::new(exit_evt, config.epoch));
         let ram = platform::GuestRam::new(mem);
@@ -301,6 +299,30 @@ impl Vm {
             let fd = create_vcpu(&vm, id as u64)?;
             platform::snapshot::restore_vcpu(&fd, state).map_err(snapshot::SnapshotError::from)?;
             fds.push(fd);
+        }
+        // The clock last, once every vCPU's TSC is restored, and moved on
+        // by as much as the TSC could not be put back (PVM: the guest reads
+        // the host's TSC). Otherwise the guest's clock jumps by the time
+        // since the snapshot, and back, and its timers stall for as long.
+        let lag = fds
+            .first()
+            .zip(saved.vcpus.first())
+            .and_then(|(fd, state)| platform::snapshot::tsc_lag_ns(fd, state));
+        platform::snapshot::restore_vm(vm.fd(), &saved.vm, lag)
+            .map_err(snapshot::SnapshotError::from)?;
+        if let Some(ns) = lag {
+            log::info!(
+                "restore: the guest TSC ran on {:?} since the snapshot (not restorable \
+                 here); its clock is moved on by as much",
+                Duration::from_nanos(ns)
+            );
+            for fd in &fds {
+                // Tells the guest it was stopped, so its watchdogs (soft
+                // lockup, RCU stalls) do not take the gap for a hang.
+                if let Err(e) = fd.kvmclock_ctrl() {
+                    log::debug!("restore: KVM_KVMCLOCK_CTRL: {e}");
+                }
+            }
         }
         Ok(BuiltVm {
             vm,

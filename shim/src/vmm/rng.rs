@@ -155,6 +155,10 @@ impl VirtioSlot for RngSlot {
         SECTION_HEADER_LEN + <MmioTransportState<RNG_QUEUES> as Persist>::MAX_LEN
     }
 
+    fn state_sections(&self) -> usize {
+        1
+    }
+
     fn save(&self, w: &mut StateWriter<'_>, index: u16) -> Result<(), StateError> {
         w.add(index, &self.transport_state())
     }

@@ -375,7 +375,12 @@ fn rules(kind: ThreadKind) -> Vec<Rule> {
             // A snapshot into the files the shim passed: guest memory and
             // the state written and synced, and the VM's irqchip, PIT and
             // clock read (the vCPUs read their own).
-            rules.extend([sys!(SYS_fsync), sys!(SYS_fdatasync)]);
+            rules.extend([
+                sys!(SYS_pwrite64),
+                sys!(SYS_ftruncate),
+                sys!(SYS_fsync),
+                sys!(SYS_fdatasync),
+            ]);
             #[cfg(target_arch = "x86_64")]
             rules.push(sys!(SYS_ioctl, 1 => [KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK]));
         }

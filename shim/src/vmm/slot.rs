@@ -55,6 +55,11 @@ pub trait VirtioSlot: Send + Sync {
     /// Most bytes [`VirtioSlot::save`] adds to a container, section headers
     /// included.
     fn state_len(&self) -> usize;
+    /// Sections [`VirtioSlot::save`] adds: the transport's and the
+    /// device's.
+    fn state_sections(&self) -> usize {
+        2
+    }
     /// Adds the slot's state (its transport's, then its device's) to `w`
     /// as sections `index`. Called while the VM is paused: its vCPUs and
     /// its device threads parked, so neither registers nor queues move.

@@ -174,11 +174,7 @@ pub fn open(dir: &Path) -> Result<(std::fs::File, std::fs::File, PathBuf), Snaps
         let path = dir.join(name);
         std::fs::File::open(&path).map_err(io(&path))
     };
-    Ok((
-        open(STATE_FILE)?,
-        open(MEMORY_FILE)?,
-        dir.join(STATE_FILE),
-    ))
+    Ok((open(STATE_FILE)?, open(MEMORY_FILE)?, dir.join(STATE_FILE)))
 }
 
 /// Writes `snapshot` into the open, empty file `state` and guest memory
@@ -229,6 +225,91 @@ pub fn read_file(file: std::fs::File, path: &Path) -> Result<VmSnapshot, Snapsho
         });
     }
     decode(path, &bytes)
+}
+
+/// What [`probe`] found: this host's KVM saves and restores a running
+/// guest, and the restored guest runs on.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeReport {
+    /// Writing the snapshot (32 MiB guest).
+    pub snapshot: std::time::Duration,
+    /// Building the VM from it, without guest work.
+    pub restore: std::time::Duration,
+}
+
+/// Whether this host can snapshot and restore a VM: boots a tiny real-mode
+/// guest that prints a dot now and then, snapshots it into a temporary
+/// directory, restores it into a second VM and waits for that one's first
+/// dot. The error says which step failed (which KVM state could not be
+/// saved or restored).
+pub fn probe() -> Result<ProbeReport, super::VmmError> {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use super::{BootProtocol, BootSource, SerialOutput, Vm, VmConfig, VmmError};
+
+    // mov dx, 0x3f8; l: mov al, '.'; out dx, al; mov cx, 0x4000;
+    // w: loop w; jmp l
+    let code = vec![
+        0xba, 0xf8, 0x03, 0xb0, 0x2e, 0xee, 0xb9, 0x00, 0x40, 0xe2, 0xfe, 0xeb, 0xf6,
+    ];
+    let config = |out: &Arc<Mutex<Vec<u8>>>| VmConfig {
+        vcpus: 1,
+        mem_mib: 32,
+        boot: BootSource::Raw {
+            image: code.clone(),
+            load_addr: 0x1000,
+            protocol: BootProtocol::RealMode,
+        },
+        disks: Vec::new(),
+        vsock: None,
+        cpu_template: super::CpuTemplate::default(),
+        serial: SerialOutput::Buffer(out.clone()),
+        epoch: Instant::now(),
+        rng: false,
+        seccomp: false,
+    };
+    let dots = |out: &Arc<Mutex<Vec<u8>>>| crate::sync::lock(out).len();
+    let wait_for_dot = |out: &Arc<Mutex<Vec<u8>>>, what: &'static str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dots(out) == 0 {
+            if Instant::now() > deadline {
+                return Err(VmmError::Config(format!(
+                    "the {what} guest printed nothing in 10 s"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    };
+    /// The probe's snapshot directory, removed when done.
+    struct TempDir(PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("skiff-restore-probe-{}", std::process::id())));
+    let first = Arc::new(Mutex::new(Vec::new()));
+    let vm = Vm::start(config(&first))?;
+    wait_for_dot(&first, "booted")?;
+    let t = Instant::now();
+    let taken = vm.snapshot(&dir.0);
+    let snapshot = t.elapsed();
+    vm.stop();
+    let _ = vm.wait();
+    taken?;
+    let second = Arc::new(Mutex::new(Vec::new()));
+    let t = Instant::now();
+    let built = Vm::restore(config(&second), &dir.0)?;
+    let restore = t.elapsed();
+    let vm = built.start()?;
+    let ran = wait_for_dot(&second, "restored");
+    vm.stop();
+    let _ = vm.wait();
+    ran?;
+    Ok(ProbeReport { snapshot, restore })
 }
 
 fn decode(path: &Path, bytes: &[u8]) -> Result<VmSnapshot, SnapshotError> {

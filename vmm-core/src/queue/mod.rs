@@ -605,6 +605,29 @@ impl Queue {
         Ok(self.pending(mem)? != 0)
     }
 
+    /// The driver's available index, with a request to be notified once it
+    /// moves on from there (event-index: `avail_event` set to it), even
+    /// though other buffers are available: for a device that waits for
+    /// the driver to post a buffer again after handling one.
+    pub fn watch_avail<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<u16, QueueError> {
+        self.check_usable()?;
+        let idx = self.avail_idx(mem)?;
+        if self.event_idx {
+            self.set_avail_event(mem, idx.0)?;
+        } else {
+            mem.write_u16(self.used_ring, 0)
+                .map_err(QueueError::Memory)?;
+        }
+        fence(Ordering::SeqCst);
+        Ok(idx.0)
+    }
+
+    /// The driver's available index.
+    pub fn avail_index<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<u16, QueueError> {
+        self.check_usable()?;
+        Ok(self.avail_idx(mem)?.0)
+    }
+
     /// Tells the driver not to notify us (a hint; with event-index the
     /// driver keeps notifying until `avail_event` is passed).
     pub fn disable_notification<M: GuestMemory + ?Sized>(

@@ -53,6 +53,10 @@ pub(super) fn connect_agent(
             },
             Err(err) => format!("handshake: {err}"),
         };
+        log::debug!(
+            "agent not reached yet (attempt {attempts}, {:?}): {last}",
+            start.elapsed()
+        );
         if start.elapsed() >= timeout {
             return Err(SandboxError::NotReady {
                 timeout,

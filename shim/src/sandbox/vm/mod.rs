@@ -3,25 +3,27 @@
 //! [`crate::vmm::jail`]) or by VMM threads in the shim's own process
 //! (`vmm = "inline"`).
 //!
-//! Start: the container's rootfs directory becomes an ext4 image
-//! (`mkfs.ext4 -d`) in the sandbox's state dir, attached as the guest's
-//! `/dev/vda`; the VM boots the configured kernel and agent initramfs with
-//! a hybrid vsock device whose unix socket is in the state dir; the handler
-//! then retries the `CONNECT <AGENT_VSOCK_PORT>` handshake until the agent answers Health
-//! or the bound from the config runs out, and wraps the connected stream in
-//! an [`AgentClient`]. Stop: DestroySandbox (the agent resets the VM), wait
-//! for the VM to end, force it off if it doesn't.
+//! Start: the VM boots the configured kernel and agent initramfs with
+//! `vm_disks` empty virtio-blk slots and a hybrid vsock device whose unix
+//! socket is in the state dir; the handler then retries the
+//! `CONNECT <AGENT_VSOCK_PORT>` handshake until the agent answers Health or
+//! the bound from the config runs out, and wraps the connected stream in an
+//! [`AgentClient`]. With `template = true` the first VM of a configuration
+//! is then snapshotted as its template, and later ones are restored from
+//! it instead of booted ([`template`]); every VM gets the guest fix-ups
+//! (fresh entropy, clock, machine id) before its first container. Stop:
+//! DestroySandbox (the agent resets the VM), wait for the VM to end, force
+//! it off if it doesn't.
 //!
-//! Containers of one pod share the VM. The VM boots with `vm_disks`
-//! virtio-blk slots: the first holds the first container's rootfs image
-//! ([`SandboxRequest::rootfs`]), the others are empty (capacity 0). Each
-//! later container's rootfs image goes into a free slot while the VM runs
-//! ([`RunningVm::set_disk`]: the guest driver sees a configuration change
-//! and the new capacity) and leaves it when the container is deleted, so
-//! `vm_disks` bounds the containers a pod holds at once. Slot `i` is
-//! `/dev/vd{a+i}` in the guest: Linux names virtio-blk disks in probe
-//! order, which is slot order, and each answers GET_ID with its name
-//! (`skiff-vdX`, `/sys/block/vdX/serial`), which the agent checks.
+//! Containers of one pod share the VM. Each container's rootfs directory
+//! becomes an ext4 image (`mkfs.ext4 -d`) in the state dir and goes into a
+//! free slot while the VM runs ([`RunningVm::set_disk`]: the guest driver
+//! sees a configuration change and the new capacity), and leaves it when
+//! the container is deleted, so `vm_disks` bounds the containers a pod
+//! holds at once. Slot `i` is `/dev/vd{a+i}` in the guest: Linux names
+//! virtio-blk disks in probe order, which is slot order, and each answers
+//! GET_ID with its name (`skiff-vdX`, `/sys/block/vdX/serial`), which the
+//! agent checks.
 //!
 //! - [`boot`]: the artifacts and the VM's configuration.
 //! - [`image`]: a directory as an ext4 image.
@@ -30,6 +32,7 @@
 //! - [`connect`]: the handshake and first Health, retried while it boots.
 //! - [`serial`]: the guest's serial log.
 //! - [`sandbox`]: the running [`VmSandbox`].
+//! - [`template`]: the template store.
 //!
 //! This is the only module of the sandbox layer that depends on the VMM.
 
@@ -136,7 +139,11 @@ impl VmHandler {
             match TemplateStore::new(&req.config.template_dir, &config) {
                 Ok(store) => Some(store),
                 Err(err) => {
-                    log::warn!("sandbox {}: no template: {}", req.id, vmm::error_chain(&err));
+                    log::warn!(
+                        "sandbox {}: no template: {}",
+                        req.id,
+                        vmm::error_chain(&err)
+                    );
                     None
                 }
             }
@@ -151,14 +158,16 @@ impl VmHandler {
             let config = vm_config(req.config, &artifacts, &files);
             let attempt = vmm::VmHandle::restore(config, jail.as_ref(), &dir)
                 .map_err(|e| SandboxError::from(VmSandboxError::Start(e)))
-                .and_then(|vm| match connect_agent(&vm, &uds, &serial, RESTORED_READY_TIMEOUT) {
-                    Ok(client) => Ok((vm, client)),
-                    Err(err) => {
-                        vm.stop();
-                        let _ = vm.wait();
-                        Err(err)
-                    }
-                });
+                .and_then(
+                    |vm| match connect_agent(&vm, &uds, &serial, RESTORED_READY_TIMEOUT) {
+                        Ok(client) => Ok((vm, client)),
+                        Err(err) => {
+                            vm.stop();
+                            let _ = vm.wait();
+                            Err(err)
+                        }
+                    },
+                );
             match attempt {
                 Ok(vm) => {
                     log::info!(
@@ -242,11 +251,17 @@ fn make_template(id: &str, store: &TemplateStore, vm: &vmm::VmHandle) {
     let build = match store.build() {
         Ok(Some(build)) => build,
         Ok(None) => {
-            log::info!("sandbox {id}: another shim is making template {}", store.key());
+            log::info!(
+                "sandbox {id}: another shim is making template {}",
+                store.key()
+            );
             return;
         }
         Err(err) => {
-            log::warn!("sandbox {id}: cannot make a template: {}", vmm::error_chain(&err));
+            log::warn!(
+                "sandbox {id}: cannot make a template: {}",
+                vmm::error_chain(&err)
+            );
             return;
         }
     };

@@ -373,7 +373,10 @@ mod tests {
         // Another config (memory), another key; the same config, the same.
         let mut other = config(tmp.path());
         other.mem_mib = 512;
-        assert_ne!(TemplateStore::new(&root, &other).unwrap().key(), store.key());
+        assert_ne!(
+            TemplateStore::new(&root, &other).unwrap().key(),
+            store.key()
+        );
         assert_eq!(TemplateStore::new(&root, &cfg).unwrap().key(), store.key());
 
         // A changed memory file: removed, so rebuilt.

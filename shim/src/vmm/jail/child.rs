@@ -136,7 +136,9 @@ fn serve(control: &OwnedFd) -> Result<(), String> {
     };
     let snapshot = match (restore, <[OwnedFd; 2]>::try_from(files)) {
         (false, _) => None,
-        (true, Ok([state, memory])) => Some((std::fs::File::from(state), std::fs::File::from(memory))),
+        (true, Ok([state, memory])) => {
+            Some((std::fs::File::from(state), std::fs::File::from(memory)))
+        }
         (true, Err(files)) => {
             return Err(format!(
                 "Start restores a snapshot but came with {} files, not 2",

@@ -373,8 +373,8 @@ impl JailedVm {
     /// Like [`JailedVm::start`], but the VM is restored from snapshot
     /// `dir` (opened here: the VMM is passed the files).
     pub fn restore(config: &VmConfig, jail: &JailConfig, dir: &Path) -> Result<Self, JailError> {
-        let (state, memory, _) = super::snapshot::open(dir)
-            .map_err(|e| JailError::Failed(super::error_chain(&e)))?;
+        let (state, memory, _) =
+            super::snapshot::open(dir).map_err(|e| JailError::Failed(super::error_chain(&e)))?;
         Self::start_or_restore(config, jail, Some((&state, &memory)))
     }
 

@@ -232,9 +232,7 @@ pub fn readable(sock: &OwnedFd, timeout: Option<Duration>) -> Result<bool, WireE
 
 /// Receives one message (blocking), and the files that rode along, in
 /// the order they were sent.
-pub fn recv<T: for<'de> Deserialize<'de>>(
-    sock: &OwnedFd,
-) -> Result<(T, Vec<OwnedFd>), WireError> {
+pub fn recv<T: for<'de> Deserialize<'de>>(sock: &OwnedFd) -> Result<(T, Vec<OwnedFd>), WireError> {
     let mut buf = vec![0u8; MAX_MESSAGE_BYTES];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FILES]);
     let (len, truncated, file) = loop {

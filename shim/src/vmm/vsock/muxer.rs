@@ -35,8 +35,20 @@ pub const CONN_BUF_SIZE: u32 = 256 * 1024;
 pub const MAX_HANDSHAKES: usize = 64;
 /// Longest `CONNECT` line we wait for, newline included.
 const MAX_LINE: usize = 32;
-/// First host port given to host-initiated connections.
+/// Lowest host port given to host-initiated connections.
 const FIRST_HOST_PORT: u32 = 1 << 30;
+
+/// Where a muxer starts handing out host ports: a random one from
+/// [`FIRST_HOST_PORT`] up, so that a VM restored from a snapshot does
+/// not connect from the port its snapshot's connection had (the guest may
+/// not have released that socket yet when the new request arrives).
+fn first_host_port() -> u32 {
+    let mut bytes = [0u8; 4];
+    // SAFETY: `bytes` is valid for writes of its length for the call.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), libc::GRND_NONBLOCK) };
+    let random = if n == 4 { u32::from_le_bytes(bytes) } else { 0 };
+    FIRST_HOST_PORT + random % (u32::MAX - 1 - FIRST_HOST_PORT)
+}
 /// The mode of the VM's socket: only its owner may connect (a process
 /// that can connect can talk to the guest's agent).
 const SOCKET_MODE: u32 = 0o600;
@@ -225,7 +237,7 @@ impl Muxer {
             keys: HashMap::new(),
             events: VecDeque::new(),
             next_token: LISTENER + 1,
-            next_host_port: FIRST_HOST_PORT,
+            next_host_port: first_host_port(),
             buf_alloc,
         })
     }

@@ -207,6 +207,14 @@ pub struct Vsock<B, const C: usize> {
     conns: Vec<Connection, C>,
     rsts: Deque<PacketHeader, RST_BACKLOG>,
     event_pending: bool,
+    /// A transport reset was delivered and the guest has not yet posted a
+    /// new event buffer, which its driver does only once it has reset its
+    /// sockets: host connections wait until then, so that a connection
+    /// made after a restore is not dropped by the reset of the one before.
+    reset_unacked: bool,
+    /// The event queue's available index when the reset went out: the
+    /// guest has handled it once the index moves on.
+    reset_avail_idx: Option<u16>,
     /// Where the next round-robin pass over connections starts.
     cursor: usize,
     bounce: [u8; BOUNCE_SIZE],
@@ -223,6 +231,8 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
             conns: Vec::new(),
             rsts: Deque::new(),
             event_pending: false,
+            reset_unacked: false,
+            reset_avail_idx: None,
             cursor: 0,
             bounce: [0; BOUNCE_SIZE],
             stats: VsockStats::default(),
@@ -268,6 +278,8 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
         }
         self.forget_all();
         self.event_pending = state.transport_reset_pending;
+        self.reset_unacked = false;
+        self.reset_avail_idx = None;
         Ok(())
     }
 
@@ -307,6 +319,11 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
     }
 
     fn drain_host_events(&mut self) {
+        if self.reset_unacked {
+            // The backend keeps them (connects, the only events without
+            // connections) until the guest has handled the reset.
+            return;
+        }
         while let Some(event) = self.backend.next_event() {
             self.host_event(event);
         }
@@ -392,6 +409,49 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
         &mut self,
         ctx: &mut VirtioContext<'_, M, I>,
     ) -> Result<(), DeviceError> {
+        let mut notify = false;
+        // A second pass only if the guest turns out to have handled a
+        // transport reset meanwhile: the connections held for it go out.
+        for _ in 0..2 {
+            notify |= self.run_queues(ctx)?;
+            if !self.reset_unacked {
+                break;
+            }
+            let queue = match ctx.queues.get_mut(usize::from(EVENT_QUEUE)) {
+                Some(q) if q.ready() => q,
+                _ => break,
+            };
+            let queue_error = |source| DeviceError::Queue {
+                index: EVENT_QUEUE,
+                source,
+            };
+            match self.reset_avail_idx {
+                // Just delivered: ask for the driver's kick when it posts
+                // the buffer again (with event-index it kicks only past
+                // `avail_event`, and other event buffers are available).
+                None => {
+                    self.reset_avail_idx = Some(queue.watch_avail(ctx.mem).map_err(queue_error)?);
+                    break;
+                }
+                Some(idx) if queue.avail_index(ctx.mem).map_err(queue_error)? != idx => {
+                    self.reset_unacked = false;
+                    self.reset_avail_idx = None;
+                }
+                Some(_) => break,
+            }
+        }
+        if notify {
+            ctx.interrupt.signal_used_buffer();
+        }
+        Ok(())
+    }
+
+    /// One pass over the backend's events and the three queues; whether
+    /// the driver wants an interrupt.
+    fn run_queues<M: GuestMemory + ?Sized, I: IrqLine>(
+        &mut self,
+        ctx: &mut VirtioContext<'_, M, I>,
+    ) -> Result<bool, DeviceError> {
         let mem = ctx.mem;
         let mut notify = false;
         self.drain_host_events();
@@ -427,10 +487,7 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
             }
             .map_err(|source| DeviceError::Queue { index, source })?;
         }
-        if notify {
-            ctx.interrupt.signal_used_buffer();
-        }
-        Ok(())
+        Ok(notify)
     }
 
     /// Counts a malformed chain from the guest.
@@ -808,6 +865,8 @@ impl<B: VsockBackend, const C: usize> Vsock<B, C> {
         match copy_to_chain(mem, chain.descriptors(), 0, &id) {
             Ok(4) => {
                 self.event_pending = false;
+                self.reset_unacked = true;
+                self.reset_avail_idx = None;
                 Served::Used(4)
             }
             _ => Served::Used(0),
@@ -895,12 +954,16 @@ impl<B: VsockBackend, const C: usize> VirtioDevice for Vsock<B, C> {
         _queue: u16,
         ctx: &mut VirtioContext<'_, M, I>,
     ) -> Result<(), DeviceError> {
+        // An event-queue kick after a transport reset is the driver
+        // posting its buffer again: `run` sees the index move.
         self.run(ctx)
     }
 
     fn reset(&mut self) {
         self.forget_all();
         self.event_pending = false;
+        self.reset_unacked = false;
+        self.reset_avail_idx = None;
     }
 }
 

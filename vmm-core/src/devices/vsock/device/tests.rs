@@ -1021,6 +1021,44 @@ mod state {
     }
 
     #[test]
+    fn host_connections_wait_until_the_guest_has_handled_the_reset() {
+        let mut bytes = memory();
+        let mem = SliceMemory::new(GuestAddress(0), &mut bytes);
+        let mut g = MockVsockDriver::new(&mem, GuestAddress(0), 0).unwrap();
+        let mut dev: Dev<4> = Vsock::new(CID, TestBackend::listening_on(HOST_PORT)).unwrap();
+        g.activate(&mut dev).unwrap();
+        g.fill_rx().unwrap();
+        // Two buffers: one is still available once the reset took the
+        // other, which says nothing about the guest having handled it.
+        g.post_event_buffers(2).unwrap();
+        guest_connect(&mut g, &mut dev, 1);
+        let mut dev = restore(&dev);
+        dev.process_host_events(&mut g.context()).unwrap();
+        assert_eq!(
+            g.next_event().unwrap(),
+            Some(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+        );
+        // The host connects at once: the request waits.
+        let k = ConnKey {
+            host_port: 1 << 30,
+            guest_port: 1024,
+        };
+        dev.backend_mut().events.push_back(HostEvent::Connect(k));
+        dev.process_host_events(&mut g.context()).unwrap();
+        g.notify_rx(&mut dev).unwrap();
+        assert!(
+            received(&mut g).is_empty(),
+            "no request before the reset is handled"
+        );
+        assert_eq!(dev.connection_count(), 0);
+        // The driver handled the event and posts its buffer again.
+        g.post_event_buffers(1).unwrap();
+        g.notify_event(&mut dev).unwrap();
+        assert_eq!(g.next_event().unwrap(), None, "one event");
+        assert_eq!(ops(&received(&mut g)), [VIRTIO_VSOCK_OP_REQUEST]);
+    }
+
+    #[test]
     fn a_restored_device_waits_for_an_event_buffer() {
         let mut bytes = memory();
         let mem = SliceMemory::new(GuestAddress(0), &mut bytes);
