@@ -325,8 +325,8 @@ fn letters(out: &Arc<Mutex<Vec<u8>>>) -> String {
 /// and i8042 state, guest memory) carries on to its end, and two VMs
 /// restored from the snapshot (memory mapped copy on write from its file)
 /// carry on from where it was: the same letters, to the same reset. A
-/// snapshot that does not fit the config, or is corrupt, or of a VM with
-/// virtio devices, is a typed error.
+/// snapshot that does not fit the config (memory, devices), or is corrupt,
+/// is a typed error.
 #[test]
 fn a_snapshot_restores_into_vms_that_carry_on() {
     if !kvm_available() {
@@ -353,6 +353,9 @@ fn a_snapshot_restores_into_vms_that_carry_on() {
     assert_eq!(letters(&out), all, "the snapshot's pause lost nothing");
     let memory = std::fs::metadata(snap.join(vmm::snapshot::MEMORY_FILE)).unwrap();
     assert_eq!(memory.len(), 32 << 20);
+    // Sparse: the pages the guest never wrote are holes.
+    use std::os::unix::fs::MetadataExt;
+    assert!(memory.blocks() * 512 < (8 << 20), "{} blocks", memory.blocks());
 
     let mut restored = Vec::new();
     for _ in 0..2 {
@@ -377,11 +380,15 @@ fn a_snapshot_restores_into_vms_that_carry_on() {
     }
     assert_eq!(restored[0], restored[1], "both restores carry on alike");
 
-    // Errors: another memory size, a corrupt state file, virtio devices.
+    // Errors: another memory size, a corrupt state file, other devices.
     let (mut cfg, _) = config(vec![0xf4], 0x1000, BootProtocol::RealMode);
     cfg.mem_mib = 64;
     let e = vmm::Vm::restore(cfg, &snap).err().expect("a mismatch");
     assert!(format!("{e:?}").contains("Mismatch"), "{e:?}");
+    let (mut cfg, _) = config(vec![0xf4], 0x1000, BootProtocol::RealMode);
+    cfg.disks = vec![vmm::DiskConfig::empty()];
+    let e = vmm::Vm::restore(cfg, &snap).err().expect("another device set");
+    assert!(format!("{e:?}").contains("device state sections"), "{e:?}");
     let state = snap.join(vmm::snapshot::STATE_FILE);
     let mut bytes = std::fs::read(&state).unwrap();
     let last = bytes.len() - 2;
@@ -390,14 +397,22 @@ fn a_snapshot_restores_into_vms_that_carry_on() {
     let (cfg, _) = config(vec![0xf4], 0x1000, BootProtocol::RealMode);
     let e = vmm::Vm::restore(cfg, &snap).err().expect("corrupt");
     assert!(format!("{e:?}").contains("Corrupt"), "{e:?}");
+    // A VM with virtio devices (an empty disk slot, an rng) snapshots and
+    // restores into one with the same devices.
     let (mut cfg, _) = config(vec![0xeb, 0xfe], 0x1000, BootProtocol::RealMode);
-    cfg.disks = vec![vmm::DiskConfig {
-        path: None,
-        read_only: true,
-    }];
+    cfg.disks = vec![vmm::DiskConfig::empty()];
+    cfg.rng = true;
     let vm = vmm::Vm::start(cfg).unwrap();
-    let e = vm.snapshot(&dir.path().join("virtio")).unwrap_err();
-    assert!(format!("{e:?}").contains("VirtioDevices(1)"), "{e:?}");
+    let virtio = dir.path().join("virtio");
+    vm.snapshot(&virtio).expect("a VM with virtio devices snapshots");
+    vm.stop();
+    assert_eq!(vm.wait().exit, ExitReason::Stopped);
+    let (mut cfg, _) = config(vec![0xf4], 0x1000, BootProtocol::RealMode);
+    cfg.disks = vec![vmm::DiskConfig::empty()];
+    cfg.rng = true;
+    let vm = vmm::Vm::restore(cfg, &virtio)
+        .and_then(|vm| vm.start())
+        .expect("restores with the same devices");
     vm.stop();
     assert_eq!(vm.wait().exit, ExitReason::Stopped);
 }
