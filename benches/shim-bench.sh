@@ -15,8 +15,10 @@
 #    the script fails if a shim, agent, mount or socket is left.
 # 4. (V > 0; needs SKIFF_VM_KERNEL and SKIFF_VM_INITRD, the guest kernel and
 #    agent initramfs) the `vm` handler: `ctr run --rm /bin/true` V times
-#    (each boots a micro-VM: about a minute under PVM), median against part
-#    1's skiff-linux and runc medians; then one sleeping container: the shim
+#    with templates off (each boots a micro-VM: about a minute under PVM)
+#    and V times with templates on (each restores the template one warm-up
+#    run made), alternating; medians, their ratio, and against part 1's
+#    skiff-linux and runc medians; then one sleeping container: the shim
 #    process's Rss outside the guest RAM mapping (shim + VMM) against the
 #    runc shim's Rss from part 2.
 #
@@ -233,27 +235,38 @@ if [ "$M" -gt 0 ]; then
 fi
 if [ "$V" -gt 0 ]; then
     VM_MIB=256
-    printf 'handler = "vm"\nkernel = "%s"\ninitrd = "%s"\nmemory_mib = %d\n' \
+    printf 'handler = "vm"\nkernel = "%s"\ninitrd = "%s"\nmemory_mib = %d\ntemplate = false\n' \
         "$SKIFF_VM_KERNEL" "$SKIFF_VM_INITRD" "$VM_MIB" >"$DIR/vm.toml"
+    printf 'handler = "vm"\nkernel = "%s"\ninitrd = "%s"\nmemory_mib = %d\ntemplate_dir = "%s"\n' \
+        "$SKIFF_VM_KERNEL" "$SKIFF_VM_INITRD" "$VM_MIB" "$DIR/templates" >"$DIR/vm-template.toml"
+    # The warm-up run boots and makes the template.
+    ctr run --rm --runtime io.containerd.skiff.v2 --runtime-config-path "$DIR/vm-template.toml" \
+        localhost/busybox:latest "v-warm" /bin/true
     : >"$DIR/vm.us"
+    : >"$DIR/vmt.us"
     fails=0
     for i in $(seq "$V"); do
-        t0=$(date +%s%N)
-        if ctr run --rm --runtime io.containerd.skiff.v2 --runtime-config-path "$DIR/vm.toml" \
-            localhost/busybox:latest "v-$i" /bin/true; then
-            t1=$(date +%s%N)
-            echo $(((t1 - t0) / 1000)) >>"$DIR/vm.us"
-        else
-            fails=$((fails + 1))
-        fi
+        for kind in vm vmt; do
+            config="$DIR/vm.toml"
+            [ "$kind" = vmt ] && config="$DIR/vm-template.toml"
+            t0=$(date +%s%N)
+            if ctr run --rm --runtime io.containerd.skiff.v2 --runtime-config-path "$config" \
+                localhost/busybox:latest "$kind-$i" /bin/true; then
+                t1=$(date +%s%N)
+                echo $(((t1 - t0) / 1000)) >>"$DIR/$kind.us"
+            else
+                fails=$((fails + 1))
+            fi
+        done
     done
-    if [ -s "$DIR/vm.us" ]; then
+    if [ -s "$DIR/vm.us" ] && [ -s "$DIR/vmt.us" ]; then
         VMT=$(median <"$DIR/vm.us")
-        line="ctr run --rm /bin/true, vm handler, $(wc -l <"$DIR/vm.us") of $V runs ok: median $((VMT / 1000)) ms"
-        [ "$N" -gt 0 ] && line+="; vs the linux handler $(ratio "$VMT" "$S")x, vs runc $(ratio "$VMT" "$R")x"
+        VMR=$(median <"$DIR/vmt.us")
+        line="ctr run --rm /bin/true, vm handler, $(wc -l <"$DIR/vm.us") + $(wc -l <"$DIR/vmt.us") of $V + $V runs ok: median booted $((VMT / 1000)) ms, restored from the template $((VMR / 1000)) ms: $(ratio "$VMR" "$VMT")x"
+        [ "$N" -gt 0 ] && line+="; booted vs the linux handler $(ratio "$VMT" "$S")x, vs runc $(ratio "$VMT" "$R")x; restored vs the linux handler $(ratio "$VMR" "$S")x, vs runc $(ratio "$VMR" "$R")x"
         echo "$line"
     fi
-    [ "$fails" -eq 0 ] || echo "vm handler: $fails of $V runs failed"
+    [ "$fails" -eq 0 ] || echo "vm handler: $fails of $((2 * V)) runs failed"
     ctr run -d --runtime io.containerd.skiff.v2 --runtime-config-path "$DIR/vm.toml" \
         localhost/busybox:latest mem-v sleep 1000 >/dev/null
     sleep 2

@@ -856,15 +856,13 @@ impl Drop for VmSlot {
     }
 }
 
-/// Templates shared by this run's VM tests (one directory per test
-/// process): the first VM of a config is booted and snapshotted, later ones
-/// are restored, as with the default config.
+/// Templates shared by the VM tests (under the target dir, so a clean
+/// clone starts without): the first VM of a config is booted and
+/// snapshotted, later ones are restored, as with the default config. A
+/// rebuilt shim has other templates (its binary is part of the key); the
+/// store keeps the newest few.
 fn shared_templates() -> PathBuf {
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        std::env::temp_dir().join(format!("skiff-e2e-templates-{}", std::process::id()))
-    })
-    .clone()
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("skiff-e2e-templates")
 }
 
 fn vm_config(ctrd: &Containerd) -> Option<PathBuf> {

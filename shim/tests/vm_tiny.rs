@@ -355,7 +355,11 @@ fn a_snapshot_restores_into_vms_that_carry_on() {
     assert_eq!(memory.len(), 32 << 20);
     // Sparse: the pages the guest never wrote are holes.
     use std::os::unix::fs::MetadataExt;
-    assert!(memory.blocks() * 512 < (8 << 20), "{} blocks", memory.blocks());
+    assert!(
+        memory.blocks() * 512 < (8 << 20),
+        "{} blocks",
+        memory.blocks()
+    );
 
     let mut restored = Vec::new();
     for _ in 0..2 {
@@ -387,7 +391,9 @@ fn a_snapshot_restores_into_vms_that_carry_on() {
     assert!(format!("{e:?}").contains("Mismatch"), "{e:?}");
     let (mut cfg, _) = config(vec![0xf4], 0x1000, BootProtocol::RealMode);
     cfg.disks = vec![vmm::DiskConfig::empty()];
-    let e = vmm::Vm::restore(cfg, &snap).err().expect("another device set");
+    let e = vmm::Vm::restore(cfg, &snap)
+        .err()
+        .expect("another device set");
     assert!(format!("{e:?}").contains("device state sections"), "{e:?}");
     let state = snap.join(vmm::snapshot::STATE_FILE);
     let mut bytes = std::fs::read(&state).unwrap();
@@ -404,7 +410,8 @@ fn a_snapshot_restores_into_vms_that_carry_on() {
     cfg.rng = true;
     let vm = vmm::Vm::start(cfg).unwrap();
     let virtio = dir.path().join("virtio");
-    vm.snapshot(&virtio).expect("a VM with virtio devices snapshots");
+    vm.snapshot(&virtio)
+        .expect("a VM with virtio devices snapshots");
     vm.stop();
     assert_eq!(vm.wait().exit, ExitReason::Stopped);
     let (mut cfg, _) = config(vec![0xf4], 0x1000, BootProtocol::RealMode);

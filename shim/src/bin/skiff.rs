@@ -253,11 +253,20 @@ fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
             );
             if r.kind != check::HostKind::NoKvm {
                 match vmm::snapshot::probe() {
-                    Ok(p) => println!(
-                        "VM templates: snapshot and restore work here (a 32 MiB test VM: \
-                         snapshot {:?}, restore {:?}); template = true uses them",
-                        p.snapshot, p.restore
-                    ),
+                    Ok(p) => {
+                        println!(
+                            "VM templates: snapshot and restore work here (a 32 MiB test VM: \
+                             snapshot {:?}, restore {:?}); template = true uses them",
+                            p.snapshot, p.restore
+                        );
+                        if !p.tsc_restored {
+                            println!(
+                                "  except the guest TSC: the guest reads the host's TSC here \
+                                 (PVM), so a restored guest's TSC has run on since the \
+                                 snapshot; skiff moves its kvmclock on by as much"
+                            );
+                        }
+                    }
                     Err(e) => println!(
                         "VM templates: restore does NOT work here ({:#}); set template = false",
                         anyhow::Error::from(e)

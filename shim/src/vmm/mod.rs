@@ -247,6 +247,7 @@ impl Vm {
             vcpu_fds: fds,
             seccomp: config.seccomp,
             msrs: snapshot_msrs(&kvm),
+            tsc_lag: None,
         })
     }
 
@@ -331,6 +332,7 @@ impl Vm {
             vcpu_fds: fds,
             seccomp: config.seccomp,
             msrs: snapshot_msrs(&kvm),
+            tsc_lag: lag.map(Duration::from_nanos),
         })
     }
 
@@ -379,9 +381,19 @@ pub struct BuiltVm {
     seccomp: bool,
     /// The MSRs a snapshot saves.
     msrs: Arc<[u32]>,
+    /// Restored from a snapshot: how far the guest TSC had run on, where
+    /// it could not be put back.
+    tsc_lag: Option<Duration>,
 }
 
 impl BuiltVm {
+    /// For a VM restored from a snapshot on a host that cannot put the
+    /// guest TSC back (PVM: the guest reads the host's TSC), how far it had
+    /// run on; the guest's kvmclock is moved on by as much.
+    pub fn tsc_lag(&self) -> Option<Duration> {
+        self.tsc_lag
+    }
+
     /// Starts one thread per virtio device and one per vCPU; each
     /// installs its seccomp filter ([`seccomp`]) before it serves anything,
     /// and the guest runs only once every one has.
@@ -393,6 +405,7 @@ impl BuiltVm {
             vcpu_fds: fds,
             seccomp,
             msrs,
+            tsc_lag: _,
         } = self;
         if !seccomp {
             log::warn!(

@@ -235,6 +235,9 @@ pub struct ProbeReport {
     pub snapshot: std::time::Duration,
     /// Building the VM from it, without guest work.
     pub restore: std::time::Duration,
+    /// Whether the guest TSC was put back (`false` on PVM, where the guest
+    /// reads the host's TSC: the kvmclock is moved on instead).
+    pub tsc_restored: bool,
 }
 
 /// Whether this host can snapshot and restore a VM: boots a tiny real-mode
@@ -267,7 +270,7 @@ pub fn probe() -> Result<ProbeReport, super::VmmError> {
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
         rng: false,
-        seccomp: false,
+        seccomp: true,
     };
     let dots = |out: &Arc<Mutex<Vec<u8>>>| crate::sync::lock(out).len();
     let wait_for_dot = |out: &Arc<Mutex<Vec<u8>>>, what: &'static str| {
@@ -304,12 +307,17 @@ pub fn probe() -> Result<ProbeReport, super::VmmError> {
     let t = Instant::now();
     let built = Vm::restore(config(&second), &dir.0)?;
     let restore = t.elapsed();
+    let tsc_restored = built.tsc_lag().is_none();
     let vm = built.start()?;
     let ran = wait_for_dot(&second, "restored");
     vm.stop();
     let _ = vm.wait();
     ran?;
-    Ok(ProbeReport { snapshot, restore })
+    Ok(ProbeReport {
+        snapshot,
+        restore,
+        tsc_restored,
+    })
 }
 
 fn decode(path: &Path, bytes: &[u8]) -> Result<VmSnapshot, SnapshotError> {
