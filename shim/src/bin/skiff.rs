@@ -85,6 +85,13 @@ enum VmCommand {
     /// Boot a kernel in a micro-VM with the serial console on stdout; exits
     /// 0 when the guest resets or powers off cleanly.
     Boot(BootArgs),
+    /// Snapshot a running `skiff vm boot` / `skiff vm restore` (process
+    /// PID, started with --snapshot-dir): the VM is written to its
+    /// snapshot directory and runs on.
+    Snapshot {
+        /// The `skiff vm boot` process.
+        pid: i32,
+    },
     /// Restore a micro-VM from a snapshot (`skiff vm boot --snapshot-dir`)
     /// and run it like `boot`. Memory and vCPUs are the snapshot's; give
     /// it the devices the snapshotted VM had (disks, vsock, --rng).
@@ -282,6 +289,20 @@ fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
         Command::Run(a) => run_container(a),
         Command::Vm(VmCommand::Boot(a)) => boot(a, epoch),
         Command::Vm(VmCommand::Restore(a)) => restore(a, epoch),
+        Command::Vm(VmCommand::Snapshot { pid }) => {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .with_context(|| format!("no process {pid}"))?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            if !args.iter().any(|a| a.starts_with(b"--snapshot-dir")) {
+                bail!("process {pid} is not a skiff VM started with --snapshot-dir");
+            }
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGUSR1,
+            )?;
+            println!("asked process {pid} for a snapshot (it logs where and how long)");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

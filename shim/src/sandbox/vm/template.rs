@@ -236,7 +236,14 @@ impl TemplateStore {
     /// Starts making the template, unless another shim is making it: takes
     /// the key's lock and makes an empty temporary directory.
     pub fn build(&self) -> Result<Option<TemplateBuild>, TemplateError> {
-        std::fs::create_dir_all(&self.root).map_err(io("cannot create", &self.root))?;
+        use std::os::unix::fs::DirBuilderExt;
+        // Root's only: a template's memory holds the guest's state (its
+        // entropy pool before the clones' reseed among it).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(io("cannot create", &self.root))?;
         let lock_path = self.root.join(format!("{}.lock", self.key));
         let lock = File::options()
             .create(true)
@@ -252,7 +259,10 @@ impl TemplateStore {
             .root
             .join(format!(".{}.tmp.{}", self.key, std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io("cannot create", &tmp))?;
         Ok(Some(TemplateBuild { tmp, _lock: lock }))
     }
 
@@ -364,6 +374,11 @@ mod tests {
 
         // One builder at a time.
         let build = store.build().unwrap().expect("the lock is free");
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [&root, &build.tmp] {
+            let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", dir.display());
+        }
         assert!(store.build().unwrap().is_none(), "a second builder waits");
         fill(&build);
         let dir = store.commit(build).unwrap();
