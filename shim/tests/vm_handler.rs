@@ -287,12 +287,7 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
     };
     let rootfs = dir.path().join("rootfs");
     let probe = probe_binary().unwrap_or_else(|e| panic!("{e}"));
-    busybox_rootfs(
-        &rootfs,
-        &["sh", "true", "od", "date"],
-        Some(&probe),
-    )
-    .unwrap();
+    busybox_rootfs(&rootfs, &["sh", "true", "od", "date"], Some(&probe)).unwrap();
     let state_dir = dir.path().join("state");
     eprintln!("[{:6.1}s] rootfs ready", t0.elapsed().as_secs_f64());
 
