@@ -79,8 +79,7 @@ const CGROUP_RECORD: &str = "vmm-cgroup";
 /// on a PVM host; past this the template is taken for broken.
 pub const RESTORED_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Boots one micro-VM per sandbox, with the first container's rootfs as
-/// its disk.
+/// Boots, or restores from a template, one micro-VM per sandbox.
 #[derive(Debug, Default, Clone)]
 pub struct VmHandler {
     vmm_exe: Option<PathBuf>,
@@ -134,8 +133,14 @@ impl VmHandler {
             serial: &serial,
         };
         let jail = self.jail(req);
+        // Built once (it asks `check::detect` about the host); each start
+        // takes a copy with its own epoch.
+        let config = vm_config(req.config, &artifacts, &files);
+        let fresh = || vmm::VmConfig {
+            epoch: Instant::now(),
+            ..config.clone()
+        };
         let store = if req.config.template {
-            let config = vm_config(req.config, &artifacts, &files);
             match TemplateStore::new(&req.config.template_dir, &config) {
                 Ok(store) => Some(store),
                 Err(err) => {
@@ -155,19 +160,9 @@ impl VmHandler {
         let mut restored = None;
         if let Some((store, dir)) = store.as_ref().and_then(|s| Some((s, s.ready()?))) {
             let _ = std::fs::remove_file(&uds);
-            let config = vm_config(req.config, &artifacts, &files);
-            let attempt = vmm::VmHandle::restore(config, jail.as_ref(), &dir)
+            let attempt = vmm::VmHandle::restore(fresh(), jail.as_ref(), &dir)
                 .map_err(|e| SandboxError::from(VmSandboxError::Start(e)))
-                .and_then(
-                    |vm| match connect_agent(&vm, &uds, &serial, RESTORED_READY_TIMEOUT) {
-                        Ok(client) => Ok((vm, client)),
-                        Err(err) => {
-                            vm.stop();
-                            let _ = vm.wait();
-                            Err(err)
-                        }
-                    },
-                );
+                .and_then(|vm| ready(vm, &files, RESTORED_READY_TIMEOUT));
             match attempt {
                 Ok(vm) => {
                     log::info!(
@@ -192,7 +187,17 @@ impl VmHandler {
         let from_template = restored.is_some();
         let (vm, client) = match restored {
             Some(vm) => vm,
-            None => self.boot(req, &artifacts, &files, jail.as_ref(), store.as_ref())?,
+            None => {
+                // Boot, and make the booted VM the template.
+                let _ = std::fs::remove_file(&uds);
+                let vm =
+                    vmm::VmHandle::start(fresh(), jail.as_ref()).map_err(VmSandboxError::Start)?;
+                let (vm, client) = ready(vm, &files, req.config.vm_ready_timeout())?;
+                if let Some(store) = &store {
+                    make_template(req.id, store, &vm);
+                }
+                (vm, client)
+            }
         };
         let ready_after = started.elapsed();
         log::info!(
@@ -215,33 +220,22 @@ impl VmHandler {
         }
         Ok(sandbox)
     }
+}
 
-    /// Boots the VM and waits for its agent; with a template store, then
-    /// snapshots it as the template (unless another shim is making it).
-    fn boot(
-        &self,
-        req: &SandboxRequest<'_>,
-        artifacts: &boot::Artifacts,
-        files: &VmFiles<'_>,
-        jail: Option<&JailConfig>,
-        store: Option<&TemplateStore>,
-    ) -> Result<(vmm::VmHandle, AgentClient), SandboxError> {
-        let _ = std::fs::remove_file(files.uds);
-        let vm = vmm::VmHandle::start(vm_config(req.config, artifacts, files), jail)
-            .map_err(VmSandboxError::Start)?;
-        let timeout = req.config.vm_ready_timeout();
-        let client = match connect_agent(&vm, files.uds, files.serial, timeout) {
-            Ok(client) => client,
-            Err(err) => {
-                vm.stop();
-                let _ = vm.wait();
-                return Err(err);
-            }
-        };
-        if let Some(store) = store {
-            make_template(req.id, store, &vm);
+/// Waits up to `timeout` for `vm`'s agent ([`connect_agent`]); a VM whose
+/// agent does not answer is stopped.
+fn ready(
+    vm: vmm::VmHandle,
+    files: &VmFiles<'_>,
+    timeout: Duration,
+) -> Result<(vmm::VmHandle, AgentClient), SandboxError> {
+    match connect_agent(&vm, files.uds, files.serial, timeout) {
+        Ok(client) => Ok((vm, client)),
+        Err(err) => {
+            vm.stop();
+            let _ = vm.wait();
+            Err(err)
         }
-        Ok((vm, client))
     }
 }
 

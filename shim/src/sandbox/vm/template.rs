@@ -70,12 +70,12 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// A file's identity: size, mtime, ctime (ns) and inode.
-fn identity(path: &Path) -> Result<String, TemplateError> {
+/// A file's identity without its name: device, size, mtime, ctime (ns)
+/// and inode (a rename changes none of them).
+fn file_id(path: &Path) -> Result<String, TemplateError> {
     let m = std::fs::metadata(path).map_err(io("cannot stat", path))?;
     Ok(format!(
-        "{} {} size={} mtime={}.{:09} ctime={}.{:09} ino={}",
-        path.display(),
+        "dev={} size={} mtime={}.{:09} ctime={}.{:09} ino={}",
         m.dev(),
         m.size(),
         m.mtime(),
@@ -84,6 +84,11 @@ fn identity(path: &Path) -> Result<String, TemplateError> {
         m.ctime_nsec(),
         m.ino()
     ))
+}
+
+/// A file's path and identity.
+fn identity(path: &Path) -> Result<String, TemplateError> {
+    Ok(format!("{} {}", path.display(), file_id(path)?))
 }
 
 /// What a template of `config` is made from, one item per line (see the
@@ -208,7 +213,7 @@ impl TemplateStore {
             return Err("it was made from another kernel, initramfs, binary or config".into());
         }
         let memory = dir.join(crate::vmm::snapshot::MEMORY_FILE);
-        let now = identity(&memory).map_err(|e| crate::vmm::error_chain(&e))?;
+        let now = file_id(&memory).map_err(|e| crate::vmm::error_chain(&e))?;
         if read(MEMORY_ID)? != now {
             return Err("its memory file changed since it was made".into());
         }
@@ -280,20 +285,9 @@ impl TemplateStore {
                 .map_err(io("cannot write", &path))
         };
         write(INPUTS, &self.inputs)?;
-        let memory = build.tmp.join(crate::vmm::snapshot::MEMORY_FILE);
-        // The identity the file has once renamed (the inode, times and
-        // size do not change with the directory's name); the path is the
-        // final one.
-        let final_dir = self.dir();
-        let id = identity(&memory)?.replacen(
-            &memory.display().to_string(),
-            &final_dir
-                .join(crate::vmm::snapshot::MEMORY_FILE)
-                .display()
-                .to_string(),
-            1,
-        );
+        let id = file_id(&build.tmp.join(crate::vmm::snapshot::MEMORY_FILE))?;
         write(MEMORY_ID, &id)?;
+        let final_dir = self.dir();
         self.discard();
         std::fs::rename(&build.tmp, &final_dir).map_err(io("cannot rename", &build.tmp))?;
         self.prune();
