@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::agent_client::{AgentCallError, AgentClient};
-use crate::config::Config;
+use crate::config::{Config, HandlerKind};
 use crate::image::{self, ImageError, ImageProcess};
 use crate::sandbox::{handler_for, Sandbox, SandboxError, SandboxRequest};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType};
 
 /// Where `skiff run` keeps its sandboxes' state.
 pub const RUN_STATE_ROOT: &str = "/run/skiff/run";
@@ -91,6 +92,11 @@ pub struct RunRequest<'a> {
     pub env: &'a [String],
     /// The container's hostname.
     pub hostname: &'a str,
+    /// A network namespace for the container (`ip netns` style path): the
+    /// `linux` handler's container joins it; the `vm` handler wires the
+    /// VM's NIC to it and the container stays in the guest's network.
+    /// `None`: a network namespace of its own, loopback only.
+    pub netns: Option<&'a Path>,
 }
 
 /// How the container ended, and how long the steps took.
@@ -151,8 +157,30 @@ pub fn spec_json(
         spec.set_root(Some(root));
     }
     spec.set_hostname(Some(req.hostname.to_owned()));
+    if let Some(netns) = req.netns {
+        join_network(&mut spec, netns, req.config.handler == HandlerKind::Vm);
+    }
     // The default spec is a valid value; serializing it cannot fail.
     Ok(serde_json::to_vec(&spec).unwrap_or_default())
+}
+
+/// Points the spec's network namespace at `netns`, or, in a VM (`in_guest`),
+/// removes it: the container then stays in the guest's network, which the
+/// sandbox wired to `netns`.
+fn join_network(spec: &mut oci_spec::runtime::Spec, netns: &Path, in_guest: bool) {
+    let Some(mut linux) = spec.linux().clone() else {
+        return;
+    };
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
+    if !in_guest {
+        let mut ns = LinuxNamespace::default();
+        ns.set_typ(LinuxNamespaceType::Network);
+        ns.set_path(Some(netns.to_owned()));
+        namespaces.push(ns);
+    }
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
 }
 
 fn agent_err(what: &'static str) -> impl FnOnce(AgentCallError) -> RunError {
@@ -252,6 +280,7 @@ pub fn run(
             rootfs: &rootfs,
             // `skiff run` is no pod: its VMM's cgroup goes under the CLI's.
             cgroups_path: None,
+            netns: req.netns,
             config: req.config,
             ready_timeout: READY_TIMEOUT,
         })
@@ -324,6 +353,7 @@ mod tests {
             args: &args,
             env: &env,
             hostname: "h",
+            netns: None,
         };
         let dir = ImageProcess::default();
         let spec = spec_json(&req, Path::new("/r"), &dir).unwrap();
@@ -339,6 +369,46 @@ mod tests {
             spec_json(&none, Path::new("/r"), &dir),
             Err(RunError::NoCommand)
         ));
+    }
+
+    #[test]
+    fn a_netns_is_joined_on_the_host_and_left_to_the_sandbox_in_a_vm() {
+        let network = |config: &Config, netns: Option<&Path>| {
+            let args = vec!["true".to_owned()];
+            let req = RunRequest {
+                config,
+                root: Root::Dir(Path::new("/r")),
+                args: &args,
+                env: &[],
+                hostname: "h",
+                netns,
+            };
+            let spec = spec_json(&req, Path::new("/r"), &ImageProcess::default()).unwrap();
+            let spec: serde_json::Value = serde_json::from_slice(&spec).unwrap();
+            let namespaces = spec["linux"]["namespaces"].as_array().unwrap().clone();
+            let network: Vec<_> = namespaces
+                .into_iter()
+                .filter(|ns| ns["type"] == "network")
+                .collect();
+            network
+        };
+        let linux = Config::default();
+        let vm = Config {
+            handler: HandlerKind::Vm,
+            ..Config::default()
+        };
+        let ns = Path::new("/var/run/netns/pod");
+        // No netns: a namespace of its own, either way.
+        assert_eq!(
+            network(&linux, None),
+            [serde_json::json!({"type": "network"})]
+        );
+        assert_eq!(network(&vm, None), [serde_json::json!({"type": "network"})]);
+        assert_eq!(
+            network(&linux, Some(ns)),
+            [serde_json::json!({"type": "network", "path": "/var/run/netns/pod"})]
+        );
+        assert!(network(&vm, Some(ns)).is_empty());
     }
 
     #[test]
@@ -359,6 +429,7 @@ mod tests {
             args: &[],
             env: &env,
             hostname: "h",
+            netns: None,
         };
         let spec = spec_json(&req, Path::new("/u"), &image).unwrap();
         let spec: serde_json::Value = serde_json::from_slice(&spec).unwrap();
@@ -423,6 +494,7 @@ mod tests {
             args: &args,
             env: &[],
             hostname: "h",
+            netns: None,
         };
         let err = run(&req, &mut Vec::new(), &mut Vec::new()).unwrap_err();
         assert!(matches!(err, RunError::Rootfs(_)), "{err}");

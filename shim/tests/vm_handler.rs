@@ -147,6 +147,7 @@ fn start(config: &Config, dir: &Path, id: &str, rootfs: &Path) -> VmSandbox {
             hostname: id,
             rootfs,
             cgroups_path: None,
+            netns: None,
             config,
             ready_timeout: config.vm_ready_timeout(),
         })
@@ -302,6 +303,7 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
             hostname: "skiffvm",
             rootfs: &rootfs,
             cgroups_path: Some(&cgroups_path),
+            netns: None,
             config: &config,
             ready_timeout: config.vm_ready_timeout(),
         })

@@ -72,6 +72,7 @@ fn start(config: &Config, dir: &Path, id: &str, rootfs: &Path) -> anyhow::Result
             hostname: id,
             rootfs,
             cgroups_path: None,
+            netns: None,
             config,
             ready_timeout: Duration::from_secs(10),
         })

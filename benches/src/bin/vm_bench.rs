@@ -127,6 +127,7 @@ fn request<'a>(
         hostname: "bench",
         rootfs,
         cgroups_path: None,
+        netns: None,
         config,
         ready_timeout: Duration::from_secs(10),
     }

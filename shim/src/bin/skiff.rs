@@ -74,6 +74,12 @@ struct RunArgs {
     /// The container's hostname.
     #[arg(long, default_value = "skiff")]
     hostname: String,
+    /// A network namespace for the container (e.g. `/var/run/netns/NAME`
+    /// with one veth in it, as CNI leaves it): `linux` joins it; `vm` wires
+    /// the VM's NIC to it and configures the guest with its addresses and
+    /// routes. Default: loopback only.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
     /// The command and its arguments (with --image: replaces the image's
     /// Cmd; default: the image's Entrypoint and Cmd).
     #[arg(last = true, required_unless_present = "image", value_name = "CMD")]
@@ -342,6 +348,7 @@ fn run_container(a: RunArgs) -> anyhow::Result<ExitCode> {
         args: &a.command,
         env: &a.env,
         hostname: &a.hostname,
+        netns: a.netns.as_deref(),
     };
     let outcome = skiff_run::run(&req, &mut std::io::stdout(), &mut std::io::stderr())?;
     log::info!(

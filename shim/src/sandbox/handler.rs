@@ -28,6 +28,11 @@ pub struct SandboxRequest<'a> {
     /// (under CRI, the pod sandbox's: the `vm` handler puts its VMM's
     /// cgroup in the pod's).
     pub cgroups_path: Option<&'a str>,
+    /// The pod's network namespace on the host (the first container's
+    /// `linux.namespaces` network `path`: CNI's, under CRI). The `vm`
+    /// handler wires the VM's NIC to it; `None` leaves the VM loopback
+    /// only. The `linux` handler's containers join it through their spec.
+    pub netns: Option<&'a Path>,
     /// The shim's configuration.
     pub config: &'a Config,
     /// How long to wait for the agent's first Health answer.
@@ -93,4 +98,13 @@ pub trait Sandbox: Send + Sync + std::fmt::Debug {
     /// own may have a silent agent, and each request to it would wait out
     /// its own deadline) and stops it at once.
     fn stop(&self, timeout: Duration) -> Result<(), SandboxError>;
+
+    /// Whether the sandbox's own network is the pod's: a container whose
+    /// spec joins the pod's network namespace by path then stays in the
+    /// sandbox's network instead (a VM's guest network, wired to that
+    /// namespace), so the pod's containers share it. The default (a
+    /// sandbox on the host) joins the path itself.
+    fn pod_network_in_sandbox(&self) -> bool {
+        false
+    }
 }

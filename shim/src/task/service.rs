@@ -379,6 +379,7 @@ impl TaskService {
         setup: &Setup,
         hostname: &str,
         cgroups_path: Option<&str>,
+        netns: Option<&Path>,
         rootfs: &Path,
     ) -> TaskResult<Arc<dyn Sandbox>> {
         self.sandbox_gone()?;
@@ -395,6 +396,7 @@ impl TaskService {
             hostname,
             rootfs,
             cgroups_path,
+            netns,
             config: &setup.config,
             ready_timeout: SANDBOX_READY_TIMEOUT,
         })?);
@@ -633,8 +635,22 @@ impl TaskService {
         if rootfs_mounted {
             undo.mounted = Some(rootfs.clone());
         }
-        let sandbox = self.ensure_sandbox(&setup, &hostname, spec.cgroups_path(), &rootfs)?;
+        let netns = spec.network_namespace_path().map(PathBuf::from);
+        let sandbox = self.ensure_sandbox(
+            &setup,
+            &hostname,
+            spec.cgroups_path(),
+            netns.as_deref(),
+            &rootfs,
+        )?;
         undo.sandbox = Some(Arc::clone(&sandbox));
+        if sandbox.pod_network_in_sandbox() && spec.join_sandbox_network() {
+            log::debug!(
+                "container {}: stays in the sandbox's network (the pod's namespace {})",
+                req.id,
+                netns.as_deref().unwrap_or(Path::new("")).display()
+            );
+        }
         let agent_rootfs = sandbox.share_path(&rootfs)?;
         undo.shared.push(rootfs.clone());
         let volumes = sandbox.share_volumes(spec.mounts_mut(), &volumes)?;

@@ -81,6 +81,49 @@ impl BundleSpec {
     pub fn mounts_mut(&mut self) -> &mut [Mount] {
         self.mounts.as_deref_mut().unwrap_or_default()
     }
+
+    /// The path of the network namespace the container joins
+    /// (`linux.namespaces`, the `network` entry's `path`): the pod's, as
+    /// containerd's CRI plugin and `ctr run --with-ns` pass it. `None` for
+    /// a container with a network namespace of its own, or the host's.
+    pub fn network_namespace_path(&self) -> Option<&str> {
+        self.network_namespace()?
+            .get("path")?
+            .as_str()
+            .filter(|p| !p.is_empty())
+    }
+
+    /// Removes the `network` entry of `linux.namespaces` when it names a
+    /// path: in a VM the container then stays in the guest's network
+    /// namespace, which the sandbox wired to that host namespace, and so
+    /// shares it with the pod's other containers. An entry without a path
+    /// (a namespace of the container's own) stays. Says whether it removed
+    /// one.
+    pub fn join_sandbox_network(&mut self) -> bool {
+        if self.network_namespace_path().is_none() {
+            return false;
+        }
+        let Some(list) = self
+            .rest
+            .get_mut("linux")
+            .and_then(|l| l.get_mut("namespaces"))
+            .and_then(|n| n.as_array_mut())
+        else {
+            return false;
+        };
+        let before = list.len();
+        list.retain(|ns| ns.get("type").and_then(|t| t.as_str()) != Some("network"));
+        list.len() != before
+    }
+
+    fn network_namespace(&self) -> Option<&serde_json::Value> {
+        self.rest
+            .get("linux")?
+            .get("namespaces")?
+            .as_array()?
+            .iter()
+            .find(|ns| ns.get("type").and_then(|t| t.as_str()) == Some("network"))
+    }
 }
 
 /// Reads `<bundle>/config.json`.
@@ -147,6 +190,39 @@ mod tests {
             "annotations": {"io.containerd.runc.v2.group": ""}}));
         assert_eq!(sandbox_id(&s, "c1"), "c1");
         assert_eq!(sandbox_id(&spec(serde_json::json!({})), "c1"), "c1");
+    }
+
+    #[test]
+    fn a_pod_network_namespace_is_read_and_left_for_the_sandbox() {
+        let mut pod = spec(serde_json::json!({"linux": {"namespaces": [
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1"},
+            {"type": "mount"},
+        ]}}));
+        assert_eq!(pod.network_namespace_path(), Some("/var/run/netns/cni-1"));
+        assert!(pod.join_sandbox_network());
+        assert_eq!(pod.network_namespace_path(), None);
+        let back: serde_json::Value = serde_json::from_slice(&encode_spec(&pod).unwrap()).unwrap();
+        assert_eq!(
+            back["linux"]["namespaces"],
+            serde_json::json!([{"type": "pid"}, {"type": "mount"}])
+        );
+        // A network namespace of the container's own, none, or an empty
+        // path: nothing to join, nothing removed.
+        for json in [
+            serde_json::json!({"linux": {"namespaces": [{"type": "network"}]}}),
+            serde_json::json!({"linux": {"namespaces": [{"type": "network", "path": ""}]}}),
+            serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}}),
+            serde_json::json!({"linux": {"namespaces": "garbage"}}),
+            serde_json::json!({}),
+        ] {
+            let mut s = spec(json.clone());
+            assert_eq!(s.network_namespace_path(), None, "{json}");
+            assert!(!s.join_sandbox_network(), "{json}");
+            let back: serde_json::Value =
+                serde_json::from_slice(&encode_spec(&s).unwrap()).unwrap();
+            assert_eq!(back, json);
+        }
     }
 
     #[test]

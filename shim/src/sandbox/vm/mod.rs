@@ -335,6 +335,7 @@ mod tests {
                 hostname: "",
                 rootfs: Path::new("/nonexistent/rootfs"),
                 cgroups_path: None,
+                netns: None,
                 config: &config,
                 ready_timeout: Duration::from_secs(1),
             })
