@@ -54,6 +54,7 @@ fn spinner(root: &Path, disks: Vec<DiskConfig>) -> VmConfig {
         serial: SerialOutput::File(root.join("serial.log")),
         epoch: Instant::now(),
         rng: false,
+        net: None,
         seccomp: true,
     }
 }

@@ -68,6 +68,7 @@ fn linux_boots_to_init_with_a_virtio_disk() {
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
         rng: false,
+        net: None,
         seccomp: true,
     })
     .expect("the VM runs");

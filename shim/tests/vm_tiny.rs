@@ -33,6 +33,7 @@ fn config(
             serial: SerialOutput::Buffer(out.clone()),
             epoch: Instant::now(),
             rng: false,
+            net: None,
             seccomp: true,
         },
         out,

@@ -75,6 +75,7 @@ fn vsock_device_is_wired_and_torn_down() {
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
         rng: false,
+        net: None,
         seccomp: true,
     };
     let vm = vmm::Vm::start(cfg).expect("VM starts");
@@ -240,6 +241,7 @@ fn garbage_from_the_guest_driver_is_answered_with_rst() {
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
         rng: false,
+        net: None,
         seccomp: true,
     };
     let vm = vmm::Vm::start(cfg).expect("VM starts");

@@ -191,6 +191,7 @@ fn bench() -> anyhow::Result<()> {
             serial: vmm::SerialOutput::Discard,
             epoch: Instant::now(),
             rng: true,
+            net: None,
             seccomp: true,
         };
         let t = Instant::now();

@@ -416,6 +416,7 @@ fn device_config(d: DeviceArgs, epoch: Instant) -> VmConfig {
             .unwrap_or(vmm::SerialOutput::Stdout),
         epoch,
         rng: d.rng,
+        net: None,
         seccomp: !d.no_seccomp,
     }
 }

@@ -1,5 +1,6 @@
 //! What a VM is built from: [`VmConfig`] and the parts it names.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -63,6 +64,18 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// The guest's virtio-net NIC, over a tap device the caller opened.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// The tap: `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, a 12-byte vnet
+    /// header (`virtio_net_hdr_v1`), non-blocking.
+    pub tap: Arc<OwnedFd>,
+    /// The NIC's MAC, in the device's configuration space.
+    pub mac: [u8; 6],
+    /// The link's MTU, offered as `VIRTIO_NET_F_MTU`.
+    pub mtu: u16,
+}
+
 /// Where the serial console goes.
 #[derive(Clone, Debug, Default)]
 pub enum SerialOutput {
@@ -106,12 +119,17 @@ pub struct VmConfig {
     /// A virtio-rng device (after the disks and vsock): the guest's
     /// `hwrng` feeds its entropy pool from the host's `getrandom`.
     pub rng: bool,
+    /// A virtio-net NIC (after every other device).
+    pub net: Option<NetConfig>,
 }
 
 impl VmConfig {
     /// How many virtio devices the VM gets: the disks, then the vsock
-    /// device.
+    /// device, the rng, the NIC.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + usize::from(self.vsock.is_some()) + usize::from(self.rng)
+        self.disks.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng)
+            + usize::from(self.net.is_some())
     }
 }

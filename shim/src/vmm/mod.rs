@@ -41,7 +41,7 @@ use shared::Shared;
 use slot::DiskSlotError;
 
 pub use blk::disk_name;
-pub use config::{BootSource, DiskConfig, SerialOutput, VmConfig, VsockConfig};
+pub use config::{BootSource, DiskConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
 pub use file_disk::{FileDisk, FileDiskError};
 pub use platform::boot::{BootInfo, BootProtocol, KernelSpec};
 pub use platform::cpuid::CpuTemplate;

@@ -270,6 +270,7 @@ pub fn probe() -> Result<ProbeReport, super::VmmError> {
         serial: SerialOutput::Buffer(out.clone()),
         epoch: Instant::now(),
         rng: false,
+        net: None,
         seccomp: true,
     };
     let dots = |out: &Arc<Mutex<Vec<u8>>>| crate::sync::lock(out).len();

@@ -88,6 +88,7 @@ pub(super) fn vm_config(config: &Config, artifacts: &Artifacts, files: &VmFiles<
         serial: SerialOutput::File(files.serial.to_owned()),
         epoch: Instant::now(),
         rng: true,
+        net: None,
         seccomp: config.seccomp,
     }
 }

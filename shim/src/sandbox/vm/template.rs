@@ -128,6 +128,8 @@ pub fn inputs(config: &VmConfig) -> Result<String, TemplateError> {
         None => text.push_str("vsock none\n"),
     }
     text.push_str(&format!("rng {}\n", config.rng));
+    // A NIC or none; its MAC and MTU are each pod's, set by the agent.
+    text.push_str(&format!("net {}\n", config.net.is_some()));
     Ok(text)
 }
 
@@ -347,6 +349,7 @@ mod tests {
             serial: SerialOutput::Discard,
             epoch: std::time::Instant::now(),
             rng: false,
+            net: None,
             seccomp: true,
         }
     }
@@ -387,6 +390,21 @@ mod tests {
             store.key()
         );
         assert_eq!(TemplateStore::new(&root, &cfg).unwrap().key(), store.key());
+        // A NIC is in the key; its MAC and MTU (each pod's) are not.
+        let tap = |mac: u8, mtu: u16| {
+            Some(crate::vmm::NetConfig {
+                tap: std::sync::Arc::new(std::fs::File::open("/dev/null").unwrap().into()),
+                mac: [2, 0, 0, 0, 0, mac],
+                mtu,
+            })
+        };
+        let nic = |net| {
+            let mut c = config(tmp.path());
+            c.net = net;
+            TemplateStore::new(&root, &c).unwrap().key().to_owned()
+        };
+        assert_ne!(nic(tap(1, 1500)), store.key());
+        assert_eq!(nic(tap(1, 1500)), nic(tap(2, 9000)));
 
         // A changed memory file: removed, so rebuilt.
         std::fs::write(dir.join("memory"), vec![2u8; 4096]).unwrap();

@@ -14,13 +14,14 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::confine::confine;
 use super::wire::{self, BootSpec, Reply, Request, VmSpec};
 use crate::vmm::seccomp::{install, ThreadKind};
 use crate::vmm::{
-    error_chain, BootProtocol, BootSource, DiskConfig, FileDisk, KernelSpec, RunningVm,
+    error_chain, BootProtocol, BootSource, DiskConfig, FileDisk, KernelSpec, NetConfig, RunningVm,
     SerialOutput, Vm, VmConfig, VsockConfig,
 };
 
@@ -68,7 +69,17 @@ impl log::Log for PipeLogger {
 }
 
 /// The VM config `spec` describes.
-fn vm_config(spec: VmSpec, seccomp: bool) -> Result<VmConfig, String> {
+fn vm_config(spec: VmSpec, seccomp: bool, tap: Option<OwnedFd>) -> Result<VmConfig, String> {
+    let net = match (spec.net, tap) {
+        (None, None) => None,
+        (Some(n), Some(tap)) => Some(NetConfig {
+            tap: Arc::new(tap),
+            mac: n.mac,
+            mtu: n.mtu,
+        }),
+        (Some(_), None) => return Err("Start asks for a NIC but came without its tap".into()),
+        (None, Some(_)) => return Err("Start came with a tap but asks for no NIC".into()),
+    };
     let boot = match spec.boot {
         BootSpec::Kernel {
             kernel,
@@ -119,6 +130,7 @@ fn vm_config(spec: VmSpec, seccomp: bool) -> Result<VmConfig, String> {
             .map_or(SerialOutput::Discard, SerialOutput::File),
         epoch: Instant::now(),
         rng: spec.rng,
+        net,
         seccomp,
     })
 }
@@ -134,6 +146,9 @@ fn serve(control: &OwnedFd) -> Result<(), String> {
     else {
         return Err(format!("expected Start, got {request:?}"));
     };
+    let mut files = files;
+    // The tap rides last, after the snapshot's files.
+    let tap = if vm.net.is_some() { files.pop() } else { None };
     let snapshot = match (restore, <[OwnedFd; 2]>::try_from(files)) {
         (false, _) => None,
         (true, Ok([state, memory])) => {
@@ -153,7 +168,7 @@ fn serve(control: &OwnedFd) -> Result<(), String> {
     // and after the pivot into the root.
     std::env::set_current_dir(&jail.root)
         .map_err(|e| format!("cannot enter {}: {e}", jail.root.display()))?;
-    let config = vm_config(*vm, jail.seccomp)?;
+    let config = vm_config(*vm, jail.seccomp, tap)?;
     let built = match snapshot {
         None => Vm::build(config),
         Some((state, memory)) => {

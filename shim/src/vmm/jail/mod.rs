@@ -37,7 +37,7 @@ use nix::unistd::Pid;
 
 use self::cgroup::{CgroupError, CgroupLimits, VmmCgroup};
 pub use self::child::{main_if_vmm, VMM_ARGV0};
-use self::wire::{BootSpec, Confinement, DiskSpec, Reply, Request, VmSpec, WireError};
+use self::wire::{BootSpec, Confinement, DiskSpec, NetSpec, Reply, Request, VmSpec, WireError};
 use super::config::{BootSource, DiskConfig, SerialOutput, VmConfig};
 use super::devices::MAX_VIRTIO_DEVICES;
 use super::platform::boot::BootProtocol;
@@ -238,6 +238,10 @@ fn vm_spec(config: &VmConfig, root: &Path) -> Result<VmSpec, JailError> {
         cpu_template: config.cpu_template.to_string(),
         serial,
         rng: config.rng,
+        net: config.net.as_ref().map(|n| NetSpec {
+            mac: n.mac,
+            mtu: n.mtu,
+        }),
     })
 }
 
@@ -432,9 +436,10 @@ impl JailedVm {
             log_level: jail.log_level.to_string(),
             restore: snapshot.is_some(),
         };
-        let files: Vec<RawFd> = snapshot
+        let mut files: Vec<RawFd> = snapshot
             .map(|(state, memory)| vec![state.as_raw_fd(), memory.as_raw_fd()])
             .unwrap_or_default();
+        files.extend(config.net.as_ref().map(|n| n.tap.as_raw_fd()));
         vm.request(&start, &files, START_BOUND)?;
         log::info!(
             "VMM process {} runs the VM (jail {}, uid {}, cgroup {})",
@@ -690,6 +695,7 @@ mod tests {
             serial: SerialOutput::File(root.join("serial.log")),
             epoch: Instant::now(),
             rng: false,
+            net: None,
             seccomp: true,
         }
     }

@@ -18,9 +18,10 @@ use crate::vmm::{ExitReason, VmReport};
 /// Largest message either side sends (a `Start` with a tiny guest's code
 /// inline is the biggest).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 10;
-/// Most files one message carries (a snapshot's state and memory files);
-/// any more that arrive are closed.
-pub const MAX_FILES: usize = 2;
+/// Most files one message carries (a restoring `Start`: the snapshot's
+/// state and memory files, and the NIC's tap); any more that arrive are
+/// closed.
+pub const MAX_FILES: usize = 3;
 
 /// Errors on the control channel.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +104,19 @@ pub struct VmSpec {
     /// A virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// A virtio-net NIC: its MAC and MTU; its tap rides along with
+    /// `Start`, after the snapshot's files.
+    #[serde(default)]
+    pub net: Option<NetSpec>,
+}
+
+/// The NIC, as the wire carries it (the tap is a file riding along).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The MAC.
+    pub mac: [u8; 6],
+    /// The MTU.
+    pub mtu: u16,
 }
 
 /// How the VMM confines itself before the guest runs.
