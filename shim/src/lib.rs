@@ -12,6 +12,8 @@
 //! - [`agent_client`]: the typed client of the skiff agent.
 //! - [`fixups`]: what the host gives a guest restored from a snapshot
 //!   (fresh entropy, a new machine id) for `AgentClient::refresh_guest`.
+//! - [`podnet`]: the host side of pod networking: the pod's network
+//!   namespace joined to a tap by tc redirects.
 //! - [`run`]: `skiff run`, one container in a fresh sandbox without
 //!   containerd.
 //!
@@ -24,6 +26,7 @@ pub mod check;
 pub mod config;
 pub mod fixups;
 pub mod image;
+pub mod podnet;
 pub mod procfs;
 pub mod run;
 pub mod sandbox;
