@@ -436,6 +436,21 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Configures the guest's side of the pod network (`ConfigureNetwork`):
+    /// the guest's one NIC takes `req`'s interface name, MAC, MTU and
+    /// addresses; `lo` is brought up; the routes are added (on-link ones
+    /// first); `/etc/hosts` and `/etc/resolv.conf` are replaced when given.
+    /// The agent checks the whole request before it changes anything
+    /// (INVALID_ARGUMENT: today exactly one interface, see the bounds
+    /// `skiff_agent_proto::NET_*`), answers FAILED_PRECONDITION unless it
+    /// is the micro-VM's PID 1 or when the guest has no NIC (or several),
+    /// and INTERNAL when the kernel refuses a change, which may leave the
+    /// guest partly configured. Sending the same request again succeeds.
+    pub fn configure_network(&self, req: &pb::ConfigureNetworkRequest) -> CallResult<()> {
+        call(CALL_TIMEOUT, |c| self.inner.configure_network(c, req))?;
+        Ok(())
+    }
+
     /// Waits (one long poll) for an OOM kill; returns the container id.
     pub fn get_oom_event(&self) -> CallResult<String> {
         Ok(call(POLL_TIMEOUT, |c| {

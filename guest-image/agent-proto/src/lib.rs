@@ -6,7 +6,9 @@
 //! [`agent_ttrpc`]), and what both ends must agree on besides the messages:
 //! the agent's vsock port ([`AGENT_VSOCK_PORT`]), the serials that name the
 //! VM's disks ([`disk_serial`]), the bounds of `RefreshGuest`'s fields
-//! ([`REFRESH_ENTROPY_LEN`], [`MACHINE_ID_LEN`]), the typed values behind protocol strings
+//! ([`REFRESH_ENTROPY_LEN`], [`MACHINE_ID_LEN`]) and of
+//! `ConfigureNetwork`'s ([`NET_IFNAME_MAX_LEN`], [`NET_MTU`],
+//! [`NET_FILE_MAX_LEN`]), the typed values behind protocol strings
 //! ([`ContainerStatus`]) and how errors are worded ([`error_chain`]).
 //!
 //! Both the agent and the shim depend on it, so it stays small: it must
@@ -33,6 +35,23 @@ pub const REFRESH_ENTROPY_LEN: std::ops::RangeInclusive<usize> = 32..=512;
 /// The length of a machine id (`/etc/machine-id`, `RefreshGuestRequest.machine_id`):
 /// 32 lowercase hex chars, 128 bits, never all zeros (machine-id(5)).
 pub const MACHINE_ID_LEN: usize = 32;
+
+/// The longest guest link name (`NetInterface.name`), in bytes: Linux's
+/// `IFNAMSIZ` less the terminating NUL.
+pub const NET_IFNAME_MAX_LEN: usize = 15;
+
+/// The MTUs the agent accepts for the guest's NIC (`NetInterface.mtu`):
+/// IPv4's minimum to the largest the kernel's link MTU field carries. A
+/// link with IPv6 addresses needs at least 1280 ([`NET_IPV6_MIN_MTU`]).
+pub const NET_MTU: std::ops::RangeInclusive<u32> = 68..=65535;
+
+/// The smallest MTU of a link that carries IPv6 (RFC 8200): below it the
+/// kernel turns IPv6 off on the link.
+pub const NET_IPV6_MIN_MTU: u32 = 1280;
+
+/// The most bytes of `ConfigureNetworkRequest.hosts` and `.resolv_conf`
+/// each (64 KiB).
+pub const NET_FILE_MAX_LEN: usize = 64 << 10;
 
 /// What the serial of every disk skiff attaches to a VM starts with.
 pub const DISK_SERIAL_PREFIX: &str = "skiff-";

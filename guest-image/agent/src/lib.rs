@@ -12,7 +12,9 @@
 //! does besides serving (mounts, `lo`, reset); [`mounts`] holds the mount
 //! helpers it shares with the engine; [`refresh`] is what a guest restored
 //! from a VM snapshot changes so it shares nothing with its template
-//! (entropy, clock, machine id: guest init only).
+//! (entropy, clock, machine id: guest init only); [`network`] configures
+//! the guest's side of the pod network (its NIC, routes, `/etc/hosts`,
+//! `/etc/resolv.conf`: guest init only).
 //!
 //! It must never depend on the VMM crates (`vmm-core`, `platform-*`) or the
 //! shim: the agent is what runs *inside* the VM. What it shares with the
@@ -22,6 +24,7 @@
 pub mod container;
 pub mod init;
 pub mod mounts;
+pub mod network;
 pub mod oom;
 pub mod reaper;
 pub mod refresh;

@@ -21,6 +21,7 @@ use ttrpc::{Code, TtrpcContext};
 use crate::container::{
     Container, ContainerError, CreateRequest, Engine, ErrorKind, Process, StdioRequest,
 };
+use crate::network::{self, NetworkError};
 use crate::oom::{oom_kill_count, OomWatcher};
 use crate::reaper::lock;
 use crate::refresh::{self, RefreshError};
@@ -47,23 +48,28 @@ pub enum AgentError {
     /// RefreshGuest was refused, malformed, or failed.
     #[error(transparent)]
     Refresh(#[from] RefreshError),
+    /// ConfigureNetwork was refused, malformed, or failed.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 impl AgentError {
     fn code(&self) -> Code {
+        let of_kind = |kind| match kind {
+            ErrorKind::InvalidArgument => Code::INVALID_ARGUMENT,
+            ErrorKind::NotFound => Code::NOT_FOUND,
+            ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
+            ErrorKind::FailedPrecondition => Code::FAILED_PRECONDITION,
+            ErrorKind::Internal => Code::INTERNAL,
+        };
         match self {
-            Self::Container(err) => match err.kind() {
-                ErrorKind::InvalidArgument => Code::INVALID_ARGUMENT,
-                ErrorKind::NotFound => Code::NOT_FOUND,
-                ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
-                ErrorKind::FailedPrecondition => Code::FAILED_PRECONDITION,
-                ErrorKind::Internal => Code::INTERNAL,
-            },
+            Self::Container(err) => of_kind(err.kind()),
             Self::Timeout => Code::DEADLINE_EXCEEDED,
             Self::InvalidArgument(_) => Code::INVALID_ARGUMENT,
             Self::Refresh(RefreshError::NotGuestInit) => Code::FAILED_PRECONDITION,
             Self::Refresh(err) if err.is_invalid_request() => Code::INVALID_ARGUMENT,
             Self::Refresh(_) => Code::INTERNAL,
+            Self::Network(err) => of_kind(err.kind()),
         }
     }
 }
@@ -97,8 +103,9 @@ pub struct AgentService {
     busy: Mutex<HashSet<String>>,
     sandbox: Mutex<Option<Sandbox>>,
     on_sandbox_destroyed: Option<SandboxDestroyedHook>,
-    /// The agent is the micro-VM's PID 1: RefreshGuest may change the
-    /// system it runs on. False unless set (the host's `linux` handler).
+    /// The agent is the micro-VM's PID 1: RefreshGuest and
+    /// ConfigureNetwork may change the system it runs on. False unless set
+    /// (the host's `linux` handler).
     guest_init: bool,
 }
 
@@ -150,7 +157,8 @@ impl AgentService {
 
     /// Marks the agent as the micro-VM's init (PID 1), the only agent that
     /// serves RefreshGuest (it sets the system's clock, machine id and feeds
-    /// its RNG). Never set it in an agent that runs on a host.
+    /// its RNG) and ConfigureNetwork (it renames and addresses the system's
+    /// NIC). Never set it in an agent that runs on a host.
     pub fn set_guest_init(&mut self, guest_init: bool) {
         self.guest_init = guest_init;
     }
@@ -576,6 +584,15 @@ impl Agent for AgentService {
         refresh::refresh_guest(self.guest_init, &req).map_err(AgentError::from)?;
         Ok(pb::Empty::new())
     }
+
+    fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ConfigureNetworkRequest,
+    ) -> ttrpc::Result<pb::Empty> {
+        network::configure_network(self.guest_init, &req).map_err(AgentError::from)?;
+        Ok(pb::Empty::new())
+    }
 }
 
 #[cfg(test)]
@@ -618,6 +635,30 @@ mod tests {
             status.message()
         );
 
+        let status = status_of(NetworkError::Mtu(9).into());
+        assert_eq!(status.code(), Code::INVALID_ARGUMENT);
+        assert!(
+            status.message().contains("68..=65535"),
+            "{}",
+            status.message()
+        );
+        let status = status_of(NetworkError::NoNic(vec!["lo".into()]).into());
+        assert_eq!(status.code(), Code::FAILED_PRECONDITION);
+        assert!(
+            status.message().contains("no Ethernet link"),
+            "{}",
+            status.message()
+        );
+        let status = status_of(
+            NetworkError::OpenNetlink(std::io::Error::from_raw_os_error(libc::EACCES)).into(),
+        );
+        assert_eq!(status.code(), Code::INTERNAL);
+        assert!(
+            status.message().contains("rtnetlink") && status.message().contains("denied"),
+            "{}",
+            status.message()
+        );
+
         let io = ContainerError::Io {
             path: "/x".into(),
             source: std::io::Error::from_raw_os_error(libc::ENOSPC),
@@ -644,6 +685,30 @@ mod tests {
             ..Default::default()
         };
         let err = refresh::refresh_guest(false, &req).unwrap_err();
+        let status = status_of(err.into());
+        assert_eq!(status.code(), Code::FAILED_PRECONDITION);
+        assert!(
+            status.message().contains("guest init only"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn configure_network_is_refused_outside_the_guest_init() {
+        // What `Agent::configure_network` answers when `guest_init` is false:
+        // nothing is applied (a bug here would rename the test host's NIC),
+        // the code is FAILED_PRECONDITION and the message says why.
+        let req = pb::ConfigureNetworkRequest {
+            interfaces: vec![pb::NetInterface {
+                name: "eth0".into(),
+                mac: vec![2, 0, 0, 0, 0, 1],
+                mtu: 1500,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let err = network::configure_network(false, &req).unwrap_err();
         let status = status_of(err.into());
         assert_eq!(status.code(), Code::FAILED_PRECONDITION);
         assert!(
