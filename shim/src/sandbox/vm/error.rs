@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::podnet::PodNetError;
 use crate::sandbox::error::{SandboxError, SandboxErrorKind};
 use crate::vmm::{ExitReason, VmmError};
 
@@ -77,6 +78,15 @@ pub enum VmSandboxError {
     /// The VMM refused to put a disk into a slot or take it out.
     #[error("cannot change the VM's disks")]
     Disk(#[source] VmmError),
+    /// The pod's network namespace cannot be wired to the VM.
+    #[error("cannot wire the pod's network namespace {} to the VM", netns.display())]
+    PodNetwork {
+        /// The namespace.
+        netns: PathBuf,
+        /// Why not.
+        #[source]
+        source: PodNetError,
+    },
 }
 
 impl VmSandboxError {
@@ -84,6 +94,15 @@ impl VmSandboxError {
     pub fn kind(&self) -> SandboxErrorKind {
         match self {
             Self::Volume { .. } => SandboxErrorKind::InvalidArgument,
+            // What the spec or CNI gave: a namespace that is not there, or
+            // not one pod interface in it.
+            Self::PodNetwork { source, .. } => match source {
+                PodNetError::Netns(_)
+                | PodNetError::NoPodInterface
+                | PodNetError::SeveralPodInterfaces { .. }
+                | PodNetError::TapNameTaken { .. } => SandboxErrorKind::InvalidArgument,
+                _ => SandboxErrorKind::Internal,
+            },
             Self::NoFreeDisk { .. } => SandboxErrorKind::ResourceExhausted,
             _ => SandboxErrorKind::Internal,
         }

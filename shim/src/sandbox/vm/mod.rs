@@ -45,6 +45,7 @@ mod boot;
 mod connect;
 mod error;
 mod image;
+mod network;
 mod sandbox;
 mod serial;
 mod slots;
@@ -62,6 +63,7 @@ use self::slots::DiskSlots;
 use self::template::TemplateStore;
 use crate::agent_client::AgentClient;
 use crate::config::{Config, VmmMode};
+use crate::podnet;
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::handler::{Sandbox, SandboxHandler, SandboxRequest};
 use crate::sandbox::mounts::BindMount;
@@ -135,7 +137,15 @@ impl VmHandler {
         let jail = self.jail(req);
         // Built once (it asks `check::detect` about the host); each start
         // takes a copy with its own epoch.
-        let config = vm_config(req.config, &artifacts, &files);
+        let mut config = vm_config(req.config, &artifacts, &files);
+        // The pod's network, wired before the VM starts (its NIC is the
+        // tap's other end); unwired again if the sandbox does not start.
+        let mut wired = Wired(None);
+        if let Some(netns) = req.netns {
+            let (pod, nic) = network::wire(netns, req.state_dir)?;
+            config.net = Some(nic);
+            wired.0 = Some(pod);
+        }
         let fresh = || vmm::VmConfig {
             epoch: Instant::now(),
             ..config.clone()
@@ -207,18 +217,38 @@ impl VmHandler {
             if from_template { "restore" } else { "boot" }
         );
         let disks = DiskSlots::new(req.config.vm_disks as usize);
+        let pod = wired.0.take();
         let sandbox = VmSandbox::new(req.state_dir, disks, client, vm, ready_after, from_template);
-        let set_up = refresh_guest(&sandbox, req.id).and_then(|()| {
-            sandbox
-                .agent()
-                .create_sandbox(req.hostname)
-                .map_err(SandboxError::Agent)
-        });
+        let set_up = refresh_guest(&sandbox, req.id)
+            .and_then(|()| match &pod {
+                Some(pod) => network::configure_guest(sandbox.agent(), pod),
+                None => Ok(()),
+            })
+            .and_then(|()| {
+                sandbox
+                    .agent()
+                    .create_sandbox(req.hostname)
+                    .map_err(SandboxError::Agent)
+            });
+        // From here the sandbox's stop unwires the pod network.
+        sandbox.set_pod_network(pod);
         if let Err(err) = set_up {
             let _ = sandbox.stop_vm(Duration::from_secs(5));
             return Err(err);
         }
         Ok(sandbox)
+    }
+}
+
+/// A pod network wired for a sandbox that is not started yet: unwired on
+/// drop unless taken.
+struct Wired(Option<podnet::PodNetwork>);
+
+impl Drop for Wired {
+    fn drop(&mut self) {
+        if let Some(pod) = self.0.take() {
+            network::unwire(&pod);
+        }
     }
 }
 
@@ -313,6 +343,7 @@ impl SandboxHandler for VmHandler {
                 log::warn!("{err}");
             }
         }
+        network::cleanup(state_dir);
         state_dir::remove(state_dir)
     }
 }

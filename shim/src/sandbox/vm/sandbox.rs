@@ -9,10 +9,12 @@ use oci_spec::runtime::Mount;
 
 use super::error::VmSandboxError;
 use super::image::{build_image, image_path};
+use super::network;
 use super::serial::{guest_faults, SERIAL_NAME};
 use super::slots::{guest_disk, DiskSlots, Reserved};
 use super::volumes::mount_disk;
 use crate::agent_client::AgentClient;
+use crate::podnet::PodNetwork;
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::handler::Sandbox;
 use crate::sandbox::mounts::BindMount;
@@ -28,6 +30,8 @@ pub struct VmSandbox {
     vm: Mutex<Option<VmHandle>>,
     ready_after: Duration,
     restored: bool,
+    /// The pod network wired to the VM's NIC, unwired when it stops.
+    network: Mutex<Option<PodNetwork>>,
 }
 
 impl std::fmt::Debug for VmSandbox {
@@ -57,7 +61,14 @@ impl VmSandbox {
             vm: Mutex::new(Some(vm)),
             ready_after,
             restored,
+            network: Mutex::new(None),
         }
+    }
+
+    /// Hands the sandbox the pod network wired to its VM's NIC: its stop
+    /// unwires it.
+    pub(super) fn set_pod_network(&self, pod: Option<PodNetwork>) {
+        *lock(&self.network) = pod;
     }
 
     /// Whether the VM was restored from a template (not booted).
@@ -103,6 +114,9 @@ impl VmSandbox {
         log::info!("VM ended: {:?}", report.exit);
         for line in guest_faults(&self.state_dir.join(SERIAL_NAME)) {
             log::warn!("guest kernel: {line}");
+        }
+        if let Some(pod) = lock(&self.network).take() {
+            network::unwire(&pod);
         }
         state_dir::remove(&self.state_dir)?;
         Ok(Some(report))
@@ -226,6 +240,10 @@ impl Sandbox for VmSandbox {
     fn stop(&self, timeout: Duration) -> Result<(), SandboxError> {
         self.stop_vm(timeout).map(drop)
     }
+
+    fn pod_network_in_sandbox(&self) -> bool {
+        true
+    }
 }
 
 impl Drop for VmSandbox {
@@ -233,5 +251,8 @@ impl Drop for VmSandbox {
         // The handle's own Drop stops the VM (joins its threads, or kills
         // and reaps its process).
         drop(lock(&self.vm).take());
+        if let Some(pod) = lock(&self.network).take() {
+            network::unwire(&pod);
+        }
     }
 }
