@@ -96,13 +96,14 @@ impl VmSandboxError {
             Self::Volume { .. } => SandboxErrorKind::InvalidArgument,
             // What the spec or CNI gave: a namespace that is not there, or
             // not one pod interface in it.
-            Self::PodNetwork { source, .. } => match source {
-                PodNetError::Netns(_)
-                | PodNetError::NoPodInterface
-                | PodNetError::SeveralPodInterfaces { .. }
-                | PodNetError::TapNameTaken { .. } => SandboxErrorKind::InvalidArgument,
-                _ => SandboxErrorKind::Internal,
-            },
+            Self::PodNetwork {
+                source:
+                    PodNetError::Netns(_)
+                    | PodNetError::NoPodInterface
+                    | PodNetError::SeveralPodInterfaces { .. }
+                    | PodNetError::TapNameTaken { .. },
+                ..
+            } => SandboxErrorKind::InvalidArgument,
             Self::NoFreeDisk { .. } => SandboxErrorKind::ResourceExhausted,
             _ => SandboxErrorKind::Internal,
         }
