@@ -546,7 +546,7 @@ fn undoing_several_pops_returns_them_in_order() {
 #[test]
 fn add_used_batch_publishes_all_at_once_and_wraps() {
     with_mem(|mem| {
-        let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
+        let drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
         let mut q = drv.create_queue(0);
         q.add_used(mem, 0, 1).unwrap();
         q.add_used(mem, 1, 1).unwrap();
