@@ -4,5 +4,6 @@
 //! implements.
 
 pub mod blk;
+pub mod net;
 pub mod rng;
 pub mod vsock;

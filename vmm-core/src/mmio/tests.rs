@@ -230,6 +230,7 @@ fn with_live_device(
         setup_queue(&mut t, mem, 1, &q1).unwrap();
         set_status(&mut t, mem, STATUS_DRIVER_OK).unwrap();
         assert!(t.is_activated());
+        assert!(t.is_live());
         f(mem, &mut t, [q0, q1]);
     });
 }
@@ -581,6 +582,7 @@ fn activation_failure_sets_needs_reset() {
             }))
         );
         assert!(!t.is_activated());
+        assert!(!t.is_live());
         assert_eq!(
             t.status(),
             15 | STATUS_NEEDS_RESET,
@@ -600,6 +602,7 @@ fn activation_failure_sets_needs_reset() {
         setup_queue(&mut t, mem, 0, &drv).unwrap();
         set_status(&mut t, mem, STATUS_DRIVER_OK).unwrap();
         assert!(t.is_activated());
+        assert!(t.is_live());
         assert_eq!(t.device().activations, 2);
         assert_eq!(t.status(), 15);
     });
@@ -727,7 +730,9 @@ fn direct_notify_needs_a_live_device() {
         t.notify(mem, 0).unwrap();
         assert_eq!(t.device().notified, [0]);
         // After the driver gave up.
+        assert!(t.is_live());
         set_status(&mut t, mem, STATUS_FAILED).unwrap();
+        assert!(t.is_activated() && !t.is_live());
         t.notify(mem, 0).unwrap();
         assert_eq!(t.device().notified, [0]);
     });

@@ -908,7 +908,7 @@ impl<D: VirtioDevice, I: IrqLine, const Q: usize> MmioTransport<D, I, Q> {
         mem: &M,
         work: impl FnOnce(&mut D, &mut VirtioContext<'_, M, I>) -> Result<(), DeviceError>,
     ) -> Result<(), DeviceError> {
-        if !self.activated || self.status & (STATUS_FAILED | STATUS_NEEDS_RESET) != 0 {
+        if !self.is_live() {
             return Ok(());
         }
         let (device, mut ctx) = self.split(mem);
@@ -956,6 +956,15 @@ impl<D, I, const Q: usize> MmioTransport<D, I, Q> {
     /// Whether the device was activated since the last reset.
     pub fn is_activated(&self) -> bool {
         self.activated
+    }
+
+    /// Whether the device is live: activated, and neither FAILED nor
+    /// DEVICE_NEEDS_RESET. Only a live device is called by
+    /// [`MmioTransport::notify`] and [`MmioTransport::run_device`], so a
+    /// host that watches a backend on a device's behalf (a tap for a
+    /// network device) watches it only while this holds.
+    pub fn is_live(&self) -> bool {
+        self.activated && self.status & (STATUS_FAILED | STATUS_NEEDS_RESET) == 0
     }
 }
 

@@ -306,3 +306,72 @@ impl<const N: usize> DescriptorChain<N> {
         self.descs.iter().filter(|d| d.is_write_only())
     }
 }
+
+/// Copies `buf.len()` bytes starting at byte `offset` of the concatenated
+/// `descs` into `buf`. Returns how many bytes were copied (fewer if the
+/// buffers end first).
+pub(crate) fn copy_from_chain<M: GuestMemory + ?Sized>(
+    mem: &M,
+    descs: &[Descriptor],
+    offset: u32,
+    buf: &mut [u8],
+) -> Result<usize, MemoryError> {
+    let mut done = 0usize;
+    for_each_piece(descs, offset, buf.len(), |addr, at, n| {
+        mem.read(addr, &mut buf[at..at + n])?;
+        done += n;
+        Ok(())
+    })?;
+    Ok(done)
+}
+
+/// Copies `data` to byte `offset` of the concatenated `descs`. Returns how
+/// many bytes were copied (fewer if the buffers end first).
+pub(crate) fn copy_to_chain<M: GuestMemory + ?Sized>(
+    mem: &M,
+    descs: &[Descriptor],
+    offset: u32,
+    data: &[u8],
+) -> Result<usize, MemoryError> {
+    let mut done = 0usize;
+    for_each_piece(descs, offset, data.len(), |addr, at, n| {
+        mem.write(addr, &data[at..at + n])?;
+        done += n;
+        Ok(())
+    })?;
+    Ok(done)
+}
+
+/// Calls `f(address, position in the caller's buffer, length)` for each
+/// piece of the byte range `[offset, offset + len)` of the concatenated
+/// buffers `descs`.
+fn for_each_piece(
+    descs: &[Descriptor],
+    offset: u32,
+    len: usize,
+    mut f: impl FnMut(GuestAddress, usize, usize) -> Result<(), MemoryError>,
+) -> Result<(), MemoryError> {
+    let mut skip = u64::from(offset);
+    let mut at = 0usize;
+    for d in descs {
+        if at == len {
+            break;
+        }
+        let dlen = u64::from(d.len);
+        if skip >= dlen {
+            skip -= dlen;
+            continue;
+        }
+        // Both fit in usize: dlen - skip < 2^32 and len is a slice length.
+        let n = ((dlen - skip) as usize).min(len - at);
+        // The chain walk checked that the whole buffer lies in guest memory.
+        let addr = d.addr.checked_add(skip).ok_or(MemoryError::Overflow {
+            addr: d.addr.0,
+            len: skip,
+        })?;
+        f(addr, at, n)?;
+        at += n;
+        skip = 0;
+    }
+    Ok(())
+}

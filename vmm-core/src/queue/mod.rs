@@ -20,6 +20,7 @@ pub mod mock;
 use core::num::Wrapping;
 use core::sync::atomic::{fence, Ordering};
 
+pub(crate) use chain::{copy_from_chain, copy_to_chain};
 pub use chain::{
     ChainError, Descriptor, DescriptorChain, DESCRIPTOR_SIZE, VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
@@ -549,6 +550,42 @@ impl Queue {
         mem.write(elem, &b).map_err(QueueError::Memory)?;
         self.next_used += 1;
         // The element must be visible before the index that publishes it.
+        fence(Ordering::Release);
+        mem.write_u16(idx, self.next_used.0)
+            .map_err(QueueError::Memory)
+    }
+
+    /// Returns several chains to the driver at once, each `(head, len)` as
+    /// for [`Queue::add_used`], in order: every element is written before
+    /// one `used.idx` store publishes them all, so the driver sees all of
+    /// them or none (a virtio-net frame spread over several buffers must
+    /// arrive whole). The heads are checked before anything is written;
+    /// give back at most [`Queue::size`] chains per call.
+    pub fn add_used_batch<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        used: &[(u16, u32)],
+    ) -> Result<(), QueueError> {
+        self.check_usable()?;
+        if let Some(&(head, _)) = used.iter().find(|(head, _)| *head >= self.size) {
+            return Err(QueueError::InvalidUsedHead {
+                head,
+                size: self.size,
+            });
+        }
+        let idx = at(self.used_ring, IDX_OFFSET)?;
+        let mut next = self.next_used;
+        for &(head, len) in used {
+            let slot = u64::from(next.0 & (self.size - 1));
+            let elem = at(self.used_ring, USED_RING_OFFSET + USED_ELEM_SIZE * slot)?;
+            let mut b = [0u8; 8];
+            b[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            b[4..].copy_from_slice(&len.to_le_bytes());
+            mem.write(elem, &b).map_err(QueueError::Memory)?;
+            next += 1;
+        }
+        self.next_used = next;
+        // The elements must be visible before the index that publishes them.
         fence(Ordering::Release);
         mem.write_u16(idx, self.next_used.0)
             .map_err(QueueError::Memory)

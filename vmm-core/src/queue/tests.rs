@@ -523,6 +523,75 @@ fn undo_pop_returns_the_same_chain() {
 }
 
 #[test]
+fn undoing_several_pops_returns_them_in_order() {
+    with_mem(|mem| {
+        let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 8).unwrap();
+        let mut q = drv.create_queue(0);
+        let heads: std::vec::Vec<u16> = (0..3)
+            .map(|i| drv.add_chain(&[buf(0x8000 + 0x10 * i, 7, true)]).unwrap())
+            .collect();
+        for _ in 0..3 {
+            q.pop::<1, _>(mem).unwrap().unwrap();
+        }
+        for _ in 0..3 {
+            q.undo_pop();
+        }
+        for &head in &heads {
+            assert_eq!(q.pop::<1, _>(mem).unwrap().unwrap().head_index(), head);
+        }
+        assert!(q.pop::<1, _>(mem).unwrap().is_none());
+    });
+}
+
+#[test]
+fn add_used_batch_publishes_all_at_once_and_wraps() {
+    with_mem(|mem| {
+        let drv = MockSplitQueue::new(mem, QUEUE_AT, 4).unwrap();
+        let mut q = drv.create_queue(0);
+        q.add_used(mem, 0, 1).unwrap();
+        q.add_used(mem, 1, 1).unwrap();
+        // Three more wrap around the four slots.
+        q.add_used_batch(mem, &[(2, 10), (3, 20), (0, 30)]).unwrap();
+        assert_eq!(drv.used_idx().unwrap(), 5);
+        assert_eq!(q.next_used(), 5);
+        assert_eq!(drv.used_elem(2).unwrap(), (2, 10));
+        assert_eq!(drv.used_elem(3).unwrap(), (3, 20));
+        assert_eq!(drv.used_elem(0).unwrap(), (0, 30));
+        // A bad head anywhere writes nothing.
+        assert_eq!(
+            q.add_used_batch(mem, &[(1, 1), (4, 1)]),
+            Err(QueueError::InvalidUsedHead { head: 4, size: 4 })
+        );
+        assert_eq!(drv.used_idx().unwrap(), 5);
+        assert_eq!(drv.used_elem(1).unwrap(), (1, 1), "slot 1 untouched");
+        // An empty batch publishes the same index again.
+        q.add_used_batch(mem, &[]).unwrap();
+        assert_eq!(drv.used_idx().unwrap(), 5);
+    });
+}
+
+#[test]
+fn chain_copies_cross_buffers_at_any_offset() {
+    with_mem(|mem| {
+        let descs = [
+            buf(0x8000, 3, true),
+            buf(0x9000, 0, true),
+            buf(0xa000, 5, true),
+        ];
+        assert_eq!(copy_to_chain(mem, &descs, 1, &[1, 2, 3, 4, 5]).unwrap(), 5);
+        let mut b = [0u8; 8];
+        mem.read(GuestAddress(0x8000), &mut b[..3]).unwrap();
+        mem.read(GuestAddress(0xa000), &mut b[3..]).unwrap();
+        assert_eq!(b, [0, 1, 2, 3, 4, 5, 0, 0]);
+        let mut out = [0u8; 10];
+        assert_eq!(copy_from_chain(mem, &descs, 2, &mut out).unwrap(), 6);
+        assert_eq!(out[..6], [2, 3, 4, 5, 0, 0]);
+        // Past the end: nothing.
+        assert_eq!(copy_to_chain(mem, &descs, 8, &[9]).unwrap(), 0);
+    });
+}
+
+#[test]
 fn reset_and_state_round_trip() {
     with_mem(|mem| {
         let mut drv = MockSplitQueue::new(mem, QUEUE_AT, 8).unwrap();

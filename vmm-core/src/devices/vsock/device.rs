@@ -4,7 +4,7 @@
 use heapless::{Deque, Vec};
 
 use super::connection::{pending, ConnKey, Connection, State};
-use super::packet::{copy_from_chain, copy_to_chain, TxPacket};
+use super::packet::TxPacket;
 use super::{
     Op, PacketHeader, EVENT_QUEUE, HEADER_SIZE, MAX_PAYLOAD, RX_QUEUE, TX_QUEUE, VIRTIO_ID_VSOCK,
     VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, VIRTIO_VSOCK_F_STREAM, VIRTIO_VSOCK_HOST_CID,
@@ -14,8 +14,8 @@ use crate::irq::IrqLine;
 use crate::memory::{GuestMemory, MemoryError};
 use crate::mmio::{read_config_window, DeviceError, VirtioContext, VirtioDevice};
 use crate::queue::{
-    drain, Descriptor, DescriptorChain, Served, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    copy_from_chain, copy_to_chain, drain, Descriptor, DescriptorChain, Served,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::snapshot::{DeviceState, Persist, Reader, SectionKind, StateError, Writer};
 
