@@ -27,7 +27,6 @@
 
 mod netlink;
 mod netns;
-mod tap;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
@@ -36,12 +35,12 @@ use std::path::{Path, PathBuf};
 
 use skiff_agent_proto::agent;
 
-pub use netlink::NetlinkError;
-pub use netns::{run_in_netns, NetnsError};
-pub use tap::{
+pub use crate::vmm::tap::{
     Tap, TapError, MAX_NAME_LEN, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
     VNET_HDR_LEN,
 };
+pub use netlink::NetlinkError;
+pub use netns::{run_in_netns, NetnsError};
 
 use netlink::{Link, Rtnl};
 
@@ -129,7 +128,7 @@ impl PodNetwork {
     ///
     /// On an error, what was done is undone: no tap, no qdisc added.
     pub fn setup(netns: &Path, tap_name: &str) -> Result<(PodNetwork, Tap), PodNetError> {
-        tap::check_name(tap_name)?;
+        crate::vmm::tap::check_name(tap_name)?;
         let (interface, routes, tap) = run_in_netns(netns, || setup_here(tap_name))??;
         log::info!(
             "pod network {}: {} (MTU {}, {} addresses, {} routes) redirected to {tap_name}",

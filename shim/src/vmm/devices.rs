@@ -38,6 +38,7 @@ use super::blk::{DiskSlot, DISK_QUEUES};
 use super::config::{SerialOutput, VmConfig};
 use super::file_disk::{FileDisk, FileDiskError};
 use super::irq::IrqFd;
+use super::net::{NetSetupError, NetSlot, NET_QUEUES};
 use super::platform::layout;
 use super::platform::GuestRam;
 use super::rng::{RngSlot, RNG_QUEUES};
@@ -92,6 +93,9 @@ pub enum DeviceSetupError {
     /// The vsock device could not be set up.
     #[error("cannot set up the vsock device")]
     Vsock(#[from] VsockSetupError),
+    /// The NIC could not be set up.
+    #[error("cannot set up the NIC")]
+    Net(#[from] NetSetupError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> DeviceSetupError {
@@ -132,6 +136,14 @@ fn build_virtio_devices(vm: &VmFd, config: &VmConfig) -> Result<Vec<VirtioUnit>,
             "vmm-rng".into(),
             Box::new(RngSlot::new(irq)?),
             new_notifiers(RNG_QUEUES)?,
+        )?);
+    }
+    if let Some(net) = &config.net {
+        let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + units.len() as u32)?;
+        units.push(VirtioUnit::new(
+            "vmm-net".into(),
+            Box::new(NetSlot::new(net, irq)?),
+            new_notifiers(NET_QUEUES)?,
         )?);
     }
     Ok(units)

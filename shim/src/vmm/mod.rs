@@ -17,6 +17,7 @@ mod devices;
 mod file_disk;
 mod irq;
 pub mod jail;
+mod net;
 mod platform;
 mod rng;
 pub mod seccomp;
@@ -24,6 +25,7 @@ mod serial_log;
 mod shared;
 mod slot;
 pub mod snapshot;
+pub mod tap;
 mod vcpu;
 mod vsock;
 

@@ -318,10 +318,12 @@ fn rules(kind: ThreadKind) -> Vec<Rule> {
             rules.push(sys!(SYS_rename));
             rules.push(sys!(SYS_fchmod));
             // KVM_RUN, and reading the vCPU's state for a snapshot
-            // (paused, on its own thread: platform::snapshot::save_vcpu).
+            // (paused, on its own thread: platform::snapshot::save_vcpu);
+            // a NIC's activation (a status write) sets its tap's offloads.
             #[cfg(target_arch = "x86_64")]
             rules.push(sys!(SYS_ioctl, 1 => [
                 KVM_RUN,
+                TUNSETOFFLOAD,
                 KVM_GET_MP_STATE,
                 KVM_GET_CPUID2,
                 KVM_GET_REGS,
@@ -334,7 +336,7 @@ fn rules(kind: ThreadKind) -> Vec<Rule> {
                 KVM_GET_VCPU_EVENTS,
             ]));
             #[cfg(not(target_arch = "x86_64"))]
-            rules.push(sys!(SYS_ioctl, 1 => [KVM_RUN]));
+            rules.push(sys!(SYS_ioctl, 1 => [KVM_RUN, TUNSETOFFLOAD]));
         }
         ThreadKind::Devices => {
             rules.extend(device_io());
