@@ -16,8 +16,11 @@ use crate::devices::net::{
 use crate::irq::CountingIrq;
 use crate::memory::{GuestAddress, SliceMemory};
 use crate::mmio::{
-    Interrupt, MmioTransport, CONFIG_OFFSET, DEVICE_ID_OFFSET, QUEUE_NUM_MAX_OFFSET,
-    VIRTIO_F_VERSION_1,
+    Interrupt, MmioTransport, CONFIG_OFFSET, DEVICE_ID_OFFSET, DRIVER_FEATURES_OFFSET,
+    DRIVER_FEATURES_SEL_OFFSET, QUEUE_DESC_LOW_OFFSET, QUEUE_DEVICE_LOW_OFFSET,
+    QUEUE_DRIVER_LOW_OFFSET, QUEUE_NUM_MAX_OFFSET, QUEUE_NUM_OFFSET, QUEUE_READY_OFFSET,
+    QUEUE_SEL_OFFSET, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    STATUS_OFFSET, VIRTIO_F_VERSION_1,
 };
 use crate::queue::mock::MockSplitQueue;
 use crate::queue::{
@@ -1175,6 +1178,103 @@ fn config_space_holds_mac_status_pairs_and_mtu() {
     dev.write_config(0, &[0xff; 4]);
     dev.write_config(CONFIG_MTU_OFFSET as u64, &[0; 2]);
     assert_eq!(dev.config(), config());
+}
+
+type NetTransport = MmioTransport<Net<Tap>, CountingIrq, 2>;
+
+/// The driver's register writes: acknowledge, accept `features`, and
+/// unless the transport refuses them, set the queues of `g` up and set
+/// DRIVER_OK.
+fn initialize(
+    t: &mut NetTransport,
+    g: &Guest<'_, '_>,
+    features: u64,
+) -> Result<(), crate::mmio::MmioError> {
+    let mem = g.mem;
+    let w = |t: &mut NetTransport, offset, value: u32| t.write(mem, offset, &value.to_le_bytes());
+    w(
+        t,
+        STATUS_OFFSET,
+        u32::from(STATUS_ACKNOWLEDGE | STATUS_DRIVER),
+    )?;
+    for sel in 0..2u32 {
+        w(t, DRIVER_FEATURES_SEL_OFFSET, sel)?;
+        w(t, DRIVER_FEATURES_OFFSET, (features >> (32 * sel)) as u32)?;
+    }
+    let status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+    w(t, STATUS_OFFSET, u32::from(status))?;
+    for (index, q) in [&g.rx, &g.tx].into_iter().enumerate() {
+        w(t, QUEUE_SEL_OFFSET, index as u32)?;
+        w(t, QUEUE_NUM_OFFSET, u32::from(q.size()))?;
+        for (low, addr) in [
+            (QUEUE_DESC_LOW_OFFSET, q.desc_table()),
+            (QUEUE_DRIVER_LOW_OFFSET, q.avail_ring()),
+            (QUEUE_DEVICE_LOW_OFFSET, q.used_ring()),
+        ] {
+            w(t, low, addr.raw() as u32)?;
+            w(t, low + 4, (addr.raw() >> 32) as u32)?;
+        }
+        w(t, QUEUE_READY_OFFSET, 1)?;
+    }
+    w(t, STATUS_OFFSET, u32::from(status | STATUS_DRIVER_OK))
+}
+
+#[test]
+fn through_the_transport_the_driver_gets_only_the_offloads_offered() {
+    let mut bytes = memory();
+    let mem = SliceMemory::new(GuestAddress(0), &mut bytes);
+    let version_1 = 1u64 << VIRTIO_F_VERSION_1;
+    let plain = NetConfig {
+        offloads: false,
+        ..config()
+    };
+    let g = Guest::new(&mem, 0);
+    let mut t = NetTransport::new(
+        Net::new(plain, Tap::default()).unwrap(),
+        CountingIrq::default(),
+    )
+    .unwrap();
+    assert!(matches!(
+        initialize(&mut t, &g, version_1 | CSUM),
+        Err(crate::mmio::MmioError::FeaturesRejected { .. })
+    ));
+    assert!(!t.is_live());
+    assert!(t.device().backend().offloads.is_empty());
+
+    // Offered, accepted, and handed to the backend on DRIVER_OK.
+    let mut g = Guest::new(&mem, 0);
+    let mut t = NetTransport::new(device(), CountingIrq::default()).unwrap();
+    let accepted = version_1 | CSUM | HOST_TSO4 | MRG | EVENT_IDX;
+    initialize(&mut t, &g, accepted).unwrap();
+    assert!(t.is_live());
+    assert_eq!(t.device().backend().offloads, [accepted]);
+
+    // The host's calls: the tap readable, a queue notification.
+    let p = tap_packet(100, 1);
+    t.device_mut().backend_mut().incoming.push_back(p.clone());
+    g.post(&[2048]);
+    t.run_device(&mem, |dev, ctx| dev.process_rx(ctx)).unwrap();
+    assert_eq!(g.received(0, 112), with_num_buffers(&p, 1));
+    let q = packet_with(
+        NetHeader {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            ..NetHeader::default()
+        },
+        3000,
+        2,
+    );
+    g.send(&q, &[HEADER_SIZE]);
+    t.notify(&mem, TX_QUEUE).unwrap();
+    assert_eq!(t.device().backend().sent, [q]);
+    assert_eq!(t.interrupt().line().count(), 2);
+    assert_eq!(
+        t.device().interest(),
+        NetInterest {
+            readable: true,
+            ..NetInterest::default()
+        }
+    );
 }
 
 #[test]
