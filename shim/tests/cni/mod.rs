@@ -143,11 +143,6 @@ impl CniNet {
         })
     }
 
-    /// The namespace holding the bridge.
-    pub fn host(&self) -> &Netns {
-        &self.host
-    }
-
     fn conf(&self, plugin: &str) -> String {
         match plugin {
             "bridge" => serde_json::json!({
@@ -175,14 +170,23 @@ impl CniNet {
 
     /// Runs `plugin` with `command` for pod `id` in `netns`, from the
     /// host namespace; the plugin's result.
-    fn plugin(&self, plugin: &str, command: &str, id: &str, netns: &Path) -> Result<String, String> {
+    fn plugin(
+        &self,
+        plugin: &str,
+        command: &str,
+        id: &str,
+        netns: &Path,
+    ) -> Result<String, String> {
         let mut child = Command::new("ip")
             .args(["netns", "exec", self.host.name()])
             .arg(Path::new(CNI_PATH).join(plugin))
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", id)
             .env("CNI_NETNS", netns)
-            .env("CNI_IFNAME", if plugin == "loopback" { "lo" } else { "eth0" })
+            .env(
+                "CNI_IFNAME",
+                if plugin == "loopback" { "lo" } else { "eth0" },
+            )
             .env("CNI_PATH", CNI_PATH)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
