@@ -46,13 +46,7 @@ pub fn wire(netns: &Path, state_dir: &Path) -> Result<(PodNetwork, NetConfig), V
         mac: iface.mac,
         mtu: u16::try_from(iface.mtu).unwrap_or(u16::MAX),
     };
-    log::info!(
-        "pod network {}: {} ({}, MTU {}) redirected to {TAP_NAME}",
-        netns.display(),
-        iface.name,
-        mac_text(&iface.mac),
-        iface.mtu
-    );
+    log::debug!("pod network {}: MAC {}", netns.display(), mac_text(&iface.mac));
     Ok((pod, nic))
 }
 
