@@ -374,4 +374,69 @@ mod tests {
             .to_string();
         assert!(err.contains("/nonexistent/vmlinux does not exist"), "{err}");
     }
+
+    /// A pod network namespace that is missing, or has no interface, or
+    /// two, fails the start before a VM exists, as bad input, and leaves
+    /// no tap behind.
+    #[test]
+    fn a_bad_pod_network_fails_before_the_vm_starts() {
+        use crate::podnet::testing::{skip_reason, TestNetns};
+        use crate::sandbox::error::SandboxErrorKind;
+        if let Some(reason) = skip_reason() {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (kernel, initrd) = (tmp.path().join("vmlinux"), tmp.path().join("initrd"));
+        std::fs::write(&kernel, b"not a kernel").unwrap();
+        std::fs::write(&initrd, b"not an initrd").unwrap();
+        let config = Config {
+            kernel: Some(kernel),
+            initrd: Some(initrd),
+            template: false,
+            ..Config::default()
+        };
+        let start = |netns: &Path| {
+            let state_dir = tmp.path().join("state");
+            VmHandler::default()
+                .start(&SandboxRequest {
+                    id: "x",
+                    state_dir: &state_dir,
+                    hostname: "",
+                    rootfs: tmp.path(),
+                    cgroups_path: None,
+                    netns: Some(netns),
+                    config: &config,
+                    ready_timeout: Duration::from_secs(1),
+                })
+                .map(drop)
+                .unwrap_err()
+        };
+        let missing = tmp.path().join("no-such-netns");
+        let err = start(&missing);
+        assert_eq!(err.kind(), SandboxErrorKind::InvalidArgument);
+        let text = vmm::error_chain(&err);
+        assert!(text.contains(&missing.display().to_string()), "{text}");
+
+        let empty = TestNetns::new().unwrap();
+        let err = start(empty.path());
+        assert_eq!(err.kind(), SandboxErrorKind::InvalidArgument);
+        let text = vmm::error_chain(&err);
+        assert!(text.contains("no interface"), "{text}");
+
+        let two = TestNetns::new().unwrap();
+        for (a, b) in [("v0", "p0"), ("v1", "p1")] {
+            two.ip(&["link", "add", a, "type", "veth", "peer", "name", b])
+                .unwrap();
+            two.ip(&["link", "set", a, "up"]).unwrap();
+            two.ip(&["link", "set", b, "up"]).unwrap();
+        }
+        let err = start(two.path());
+        assert_eq!(err.kind(), SandboxErrorKind::InvalidArgument);
+        let text = vmm::error_chain(&err);
+        assert!(text.contains("several interfaces"), "{text}");
+        for ns in [&empty, &two] {
+            assert!(!ns.link_exists(network::TAP_NAME));
+        }
+    }
 }

@@ -46,7 +46,11 @@ pub fn wire(netns: &Path, state_dir: &Path) -> Result<(PodNetwork, NetConfig), V
         mac: iface.mac,
         mtu: u16::try_from(iface.mtu).unwrap_or(u16::MAX),
     };
-    log::debug!("pod network {}: MAC {}", netns.display(), mac_text(&iface.mac));
+    log::debug!(
+        "pod network {}: MAC {}",
+        netns.display(),
+        mac_text(&iface.mac)
+    );
     Ok((pod, nic))
 }
 
