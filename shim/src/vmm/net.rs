@@ -19,6 +19,7 @@
 //! had accepted ([`Net::resume`]).
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use vmm_core::devices::net::{
@@ -128,6 +129,10 @@ pub struct NetSlot {
     again: EventFd,
     tap_fd: RawFd,
     watch: Mutex<Watch>,
+    /// The tap failed when it was ready: it is watched no more (a tap
+    /// whose link is gone stays ready and fails every read, and the
+    /// device's thread must not spin on it).
+    failed: AtomicBool,
 }
 
 impl NetSlot {
@@ -167,6 +172,7 @@ impl NetSlot {
             again,
             tap_fd,
             watch: Mutex::new(Watch::default()),
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -184,7 +190,7 @@ impl NetSlot {
     /// Sets the tap's events to what the device asks for now; asks to be
     /// called again when it stopped at its budget.
     fn update(&self, t: &MmioTransport<NetDevice, IrqFd, NET_QUEUES>) {
-        let interest = if t.is_live() {
+        let interest = if t.is_live() && !self.failed.load(Ordering::Relaxed) {
             t.device().interest()
         } else {
             Default::default()
@@ -295,6 +301,10 @@ impl VirtioSlot for NetSlot {
             log::warn!("virtio-net: {}", error_chain(&e));
         }
         report(before, transport.device());
+        if transport.device().stats().backend_errors > before.backend_errors {
+            log::warn!("virtio-net: the tap fails when ready; the NIC no longer watches it");
+            self.failed.store(true, Ordering::Relaxed);
+        }
         self.update(&transport);
     }
 
