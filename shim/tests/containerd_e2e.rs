@@ -2072,13 +2072,15 @@ fn vm_pod_network() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), sum);
 
-    // Gone with their pods: the taps and the qdiscs.
-    for (id, pod) in [(&id_a, &a), (&id_b, &b)] {
-        let _ = ctrd.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
-        wait_until("the task to be deleted", Duration::from_secs(60), || {
-            ctrd.ctr(&["tasks", "delete", id]).status.success()
-        });
-        ctrd.ctr_ok(&["containers", "rm", id]);
+    // Gone with their pods: the taps and the qdiscs; B's shim is killed
+    // (SIGKILL), and containerd's delete removes them.
+    let _ = ctrd.ctr(&["tasks", "kill", "-s", "SIGKILL", &id_a]);
+    wait_until("the task to be deleted", Duration::from_secs(60), || {
+        ctrd.ctr(&["tasks", "delete", &id_a]).status.success()
+    });
+    ctrd.ctr_ok(&["containers", "rm", &id_a]);
+    kill_shim_then_delete(&ctrd, &fp_b, &id_b);
+    for pod in [&a, &b] {
         let (links, qdiscs) = pod_links_and_qdiscs(pod);
         assert!(!links.contains("tap0_skiff"), "{links}");
         assert!(!qdiscs.contains("ingress"), "{qdiscs}");

@@ -323,7 +323,7 @@ mod tests {
         assert_eq!(got, Reply::exited(ExitReason::Reset));
         assert!(fds.is_empty());
 
-        // Two files arrive in order; three are refused.
+        // Files arrive in order; more than MAX_FILES are refused.
         let mut second = tempfile::tempfile().unwrap();
         second.write_all(b"memory").unwrap();
         let files = [file.as_raw_fd(), second.as_raw_fd()];
@@ -335,7 +335,11 @@ mod tests {
             .collect();
         assert_eq!(sizes, [4, 6]);
         assert!(matches!(
-            send(&a, &Request::Stop, &[files[0], files[1], files[0]]),
+            send(
+                &a,
+                &Request::Stop,
+                &[files[0], files[1], files[0], files[1]]
+            ),
             Err(WireError::TooManyFiles)
         ));
     }
