@@ -1955,13 +1955,34 @@ fn vm_pod_network() {
         "type=bind,src={},dst=/www,options=rbind:ro",
         www.path().display()
     );
+    // The pod's /etc/hosts and /etc/resolv.conf, bound read-write as the
+    // CRI plugin binds them: the guest gets copies.
+    let pod_files = tempfile::tempdir().unwrap();
+    let hosts = format!("127.0.0.1 localhost\n{} pod-a\n", a.ip);
+    let resolv = "nameserver 10.99.0.53\nsearch pods.test\n";
+    std::fs::write(pod_files.path().join("hosts"), &hosts).unwrap();
+    std::fs::write(pod_files.path().join("resolv.conf"), resolv).unwrap();
+    let bind = |name: &str| {
+        format!(
+            "type=bind,src={},dst=/etc/{name},options=rbind:rw",
+            pod_files.path().join(name).display()
+        )
+    };
+    let (hosts_mount, resolv_mount) = (bind("hosts"), bind("resolv.conf"));
     let _slots = (vm_slot(), vm_slot());
     run_in_pod(
         &ctrd,
         SKIFF,
         &config,
         &a.netns.path(),
-        &["--mount", &volume],
+        &[
+            "--mount",
+            &volume,
+            "--mount",
+            &hosts_mount,
+            "--mount",
+            &resolv_mount,
+        ],
         &id_a,
         &["httpd", "-f", "-p", "8080", "-h", "/www"],
     );
@@ -1969,8 +1990,16 @@ fn vm_pod_network() {
     let (links, qdiscs) = pod_links_and_qdiscs(&a);
     assert!(links.contains("tap0_skiff"), "{links}");
     assert!(qdiscs.contains("ingress"), "{qdiscs}");
-    let addr = exec_ok(&ctrd, &fp_a, &id_a, "addr", "ip -4 -o addr show eth0");
+    let addr = exec_ok(
+        &ctrd,
+        &fp_a,
+        &id_a,
+        "addr",
+        "ip -4 -o addr show eth0; echo ---; cat /etc/hosts /etc/resolv.conf",
+    );
+    let (addr, files) = addr.split_once("---\n").unwrap();
     assert!(addr.contains(&format!("inet {}/24", a.ip)), "{addr}");
+    assert_eq!(files, format!("{hosts}{resolv}"));
     // httpd may still be starting: the first fetch waits for it.
     let fetch = format!(
         "i=0; until wget -q -O /dev/null http://{a}:8080/f.sum; do \

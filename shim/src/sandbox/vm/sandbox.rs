@@ -12,7 +12,7 @@ use super::image::{build_image, image_path};
 use super::network;
 use super::serial::{guest_faults, SERIAL_NAME};
 use super::slots::{guest_disk, DiskSlots, Reserved};
-use super::volumes::mount_disk;
+use super::volumes::{mount_disk, mount_guest_file, pod_file, PodFile, POD_FILE_MAX_LEN};
 use crate::agent_client::AgentClient;
 use crate::podnet::PodNetwork;
 use crate::sandbox::error::SandboxError;
@@ -147,7 +147,18 @@ impl VmSandbox {
         volumes: &[BindMount],
         shared: &mut Vec<PathBuf>,
     ) -> Result<(), SandboxError> {
+        let (mut hosts, mut resolv_conf, mut first_file) = (None, None, None);
         for volume in volumes {
+            if let Some(file) = pod_file(volume) {
+                let text = read_pod_file(volume)?;
+                match file {
+                    PodFile::Hosts => hosts = Some(text),
+                    PodFile::ResolvConf => resolv_conf = Some(text),
+                }
+                mount_guest_file(mounts, volume, file)?;
+                first_file.get_or_insert(volume);
+                continue;
+            }
             let device = self.share_path(&volume.source)?;
             shared.push(volume.source.clone());
             mount_disk(mounts, volume, &device)?;
@@ -157,8 +168,61 @@ impl VmSandbox {
                 volume.destination.display()
             );
         }
+        if let Some(volume) = first_file {
+            self.give_pod_files(volume, hosts, resolv_conf)?;
+        }
         Ok(())
     }
+
+    /// Gives the guest the pod's `/etc/hosts` and `/etc/resolv.conf`
+    /// (`ConfigureNetwork` again, with the pod's network as it is, so the
+    /// agent only writes the files). Without a pod network there is no
+    /// guest network for them to describe: refused, naming `volume`.
+    fn give_pod_files(
+        &self,
+        volume: &BindMount,
+        hosts: Option<String>,
+        resolv_conf: Option<String>,
+    ) -> Result<(), SandboxError> {
+        let req = lock(&self.network).as_ref().map(|pod| {
+            let mut req = pod.to_proto();
+            req.hosts = hosts.unwrap_or_default();
+            req.resolv_conf = resolv_conf.unwrap_or_default();
+            req
+        });
+        let Some(req) = req else {
+            return Err(VmSandboxError::Volume {
+                host: volume.source.clone(),
+                destination: volume.destination.clone(),
+                reason: "the pod's /etc/hosts and /etc/resolv.conf go to the VM with its network; this sandbox has no network namespace",
+            }
+            .into());
+        };
+        self.client
+            .configure_network(&req)
+            .map_err(SandboxError::Agent)?;
+        log::info!("pod files given to the guest: {}", volume.source.display());
+        Ok(())
+    }
+}
+
+/// A pod file's text, bounded by [`POD_FILE_MAX_LEN`].
+fn read_pod_file(volume: &BindMount) -> Result<String, VmSandboxError> {
+    let refuse = |reason| VmSandboxError::Volume {
+        host: volume.source.clone(),
+        destination: volume.destination.clone(),
+        reason,
+    };
+    let file = std::fs::File::open(&volume.source).map_err(|_| refuse("cannot be opened"))?;
+    let mut text = String::new();
+    use std::io::Read;
+    file.take(POD_FILE_MAX_LEN + 1)
+        .read_to_string(&mut text)
+        .map_err(|_| refuse("cannot be read as text"))?;
+    if text.len() as u64 > POD_FILE_MAX_LEN {
+        return Err(refuse("is larger than 64 KiB"));
+    }
+    Ok(text)
 }
 
 impl Sandbox for VmSandbox {

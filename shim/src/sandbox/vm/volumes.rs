@@ -1,6 +1,7 @@
 //! A container's bind mounts in the VM: which the VM can serve (read-only
-//! directories, as read-only disks holding a copy) and the spec rewriting
-//! that mounts their disks instead.
+//! directories, as read-only disks holding a copy; the pod's `/etc/hosts`
+//! and `/etc/resolv.conf` files, as the guest's copies) and the spec
+//! rewriting that mounts those instead.
 
 use oci_spec::runtime::Mount;
 
@@ -22,6 +23,9 @@ pub(super) fn vm_volumes(mounts: &[Mount]) -> Result<Vec<BindMount>, VmSandboxEr
                 destination: bind.destination.clone(),
                 reason,
             };
+            if pod_file(&bind).is_some() {
+                return Ok(bind);
+            }
             if !bind.read_only {
                 return Err(refuse(
                     "read-write bind mounts need a file system shared with the host (virtio-fs), which the vm handler does not have yet; mount it read-only to get a copy",
@@ -39,6 +43,62 @@ pub(super) fn vm_volumes(mounts: &[Mount]) -> Result<Vec<BindMount>, VmSandboxEr
 
 /// Rewrites `volume`'s entry of `mounts` into a read-only ext4 mount of the
 /// guest disk `device` that holds its copy.
+/// A pod network file a container binds from the host (the CRI plugin's
+/// `/etc/hosts` and `/etc/resolv.conf` of the pod): the guest gets a copy
+/// at the same path (`ConfigureNetwork`), shared by the pod's containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PodFile {
+    /// `/etc/hosts`.
+    Hosts,
+    /// `/etc/resolv.conf`.
+    ResolvConf,
+}
+
+impl PodFile {
+    /// Where the guest has it (and where the container sees it).
+    pub(super) fn guest_path(self) -> &'static str {
+        match self {
+            PodFile::Hosts => "/etc/hosts",
+            PodFile::ResolvConf => "/etc/resolv.conf",
+        }
+    }
+}
+
+/// Most bytes a pod file may have (the agent's bound).
+pub(super) const POD_FILE_MAX_LEN: u64 = skiff_agent_proto::NET_FILE_MAX_LEN as u64;
+
+/// Which pod file `bind` is: a regular file bound at `/etc/hosts` or
+/// `/etc/resolv.conf`.
+pub(super) fn pod_file(bind: &BindMount) -> Option<PodFile> {
+    let file = match bind.destination.to_str()? {
+        "/etc/hosts" => PodFile::Hosts,
+        "/etc/resolv.conf" => PodFile::ResolvConf,
+        _ => return None,
+    };
+    bind.source.is_file().then_some(file)
+}
+
+/// Points `mounts`' entry for the pod file `volume` at the guest's copy,
+/// read-only (a container's writes would reach no one).
+pub(super) fn mount_guest_file(
+    mounts: &mut [Mount],
+    volume: &BindMount,
+    file: PodFile,
+) -> Result<(), VmSandboxError> {
+    let mount = mounts
+        .get_mut(volume.index)
+        .filter(|mount| *mount.destination() == volume.destination)
+        .ok_or_else(|| VmSandboxError::Volume {
+            host: volume.source.clone(),
+            destination: volume.destination.clone(),
+            reason: "the spec's mounts changed after they were checked",
+        })?;
+    mount.set_typ(Some("bind".into()));
+    mount.set_source(Some(file.guest_path().into()));
+    mount.set_options(Some(vec!["rbind".into(), "ro".into()]));
+    Ok(())
+}
+
 pub(super) fn mount_disk(
     mounts: &mut [Mount],
     volume: &BindMount,
@@ -69,6 +129,8 @@ pub(super) fn mount_disk(
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn spec_with(ty: &str, source: &str, opts: &[&str]) -> Vec<Mount> {
@@ -120,6 +182,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("only directories"), "{err}");
+    }
+
+    #[test]
+    fn the_pods_hosts_and_resolv_conf_files_become_the_guests() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("hosts");
+        std::fs::write(&file, b"127.0.0.1 localhost\n").unwrap();
+        let src = file.to_str().unwrap();
+        let mounts = |dst: &str, opts: &[&str]| -> Vec<Mount> {
+            serde_json::from_value(serde_json::json!([
+                {"destination": dst, "type": "bind", "source": src, "options": opts},
+            ]))
+            .unwrap()
+        };
+        // Read-write as the CRI plugin binds them, or read-only.
+        for (dst, want) in [
+            ("/etc/hosts", PodFile::Hosts),
+            ("/etc/resolv.conf", PodFile::ResolvConf),
+        ] {
+            for opts in [&["rbind", "rw"][..], &["rbind", "ro"]] {
+                let mut spec = mounts(dst, opts);
+                let volumes = vm_volumes(&spec).unwrap();
+                assert_eq!(pod_file(&volumes[0]), Some(want));
+                mount_guest_file(&mut spec, &volumes[0], want).unwrap();
+                let m = &spec[0];
+                assert_eq!(m.source().as_deref(), Some(Path::new(dst)));
+                assert_eq!(m.typ().as_deref(), Some("bind"));
+                assert_eq!(
+                    m.options().clone().unwrap(),
+                    ["rbind".to_owned(), "ro".to_owned()]
+                );
+            }
+        }
+        // Any other file, or a directory at /etc/hosts, is no pod file.
+        let err = vm_volumes(&mounts("/etc/hostname", &["rbind", "rw"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("read-write bind mounts need"), "{err}");
+        let dir_src = dir.path().to_str().unwrap();
+        let as_dir: Vec<Mount> = serde_json::from_value(serde_json::json!([
+            {"destination": "/etc/hosts", "type": "bind", "source": dir_src,
+             "options": ["rbind", "ro"]},
+        ]))
+        .unwrap();
+        assert_eq!(pod_file(&vm_volumes(&as_dir).unwrap()[0]), None);
     }
 
     #[test]
