@@ -8,7 +8,8 @@
 # with whatever offloads the path has. Round trip: REQUESTS sequential GETs
 # of a 2-byte file (a TCP connect, a request, an answer, a close each).
 # Times come from the client's own /proc/uptime (10 ms resolution), so a
-# VM's start is not in them. A "runc" pod here is busybox run in the pod's
+# VM's start is not in them; each request is a new busybox wget process,
+# so in a VM the round trip includes a guest fork and exec. A "runc" pod here is busybox run in the pod's
 # network namespace on the host: runc adds nothing to the network path. A
 # "vm" pod is `skiff run --handler vm --netns` (templates on: the first VM
 # boots and makes the template, the others restore from it).
@@ -90,7 +91,11 @@ vm() { # vm POD CMD...: a skiff run in pod POD's namespace
 # Servers: pod a on the host ("runc"), pod c in a VM (up while it is used).
 ip netns exec "$TAG-a" busybox httpd -f -p 8080 -h "$ROOT/www" &
 PIDS+=($!)
-vm c -- httpd -f -p 8080 -h /www 2>"$DIR/server-vm.err" &
+# (not through `vm`: a function run with & is a subshell, and killing it
+# would leave the skiff process)
+"$SKIFF" run --handler vm --kernel "$SKIFF_VM_KERNEL" --initrd "$SKIFF_VM_INITRD" \
+    --netns "/var/run/netns/$TAG-c" --rootfs "$ROOT" -- httpd -f -p 8080 -h /www \
+    2>"$DIR/server-vm.err" &
 PIDS+=($!)
 
 run_host() { ip netns exec "$TAG-b" env SERVER="$1" REQUESTS="$REQUESTS" busybox sh -c "$CLIENT"; }
