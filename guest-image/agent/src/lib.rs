@@ -22,6 +22,7 @@
 //! `skiff-agent-proto`, so the shim never links the engine.
 
 pub mod container;
+pub mod files;
 pub mod init;
 pub mod mounts;
 pub mod network;

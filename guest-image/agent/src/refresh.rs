@@ -17,9 +17,8 @@
 //! ([`RefreshError::NotGuestInit`]) unless told it runs as the guest init,
 //! before it looks at the request.
 
-use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -268,38 +267,9 @@ pub fn set_wall_clock(now: SystemTime) -> Result<(), RefreshError> {
 /// same directory, synced, then renamed over `path`, so a reader sees the
 /// old id or the new one, never a partial file.
 pub fn write_machine_id(path: &Path, id: &MachineId) -> Result<(), RefreshError> {
-    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
-    tmp_name.push(".skiff-new");
-    let tmp = path.with_file_name(tmp_name);
-    let failed = |path: &Path| {
-        let path = path.to_owned();
-        move |source| RefreshError::WriteMachineId { path, source }
-    };
-    // A leftover from an interrupted refresh would make create_new fail.
-    match std::fs::remove_file(&tmp) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(failed(&tmp)(err)),
-        _ => {}
-    }
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o444)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&tmp)
-        .and_then(|mut file| {
-            // The umask may have taken bits off; 0444 exactly.
-            file.set_permissions(std::fs::Permissions::from_mode(0o444))?;
-            file.write_all(format!("{}\n", id.as_str()).as_bytes())?;
-            file.sync_all()
-        });
-    if let Err(err) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(failed(&tmp)(err));
-    }
-    std::fs::rename(&tmp, path).map_err(|err| {
-        let _ = std::fs::remove_file(&tmp);
-        failed(path)(err)
-    })
+    let line = format!("{}\n", id.as_str());
+    crate::files::replace_file(path, line.as_bytes(), 0o444)
+        .map_err(|(path, source)| RefreshError::WriteMachineId { path, source })
 }
 
 #[cfg(test)]

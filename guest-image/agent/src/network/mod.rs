@@ -27,9 +27,8 @@
 pub mod config;
 pub mod netlink;
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
@@ -458,44 +457,17 @@ fn change_link(rtnl: &mut Rtnl, link: &Link, change: LinkChange) -> Result<(), N
 /// renamed over `path`, so a reader sees the old file or the new one, never
 /// a partial one.
 fn replace_file(path: &Path, contents: &[u8]) -> Result<(), NetworkError> {
-    let failed = |path: &Path| {
-        let path = path.to_owned();
-        move |source| NetworkError::WriteFile { path, source }
-    };
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(dir)
-        .map_err(failed(dir))?;
-    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
-    tmp_name.push(".skiff-new");
-    let tmp = path.with_file_name(tmp_name);
-    // A leftover from an interrupted call would make create_new fail.
-    match std::fs::remove_file(&tmp) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(failed(&tmp)(err)),
-        _ => {}
-    }
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&tmp)
-        .and_then(|mut file| {
-            // The umask may have taken bits off; 0644 exactly.
-            file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
-            file.write_all(contents)?;
-            file.sync_all()
-        });
-    if let Err(err) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(failed(&tmp)(err));
-    }
-    std::fs::rename(&tmp, path).map_err(|err| {
-        let _ = std::fs::remove_file(&tmp);
-        failed(path)(err)
-    })
+        .map_err(|source| NetworkError::WriteFile {
+            path: dir.to_owned(),
+            source,
+        })?;
+    crate::files::replace_file(path, contents, 0o644)
+        .map_err(|(path, source)| NetworkError::WriteFile { path, source })
 }
 
 #[cfg(test)]
