@@ -141,6 +141,17 @@ pub struct RunningVm {
     _vm: Arc<platform::KvmVm>,
 }
 
+/// The log level of a guest-triggerable fault seen `count` times before:
+/// the first is a warning, later ones debug (a guest must not flood the
+/// log).
+pub(crate) fn first_warn(count: u64) -> log::Level {
+    if count == 0 {
+        log::Level::Warn
+    } else {
+        log::Level::Debug
+    }
+}
+
 /// `err` and its sources, `: `-separated, for a report that crosses a
 /// thread or process boundary as text.
 pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {

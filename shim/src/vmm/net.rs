@@ -228,13 +228,7 @@ impl NetSlot {
 /// can send garbage at will, and must not flood the log).
 fn report(before: NetStats, device: &NetDevice) {
     let after = device.stats();
-    let level = |count: u64| {
-        if count == 0 {
-            log::Level::Warn
-        } else {
-            log::Level::Debug
-        }
-    };
+    let level = super::first_warn;
     if after.rejected > before.rejected {
         if let Some(e) = device.last_error() {
             log::log!(

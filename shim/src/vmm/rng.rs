@@ -90,13 +90,7 @@ impl RngSlot {
 /// can refuse requests at will, and must not flood the log).
 fn report(before: RngStats, device: &RngDevice) {
     let after = device.stats();
-    let level = |count: u64| {
-        if count == 0 {
-            log::Level::Warn
-        } else {
-            log::Level::Debug
-        }
-    };
+    let level = super::first_warn;
     if after.rejected > before.rejected {
         if let Some(e) = device.last_error() {
             log::log!(
