@@ -4,6 +4,7 @@
 //! implements.
 
 pub mod blk;
+pub mod fs;
 pub mod net;
 pub mod rng;
 pub mod vsock;
