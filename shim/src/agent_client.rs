@@ -193,10 +193,22 @@ impl AgentClient {
         Ok(())
     }
 
-    /// Prepares the sandbox (hostname).
-    pub fn create_sandbox(&self, hostname: &str) -> CallResult<()> {
+    /// Prepares the sandbox (hostname); in a micro-VM, mounts the
+    /// virtio-fs share `shared_fs` (tag, guest mount point) first.
+    pub fn create_sandbox(
+        &self,
+        hostname: &str,
+        shared_fs: Option<(&str, &str)>,
+    ) -> CallResult<()> {
         let req = pb::CreateSandboxRequest {
             hostname: hostname.to_owned(),
+            shared_fs: shared_fs
+                .map(|(tag, mount_point)| pb::SharedFs {
+                    tag: tag.to_owned(),
+                    mount_point: mount_point.to_owned(),
+                    ..Default::default()
+                })
+                .into(),
             ..Default::default()
         };
         call(CALL_TIMEOUT, |c| self.inner.create_sandbox(c, &req))?;

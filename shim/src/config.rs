@@ -13,7 +13,9 @@
 //! vm_ready_timeout_secs = 300  # `vm`: bound on boot + agent's first answer
 //! kernel_params = ""           # `vm`: appended to the guest kernel command line
 //! cpu_template = "pvm-compat"  # `vm`: default | pvm-compat (unset: what `skiff check` picks)
-//! vm_disks = 4                 # `vm`: virtio-blk slots: most containers a pod's VM holds at once
+//! vm_rootfs = "virtio-fs"      # `vm`: "virtio-fs" (rootfs and volumes shared live) or "block" (ext4 copies on virtio-blk)
+//! fs_cache = "auto"            # `vm`, virtio-fs: guest caching of names/attributes: none, auto (1 s), always
+//! vm_disks = 4                 # `vm`, `vm_rootfs = "block"`: virtio-blk slots: most containers a pod's VM holds at once
 //! vmm = "process"              # `vm`: "process" (a jailed VMM child process) or "inline" (VMM threads in the shim)
 //! vmm_uid = 65534              # `vm`, `vmm = "process"`: the VMM process's user
 //! vmm_gid = 65534              # `vm`, `vmm = "process"`: the VMM process's group
@@ -95,6 +97,22 @@ pub enum VmmMode {
     Inline,
 }
 
+/// How a micro-VM gets its containers' rootfs and volumes (`vm` handler).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum VmRootfs {
+    /// Served live from the host through one virtio-fs share per pod (the
+    /// default): no copies, writes land on the host, read-write and
+    /// single-file binds work.
+    #[default]
+    #[serde(rename = "virtio-fs")]
+    VirtioFs,
+    /// Copied into an ext4 image per container rootfs and read-only volume,
+    /// each on a virtio-blk disk (`vm_disks` slots): writes stay in the
+    /// copy; read-write and file binds are refused.
+    #[serde(rename = "block")]
+    Block,
+}
+
 /// Log verbosity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -172,6 +190,12 @@ pub struct Config {
     /// containers a pod holds at once. Empty slots cost the guest a probe
     /// at boot and the host one idle device.
     pub vm_disks: u32,
+    /// How the VM gets container rootfs and volumes (`vm` handler).
+    pub vm_rootfs: VmRootfs,
+    /// How long the guest may cache the virtio-fs share's names and
+    /// attributes (`vm_rootfs = "virtio-fs"`): `none`, `auto` (1 s, the
+    /// default) or `always`.
+    pub fs_cache: crate::vmm::fs::CacheMode,
     /// Where the VMM runs (`vm` handler).
     pub vmm: VmmMode,
     /// The jailed VMM's user (`vmm = "process"`).
@@ -203,6 +227,8 @@ impl Default for Config {
             kernel_params: String::new(),
             cpu_template: None,
             vm_disks: DEFAULT_VM_DISKS,
+            vm_rootfs: VmRootfs::VirtioFs,
+            fs_cache: crate::vmm::fs::CacheMode::default(),
             vmm: VmmMode::Process,
             vmm_uid: NOBODY,
             vmm_gid: NOBODY,
@@ -433,6 +459,13 @@ mod tests {
         assert!(e.contains("vcpus = 0 is out of range"), "{e}");
         let e = parse("memory_mib = 1\n").unwrap_err().to_string();
         assert!(e.contains("memory_mib = 1 is out of range"), "{e}");
+        let c = parse("vm_rootfs = \"block\"\nfs_cache = \"none\"\n").unwrap();
+        assert_eq!(c.vm_rootfs, VmRootfs::Block);
+        assert_eq!(c.fs_cache, crate::vmm::fs::CacheMode::None);
+        assert_eq!(Config::default().vm_rootfs, VmRootfs::VirtioFs);
+        assert_eq!(Config::default().fs_cache, crate::vmm::fs::CacheMode::Auto);
+        let e = parse("vm_rootfs = \"9p\"\n").unwrap_err().to_string();
+        assert!(e.contains("unknown variant `9p`"), "{e}");
         let e = parse("handler = \"kvm\"\n").unwrap_err().to_string();
         assert!(e.contains("unknown variant `kvm`"), "{e}");
         let e = parse("log_level = \"loud\"\n").unwrap_err().to_string();

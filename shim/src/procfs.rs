@@ -1,5 +1,8 @@
 //! What `/proc` says about a process the shim did not necessarily start
-//! (a dead shim's agent, a shim that is exiting).
+//! (a dead shim's agent, a shim that is exiting), and about the shim's
+//! mounts.
+
+use std::path::{Path, PathBuf};
 
 /// Whether `pid` is gone or a zombie (exited, not yet reaped: as good as
 /// gone).
@@ -26,8 +29,69 @@ pub fn runs(pid: i32, name: &str) -> bool {
         && !has_exited(pid)
 }
 
+/// A `/proc/self/mountinfo` path field with its escapes (space, tab,
+/// newline and backslash as `\ooo`) undone.
+pub fn unescape_mountinfo(field: &str) -> String {
+    let mut out = Vec::with_capacity(field.len());
+    let bytes = field.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            if let Some(v) = field
+                .get(i + 1..i + 4)
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mount points strictly under `dir` in this process's mount
+/// namespace, deepest first (the order to unmount them in).
+pub fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    mount_points_in(&info, dir)
+}
+
+fn mount_points_in(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p != dir && p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mount_points_under_a_dir_deepest_first() {
+        let info = "1 0 8:1 / / rw - ext4 /dev/vda rw\n\
+                    2 1 0:5 / /s rw - tmpfs t rw\n\
+                    3 2 8:1 /x /s/shared rw - ext4 /dev/vda rw\n\
+                    4 3 0:6 / /s/shared/a\\040b rw - overlay o rw\n\
+                    5 1 0:7 / /sx rw - tmpfs t rw\n";
+        let found = super::mount_points_in(info, std::path::Path::new("/s"));
+        assert_eq!(
+            found,
+            [
+                std::path::PathBuf::from("/s/shared/a b"),
+                "/s/shared".into()
+            ]
+        );
+    }
+
     use super::*;
 
     #[test]

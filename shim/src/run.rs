@@ -272,7 +272,7 @@ pub fn run(
         }
     };
     let started = Instant::now();
-    let sandbox = handler_for(req.config.handler)
+    let sandbox = handler_for(req.config)
         .start(&SandboxRequest {
             id: &id,
             state_dir: &state_dir,

@@ -55,6 +55,7 @@ fn spinner(root: &Path, disks: Vec<DiskConfig>) -> VmConfig {
         epoch: Instant::now(),
         rng: false,
         net: None,
+        fs: None,
         seccomp: true,
     }
 }

@@ -69,6 +69,7 @@ fn linux_boots_to_init_with_a_virtio_disk() {
         epoch: Instant::now(),
         rng: false,
         net: None,
+        fs: None,
         seccomp: true,
     })
     .expect("the VM runs");

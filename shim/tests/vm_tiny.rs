@@ -34,6 +34,7 @@ fn config(
             epoch: Instant::now(),
             rng: false,
             net: None,
+            fs: None,
             seccomp: true,
         },
         out,

@@ -76,6 +76,7 @@ fn vsock_device_is_wired_and_torn_down() {
         epoch: Instant::now(),
         rng: false,
         net: None,
+        fs: None,
         seccomp: true,
     };
     let vm = vmm::Vm::start(cfg).expect("VM starts");
@@ -242,6 +243,7 @@ fn garbage_from_the_guest_driver_is_answered_with_rst() {
         epoch: Instant::now(),
         rng: false,
         net: None,
+        fs: None,
         seccomp: true,
     };
     let vm = vmm::Vm::start(cfg).expect("VM starts");

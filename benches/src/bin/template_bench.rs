@@ -192,6 +192,7 @@ fn bench() -> anyhow::Result<()> {
             epoch: Instant::now(),
             rng: true,
             net: None,
+            fs: None,
             seccomp: true,
         };
         let t = Instant::now();

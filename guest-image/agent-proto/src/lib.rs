@@ -53,6 +53,12 @@ pub const NET_IPV6_MIN_MTU: u32 = 1280;
 /// each (64 KiB).
 pub const NET_FILE_MAX_LEN: usize = 64 << 10;
 
+/// Longest virtio-fs tag (the device's config space holds 36 bytes).
+pub const SHARED_FS_TAG_MAX_LEN: usize = 36;
+
+/// Where a shared file system may be mounted in the guest: under this.
+pub const SHARED_FS_MOUNT_PARENT: &str = "/run/skiff";
+
 /// What the serial of every disk skiff attaches to a VM starts with.
 pub const DISK_SERIAL_PREFIX: &str = "skiff-";
 

@@ -14,7 +14,8 @@
 //! from a VM snapshot changes so it shares nothing with its template
 //! (entropy, clock, machine id: guest init only); [`network`] configures
 //! the guest's side of the pod network (its NIC, routes, `/etc/hosts`,
-//! `/etc/resolv.conf`: guest init only).
+//! `/etc/resolv.conf`: guest init only); [`shared_fs`] mounts the VM's
+//! virtio-fs share (container rootfs and volumes: guest init only).
 //!
 //! It must never depend on the VMM crates (`vmm-core`, `platform-*`) or the
 //! shim: the agent is what runs *inside* the VM. What it shares with the
@@ -31,5 +32,6 @@ pub mod reaper;
 pub mod refresh;
 pub mod server;
 pub mod service;
+pub mod shared_fs;
 pub mod spawner;
 pub mod stdio;

@@ -25,6 +25,7 @@ use crate::network::{self, NetworkError};
 use crate::oom::{oom_kill_count, OomWatcher};
 use crate::reaper::lock;
 use crate::refresh::{self, RefreshError};
+use crate::shared_fs::{mount_shared_fs, SharedFsError};
 use crate::stdio::{OutputBuffer, ReadOutcome};
 
 pub use skiff_agent_proto::PROTOCOL_VERSION;
@@ -51,6 +52,10 @@ pub enum AgentError {
     /// ConfigureNetwork was refused, malformed, or failed.
     #[error(transparent)]
     Network(#[from] NetworkError),
+    /// CreateSandbox's shared file system was refused, malformed, or
+    /// could not be mounted.
+    #[error(transparent)]
+    SharedFs(#[from] SharedFsError),
 }
 
 impl AgentError {
@@ -70,6 +75,9 @@ impl AgentError {
             Self::Refresh(err) if err.is_invalid_request() => Code::INVALID_ARGUMENT,
             Self::Refresh(_) => Code::INTERNAL,
             Self::Network(err) => of_kind(err.kind()),
+            Self::SharedFs(SharedFsError::NotGuestInit) => Code::FAILED_PRECONDITION,
+            Self::SharedFs(err) if err.is_invalid_request() => Code::INVALID_ARGUMENT,
+            Self::SharedFs(_) => Code::INTERNAL,
         }
     }
 }
@@ -287,6 +295,9 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: pb::CreateSandboxRequest,
     ) -> ttrpc::Result<pb::Empty> {
+        if let Some(shared) = req.shared_fs.as_ref() {
+            mount_shared_fs(self.guest_init, shared).map_err(AgentError::from)?;
+        }
         *lock(&self.sandbox) = Some(Sandbox {
             hostname: req.hostname,
         });

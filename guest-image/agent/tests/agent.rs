@@ -834,6 +834,18 @@ fn signal_all_and_sandbox_hostname() {
     let agent = Agent::start();
     let mut sandbox = pb::CreateSandboxRequest::new();
     sandbox.hostname = "sbx".into();
+    // A shared file system is the micro-VM's: on the host the request is
+    // refused whole, before it is looked at, and mounts nothing.
+    let mut with_share = sandbox.clone();
+    with_share.shared_fs = Some(pb::SharedFs {
+        tag: "skiff".into(),
+        mount_point: "/run/skiff/host-must-not-mount".into(),
+        ..Default::default()
+    })
+    .into();
+    let err = agent.client.create_sandbox(ctx(), &with_share).unwrap_err();
+    assert_eq!(common::code_of(&err), ttrpc::Code::FAILED_PRECONDITION);
+    assert!(!std::path::Path::new("/run/skiff/host-must-not-mount").exists());
     agent.client.create_sandbox(ctx(), &sandbox).unwrap();
 
     // Background children plus a shell that waits: `all` kills every one.

@@ -417,6 +417,7 @@ fn device_config(d: DeviceArgs, epoch: Instant) -> VmConfig {
         epoch,
         rng: d.rng,
         net: None,
+        fs: None,
         seccomp: !d.no_seccomp,
     }
 }

@@ -210,7 +210,7 @@ impl SandboxHandler for LinuxHandler {
             client: agent.client.clone(),
             child: Mutex::new(Some(agent.child)),
         };
-        if let Err(err) = sandbox.client.create_sandbox(req.hostname) {
+        if let Err(err) = sandbox.client.create_sandbox(req.hostname, None) {
             let _ = sandbox.stop(Duration::from_secs(5));
             return Err(SandboxError::Agent(err));
         }

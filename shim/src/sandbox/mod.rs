@@ -26,12 +26,12 @@ pub use error::{SandboxError, SandboxErrorKind};
 pub use handler::{Sandbox, SandboxHandler, SandboxRequest};
 pub use mounts::BindMount;
 
-use crate::config::HandlerKind;
+use crate::config::{Config, HandlerKind};
 
-/// The handler `kind` names.
-pub fn handler_for(kind: HandlerKind) -> Box<dyn SandboxHandler> {
-    match kind {
+/// The handler `config` names.
+pub fn handler_for(config: &Config) -> Box<dyn SandboxHandler> {
+    match config.handler {
         HandlerKind::Linux => Box::new(linux::LinuxHandler),
-        HandlerKind::Vm => Box::new(vm::VmHandler::default()),
+        HandlerKind::Vm => Box::new(vm::VmHandler::new(config.vm_rootfs)),
     }
 }

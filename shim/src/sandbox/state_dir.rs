@@ -40,7 +40,27 @@ pub fn make_private(file: &File) -> std::io::Result<()> {
 }
 
 /// Removes the sandbox's state directory; one already gone is no error.
+///
+/// Whatever is still mounted under it (a `vm` sandbox's shared container
+/// rootfs and volumes, after a dead shim) is detached first, and if
+/// anything stays mounted nothing is removed: a recursive removal must
+/// never reach through a bind mount into a container's files.
 pub fn remove(state_dir: &Path) -> Result<(), SandboxError> {
+    for mount in crate::procfs::mount_points_under(state_dir) {
+        if let Err(e) = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH) {
+            log::warn!("cannot detach {}: {e}", mount.display());
+        }
+    }
+    if let Some(left) = crate::procfs::mount_points_under(state_dir).first() {
+        return Err(SandboxError::io(
+            format!(
+                "not removing {}: {} is still mounted there",
+                state_dir.display(),
+                left.display()
+            ),
+            std::io::Error::from(std::io::ErrorKind::ResourceBusy),
+        ));
+    }
     match std::fs::remove_dir_all(state_dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(SandboxError::io(
             format!("cannot remove {}", state_dir.display()),
@@ -119,6 +139,36 @@ mod tests {
         remove(&state).unwrap();
         assert!(!state.exists());
         remove(&state).unwrap();
+    }
+
+    /// A bind mount left in a state dir (a dead shim's shared rootfs) is
+    /// detached, never deleted through.
+    #[test]
+    fn remove_detaches_mounts_and_keeps_their_files() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: bind mounts need root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let precious = dir.path().join("rootfs");
+        std::fs::create_dir(&precious).unwrap();
+        std::fs::write(precious.join("keep"), b"x").unwrap();
+        let state = dir.path().join("state");
+        let target = state.join("shared/c1");
+        std::fs::create_dir_all(&target).unwrap();
+        let none: Option<&str> = None;
+        nix::mount::mount(
+            Some(&precious),
+            &target,
+            none,
+            nix::mount::MsFlags::MS_BIND,
+            none,
+        )
+        .unwrap();
+        remove(&state).unwrap();
+        assert!(!state.exists());
+        assert_eq!(std::fs::read(precious.join("keep")).unwrap(), b"x");
     }
 
     #[test]

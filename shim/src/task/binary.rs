@@ -535,7 +535,7 @@ fn delete(args: &Args) -> CommandResult<()> {
                     .and_then(|p| Config::load(Path::new(p.trim())).ok())
                     .or_else(|| Config::resolve(None).ok().map(|(c, _)| c))
                     .unwrap_or_default();
-                if let Err(e) = handler_for(config.handler).cleanup(&state_dir, &config) {
+                if let Err(e) = handler_for(&config).cleanup(&state_dir, &config) {
                     eprintln!("warning: sandbox cleanup: {e}");
                 }
             }

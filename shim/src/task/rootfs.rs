@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::procfs::unescape_mountinfo;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 /// A mount as containerd describes it.
@@ -165,27 +166,8 @@ pub fn is_mount_point(path: &Path) -> bool {
     info.lines().any(|line| {
         line.split(' ')
             .nth(4)
-            .is_some_and(|p| unescape(p) == wanted)
+            .is_some_and(|p| unescape_mountinfo(p) == wanted)
     })
-}
-
-fn unescape(field: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let mut out = String::with_capacity(field.len());
-    let bytes = field.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
-                out.push(v as char);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i] as char);
-        i += 1;
-    }
-    out
 }
 
 /// Unmounts everything stacked on `target` (a no-op if nothing is).
@@ -247,8 +229,8 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes() {
-        assert_eq!(unescape("/a\\040b"), "/a b");
-        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(crate::procfs::unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(crate::procfs::unescape_mountinfo("/plain"), "/plain");
     }
 
     #[test]

@@ -230,7 +230,7 @@ struct Setup {
 impl Setup {
     fn new(config: Config) -> Arc<Self> {
         Arc::new(Self {
-            handler: handler_for(config.handler),
+            handler: handler_for(&config),
             config,
         })
     }

@@ -76,6 +76,18 @@ pub struct NetConfig {
     pub mtu: u16,
 }
 
+/// A virtio-fs device sharing a host directory with the guest.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// The directory (for a jailed VMM, relative to the jail's root: it
+    /// is opened again, inside the jail, at each FUSE INIT).
+    pub dir: PathBuf,
+    /// The tag the guest mounts it by (1 to 36 bytes).
+    pub tag: String,
+    /// How long the guest may cache names and attributes.
+    pub cache: super::fs::CacheMode,
+}
+
 /// Where the serial console goes.
 #[derive(Clone, Debug, Default)]
 pub enum SerialOutput {
@@ -119,17 +131,20 @@ pub struct VmConfig {
     /// A virtio-rng device (after the disks and vsock): the guest's
     /// `hwrng` feeds its entropy pool from the host's `getrandom`.
     pub rng: bool,
-    /// A virtio-net NIC (after every other device).
+    /// A virtio-net NIC (after the rng).
     pub net: Option<NetConfig>,
+    /// A virtio-fs share (after every other device).
+    pub fs: Option<FsConfig>,
 }
 
 impl VmConfig {
     /// How many virtio devices the VM gets: the disks, then the vsock
-    /// device, the rng, the NIC.
+    /// device, the rng, the NIC, the share.
     pub fn virtio_device_count(&self) -> usize {
         self.disks.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
             + usize::from(self.net.is_some())
+            + usize::from(self.fs.is_some())
     }
 }

@@ -15,6 +15,7 @@ mod blk;
 mod config;
 mod devices;
 mod file_disk;
+pub mod fs;
 mod irq;
 pub mod jail;
 mod net;
@@ -43,7 +44,9 @@ use shared::Shared;
 use slot::DiskSlotError;
 
 pub use blk::disk_name;
-pub use config::{BootSource, DiskConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
+pub use config::{
+    BootSource, DiskConfig, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig,
+};
 pub use file_disk::{FileDisk, FileDiskError};
 pub use platform::boot::{BootInfo, BootProtocol, KernelSpec};
 pub use platform::cpuid::CpuTemplate;

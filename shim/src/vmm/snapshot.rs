@@ -271,6 +271,7 @@ pub fn probe() -> Result<ProbeReport, super::VmmError> {
         epoch: Instant::now(),
         rng: false,
         net: None,
+        fs: None,
         seccomp: true,
     };
     let dots = |out: &Arc<Mutex<Vec<u8>>>| crate::sync::lock(out).len();

@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::error::VmSandboxError;
+use super::share::SHARE_TAG;
 use crate::config::Config;
-use crate::vmm::{BootSource, DiskConfig, KernelSpec, SerialOutput, VmConfig, VsockConfig};
+use crate::vmm::{
+    BootSource, DiskConfig, FsConfig, KernelSpec, SerialOutput, VmConfig, VsockConfig,
+};
 
 /// The guest's vsock CID.
 const GUEST_CID: u64 = 3;
@@ -52,12 +55,15 @@ pub(super) struct VmFiles<'a> {
     pub(super) uds: &'a Path,
     /// The serial log.
     pub(super) serial: &'a Path,
+    /// The pod's virtio-fs share (`vm_rootfs = "virtio-fs"`).
+    pub(super) share: Option<&'a Path>,
 }
 
-/// The VM for `config`: `vm_disks` empty disk slots, vsock, the serial
-/// log, the kernel command line and CPU template for this host. Nothing
-/// in it depends on the pod, so one template serves every pod of a
-/// config.
+/// The VM for `config`: a virtio-fs share (`vm_rootfs = "virtio-fs"`)
+/// or `vm_disks` empty disk slots (`"block"`), vsock, the serial log, the
+/// kernel command line and CPU template for this host. Nothing in it
+/// depends on the pod (the share's directory is each pod's, but not part
+/// of the guest), so one template serves every pod of a config.
 pub(super) fn vm_config(config: &Config, artifacts: &Artifacts, files: &VmFiles<'_>) -> VmConfig {
     let host = crate::check::detect();
     let mut cmdline = host.cmdline();
@@ -73,9 +79,12 @@ pub(super) fn vm_config(config: &Config, artifacts: &Artifacts, files: &VmFiles<
             initrd: Some(artifacts.initrd.clone()),
             cmdline,
         }),
-        disks: (0..config.vm_disks.max(1))
-            .map(|_| DiskConfig::empty())
-            .collect(),
+        disks: match files.share {
+            Some(_) => Vec::new(),
+            None => (0..config.vm_disks.max(1))
+                .map(|_| DiskConfig::empty())
+                .collect(),
+        },
         vsock: Some(VsockConfig {
             guest_cid: GUEST_CID,
             uds_path: files.uds.to_owned(),
@@ -89,6 +98,11 @@ pub(super) fn vm_config(config: &Config, artifacts: &Artifacts, files: &VmFiles<
         epoch: Instant::now(),
         rng: true,
         net: None,
+        fs: files.share.map(|dir| FsConfig {
+            dir: dir.to_owned(),
+            tag: SHARE_TAG.to_owned(),
+            cache: config.fs_cache,
+        }),
         seccomp: config.seccomp,
     }
 }

@@ -72,6 +72,15 @@ pub enum VmSandboxError {
         /// Why not.
         reason: &'static str,
     },
+    /// The pod's virtio-fs share could not be set up or changed.
+    #[error("virtio-fs share: cannot {what}")]
+    Share {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The VM is stopped.
     #[error("the VM is not running")]
     NotRunning,
@@ -105,6 +114,10 @@ impl VmSandboxError {
                 ..
             } => SandboxErrorKind::InvalidArgument,
             Self::NoFreeDisk { .. } => SandboxErrorKind::ResourceExhausted,
+            // A bind source that is not there is the spec's fault.
+            Self::Share { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                SandboxErrorKind::InvalidArgument
+            }
             _ => SandboxErrorKind::Internal,
         }
     }

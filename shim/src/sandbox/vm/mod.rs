@@ -48,6 +48,7 @@ mod image;
 mod network;
 mod sandbox;
 mod serial;
+mod share;
 mod slots;
 mod template;
 mod volumes;
@@ -59,10 +60,11 @@ pub use slots::guest_disk;
 use self::boot::{artifacts, vm_config, VmFiles};
 use self::connect::connect_agent;
 use self::serial::SERIAL_NAME;
+use self::share::{Share, GUEST_MOUNT_POINT, SHARE_TAG};
 use self::slots::DiskSlots;
 use self::template::TemplateStore;
 use crate::agent_client::AgentClient;
-use crate::config::{Config, VmmMode};
+use crate::config::{Config, VmRootfs, VmmMode};
 use crate::podnet;
 use crate::sandbox::error::SandboxError;
 use crate::sandbox::handler::{Sandbox, SandboxHandler, SandboxRequest};
@@ -85,15 +87,31 @@ pub const RESTORED_READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Default, Clone)]
 pub struct VmHandler {
     vmm_exe: Option<PathBuf>,
+    rootfs: VmRootfs,
 }
 
 impl VmHandler {
+    /// A handler giving VMs their containers' rootfs and volumes as
+    /// `rootfs` says.
+    pub fn new(rootfs: VmRootfs) -> Self {
+        VmHandler {
+            vmm_exe: None,
+            rootfs,
+        }
+    }
+
     /// A handler whose jailed VMMs run `exe` (a skiff binary) instead of
     /// re-executing this one; for tests, whose binary is the test harness.
     pub fn with_vmm_exe(exe: impl Into<PathBuf>) -> Self {
         VmHandler {
             vmm_exe: Some(exe.into()),
+            rootfs: VmRootfs::default(),
         }
+    }
+
+    /// This handler, giving rootfs and volumes as `rootfs` says.
+    pub fn with_rootfs(self, rootfs: VmRootfs) -> Self {
+        VmHandler { rootfs, ..self }
     }
 
     /// How `req`'s VMM is jailed; `None`: it runs inline.
@@ -130,9 +148,17 @@ impl VmHandler {
         state_dir::create(req.state_dir)?;
         let uds = req.state_dir.join(VSOCK_NAME);
         let serial = req.state_dir.join(SERIAL_NAME);
+        // The pod's virtio-fs share, a mount point before the VMM starts
+        // (a jailed one sees what is bound under it later); unmounted
+        // again if the sandbox does not start.
+        let share = match self.rootfs {
+            VmRootfs::VirtioFs => Some(Share::create(req.state_dir)?),
+            VmRootfs::Block => None,
+        };
         let files = VmFiles {
             uds: &uds,
             serial: &serial,
+            share: share.as_ref().map(Share::dir),
         };
         let jail = self.jail(req);
         // Built once (it asks `check::detect` about the host); each start
@@ -218,7 +244,9 @@ impl VmHandler {
         );
         let disks = DiskSlots::new(req.config.vm_disks as usize);
         let pod = wired.0.take();
+        let shared_fs = share.is_some().then_some((SHARE_TAG, GUEST_MOUNT_POINT));
         let sandbox = VmSandbox::new(req.state_dir, disks, client, vm, ready_after, from_template);
+        sandbox.set_share(share);
         let set_up = refresh_guest(&sandbox, req.id)
             .and_then(|()| match &pod {
                 Some(pod) => network::configure_guest(sandbox.agent(), pod),
@@ -227,7 +255,7 @@ impl VmHandler {
             .and_then(|()| {
                 sandbox
                     .agent()
-                    .create_sandbox(req.hostname)
+                    .create_sandbox(req.hostname, shared_fs)
                     .map_err(SandboxError::Agent)
             });
         // From here the sandbox's stop unwires the pod network.
@@ -328,7 +356,7 @@ impl SandboxHandler for VmHandler {
     }
 
     fn volumes(&self, mounts: &[Mount]) -> Result<Vec<BindMount>, SandboxError> {
-        Ok(volumes::vm_volumes(mounts)?)
+        Ok(volumes::vm_volumes(mounts, self.rootfs)?)
     }
 
     fn cleanup(&self, state_dir: &Path, _config: &Config) -> Result<(), SandboxError> {

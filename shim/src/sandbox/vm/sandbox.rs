@@ -1,5 +1,7 @@
-//! A running `vm` sandbox: the micro-VM, its agent client, and the disk
-//! slots its containers' rootfs and volume images go into while it runs.
+//! A running `vm` sandbox: the micro-VM, its agent client, and where its
+//! containers' rootfs and volumes go: the pod's virtio-fs share
+//! ([`Share`]), or (`vm_rootfs = "block"`) the disk slots their images go
+//! into while they run.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -11,8 +13,11 @@ use super::error::VmSandboxError;
 use super::image::{build_image, image_path};
 use super::network;
 use super::serial::{guest_faults, SERIAL_NAME};
+use super::share::Share;
 use super::slots::{guest_disk, DiskSlots, Reserved};
-use super::volumes::{mount_disk, mount_guest_file, pod_file, PodFile, POD_FILE_MAX_LEN};
+use super::volumes::{
+    mount_disk, mount_guest_file, mount_shared, pod_file, PodFile, POD_FILE_MAX_LEN,
+};
 use crate::agent_client::AgentClient;
 use crate::podnet::PodNetwork;
 use crate::sandbox::error::SandboxError;
@@ -32,6 +37,8 @@ pub struct VmSandbox {
     restored: bool,
     /// The pod network wired to the VM's NIC, unwired when it stops.
     network: Mutex<Option<PodNetwork>>,
+    /// The pod's virtio-fs share (`None`: block mode).
+    share: Mutex<Option<Share>>,
 }
 
 impl std::fmt::Debug for VmSandbox {
@@ -62,7 +69,19 @@ impl VmSandbox {
             ready_after,
             restored,
             network: Mutex::new(None),
+            share: Mutex::new(None),
         }
+    }
+
+    /// Hands the sandbox the pod's virtio-fs share: containers' rootfs and
+    /// volumes are bound under it, and its stop unmounts it.
+    pub(super) fn set_share(&self, share: Option<Share>) {
+        *lock(&self.share) = share;
+    }
+
+    /// Whether the sandbox serves rootfs and volumes through virtio-fs.
+    pub fn has_share(&self) -> bool {
+        lock(&self.share).is_some()
     }
 
     /// Hands the sandbox the pod network wired to its VM's NIC: its stop
@@ -118,6 +137,7 @@ impl VmSandbox {
         if let Some(pod) = lock(&self.network).take() {
             network::unwire(&pod);
         }
+        drop(lock(&self.share).take());
         state_dir::remove(&self.state_dir)?;
         Ok(Some(report))
     }
@@ -147,6 +167,26 @@ impl VmSandbox {
         volumes: &[BindMount],
         shared: &mut Vec<PathBuf>,
     ) -> Result<(), SandboxError> {
+        if let Some(share) = lock(&self.share).as_mut() {
+            for volume in volumes {
+                let guest = share.add(&volume.source, volume.read_only)?;
+                if let Some(host) = share.host_path(&guest) {
+                    shared.push(host);
+                }
+                mount_shared(mounts, volume, &guest)?;
+                log::info!(
+                    "volume {} at {}: shared ({}) as {guest}",
+                    volume.source.display(),
+                    volume.destination.display(),
+                    if volume.read_only {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                );
+            }
+            return Ok(());
+        }
         let (mut hosts, mut resolv_conf, mut first_file) = (None, None, None);
         for volume in volumes {
             if let Some(file) = pod_file(volume) {
@@ -231,6 +271,11 @@ impl Sandbox for VmSandbox {
     }
 
     fn share_path(&self, host: &Path) -> Result<String, SandboxError> {
+        if let Some(share) = lock(&self.share).as_mut() {
+            let guest = share.add(host, false)?;
+            log::info!("{} shared as {guest}", host.display());
+            return Ok(guest);
+        }
         // Reserve a slot, then build and attach without the table's lock.
         let slot = match lock(&self.disks).reserve(host)? {
             Reserved::Shared(slot) => return Ok(guest_disk(slot)),
@@ -254,6 +299,13 @@ impl Sandbox for VmSandbox {
     }
 
     fn unshare_path(&self, host: &Path) -> Result<(), SandboxError> {
+        if let Some(share) = lock(&self.share).as_mut() {
+            // A volume's entry by its own path, a rootfs by its source.
+            return Ok(match share.entry_name(host) {
+                Some(name) => share.release(&name.to_owned())?,
+                None => share.remove(host, false)?,
+            });
+        }
         let mut disks = lock(&self.disks);
         let Some(slot) = disks.drop_user(host) else {
             return Ok(());
@@ -318,5 +370,6 @@ impl Drop for VmSandbox {
         if let Some(pod) = lock(&self.network).take() {
             network::unwire(&pod);
         }
+        drop(lock(&self.share).take());
     }
 }

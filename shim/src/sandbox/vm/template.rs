@@ -130,6 +130,11 @@ pub fn inputs(config: &VmConfig) -> Result<String, TemplateError> {
     text.push_str(&format!("rng {}\n", config.rng));
     // A NIC or none; its MAC and MTU are each pod's, set by the agent.
     text.push_str(&format!("net {}\n", config.net.is_some()));
+    // A share or none, by tag and cache mode; its directory is each pod's.
+    match &config.fs {
+        Some(fs) => text.push_str(&format!("fs {} {:?}\n", fs.tag, fs.cache)),
+        None => text.push_str("fs none\n"),
+    }
     Ok(text)
 }
 
@@ -350,6 +355,7 @@ mod tests {
             epoch: std::time::Instant::now(),
             rng: false,
             net: None,
+            fs: None,
             seccomp: true,
         }
     }

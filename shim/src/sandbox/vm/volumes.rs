@@ -1,20 +1,30 @@
-//! A container's bind mounts in the VM: which the VM can serve (read-only
-//! directories, as read-only disks holding a copy; the pod's `/etc/hosts`
-//! and `/etc/resolv.conf` files, as the guest's copies) and the spec
-//! rewriting that mounts those instead.
+//! A container's bind mounts in the VM: which the VM can serve, and the
+//! spec rewriting that mounts what the guest has instead.
+//!
+//! With the virtio-fs share (`vm_rootfs = "virtio-fs"`) every bind whose
+//! source exists is served live: directories and files, read-only or
+//! read-write; the spec's entry keeps its options and gets the share's
+//! guest path as its source. With `"block"`: read-only directories, as
+//! read-only disks holding a copy, and the pod's `/etc/hosts` and
+//! `/etc/resolv.conf` files, as the guest's copies.
 
 use oci_spec::runtime::Mount;
 
 use super::error::VmSandboxError;
+use crate::config::VmRootfs;
 use crate::sandbox::mounts::BindMount;
 
 /// Options of a bind mount that carry over to its disk's mount.
 const KEPT_MOUNT_OPTIONS: [&str; 5] = ["nosuid", "nodev", "noexec", "noatime", "relatime"];
 
 /// The bind mounts among `mounts`, each checked to be one the VM can serve.
-/// Read-write or non-directory binds are errors: the VM gets a copy of the
-/// source, and writes to a copy would not reach the host.
-pub(super) fn vm_volumes(mounts: &[Mount]) -> Result<Vec<BindMount>, VmSandboxError> {
+/// With virtio-fs, a source must exist. With block, read-write or
+/// non-directory binds are errors: the VM gets a copy of the source, and
+/// writes to a copy would not reach the host.
+pub(super) fn vm_volumes(
+    mounts: &[Mount],
+    rootfs: VmRootfs,
+) -> Result<Vec<BindMount>, VmSandboxError> {
     BindMount::all(mounts)
         .into_iter()
         .map(|bind| {
@@ -23,12 +33,18 @@ pub(super) fn vm_volumes(mounts: &[Mount]) -> Result<Vec<BindMount>, VmSandboxEr
                 destination: bind.destination.clone(),
                 reason,
             };
+            if rootfs == VmRootfs::VirtioFs {
+                return match std::fs::metadata(&bind.source) {
+                    Ok(_) => Ok(bind),
+                    Err(_) => Err(refuse("the source does not exist")),
+                };
+            }
             if pod_file(&bind).is_some() {
                 return Ok(bind);
             }
             if !bind.read_only {
                 return Err(refuse(
-                    "read-write bind mounts need a file system shared with the host (virtio-fs), which the vm handler does not have yet; mount it read-only to get a copy",
+                    "read-write bind mounts need the virtio-fs share (vm_rootfs = \"virtio-fs\"); with vm_rootfs = \"block\" mount it read-only to get a copy",
                 ));
             }
             if !bind.source.is_dir() {
@@ -41,8 +57,34 @@ pub(super) fn vm_volumes(mounts: &[Mount]) -> Result<Vec<BindMount>, VmSandboxEr
         .collect()
 }
 
-/// Rewrites `volume`'s entry of `mounts` into a read-only ext4 mount of the
-/// guest disk `device` that holds its copy.
+/// Points `volume`'s entry of `mounts` at `guest`, its path in the guest's
+/// virtio-fs share; the entry keeps its type and options (a bind, read-only
+/// or not, as the container asked).
+pub(super) fn mount_shared(
+    mounts: &mut [Mount],
+    volume: &BindMount,
+    guest: &str,
+) -> Result<(), VmSandboxError> {
+    let mount = entry_of(mounts, volume)?;
+    mount.set_source(Some(guest.into()));
+    Ok(())
+}
+
+/// `volume`'s entry of `mounts`, if the spec still has it where it was.
+fn entry_of<'m>(
+    mounts: &'m mut [Mount],
+    volume: &BindMount,
+) -> Result<&'m mut Mount, VmSandboxError> {
+    mounts
+        .get_mut(volume.index)
+        .filter(|mount| *mount.destination() == volume.destination)
+        .ok_or_else(|| VmSandboxError::Volume {
+            host: volume.source.clone(),
+            destination: volume.destination.clone(),
+            reason: "the spec's mounts changed after they were checked",
+        })
+}
+
 /// A pod network file a container binds from the host (the CRI plugin's
 /// `/etc/hosts` and `/etc/resolv.conf` of the pod): the guest gets a copy
 /// at the same path (`ConfigureNetwork`), shared by the pod's containers.
@@ -85,14 +127,7 @@ pub(super) fn mount_guest_file(
     volume: &BindMount,
     file: PodFile,
 ) -> Result<(), VmSandboxError> {
-    let mount = mounts
-        .get_mut(volume.index)
-        .filter(|mount| *mount.destination() == volume.destination)
-        .ok_or_else(|| VmSandboxError::Volume {
-            host: volume.source.clone(),
-            destination: volume.destination.clone(),
-            reason: "the spec's mounts changed after they were checked",
-        })?;
+    let mount = entry_of(mounts, volume)?;
     mount.set_typ(Some("bind".into()));
     mount.set_source(Some(file.guest_path().into()));
     mount.set_options(Some(vec!["rbind".into(), "ro".into()]));
@@ -104,14 +139,7 @@ pub(super) fn mount_disk(
     volume: &BindMount,
     device: &str,
 ) -> Result<(), VmSandboxError> {
-    let mount = mounts
-        .get_mut(volume.index)
-        .filter(|mount| *mount.destination() == volume.destination)
-        .ok_or_else(|| VmSandboxError::Volume {
-            host: volume.source.clone(),
-            destination: volume.destination.clone(),
-            reason: "the spec's mounts changed after they were checked",
-        })?;
+    let mount = entry_of(mounts, volume)?;
     let options = std::iter::once("ro".to_owned())
         .chain(
             volume
@@ -132,6 +160,42 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    /// The block mode's checks (what most tests here are about).
+    fn vm_volumes(mounts: &[Mount]) -> Result<Vec<BindMount>, VmSandboxError> {
+        super::vm_volumes(mounts, VmRootfs::Block)
+    }
+
+    #[test]
+    fn with_virtio_fs_every_existing_bind_is_served_as_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().to_str().unwrap();
+        let file = dir.path().join("termination-log");
+        std::fs::write(&file, b"").unwrap();
+        let fs = |m: &[Mount]| super::vm_volumes(m, VmRootfs::VirtioFs);
+        for opts in [&["rbind", "rw"][..], &["rbind", "ro"]] {
+            assert_eq!(fs(&spec_with("bind", src, opts)).unwrap().len(), 1);
+            let mut spec = spec_with("bind", file.to_str().unwrap(), opts);
+            let volumes = fs(&spec).unwrap();
+            mount_shared(&mut spec, &volumes[0], "/run/skiff/shared/e4").unwrap();
+            let m = &spec[1];
+            assert_eq!(
+                m.source().as_deref(),
+                Some(Path::new("/run/skiff/shared/e4"))
+            );
+            assert_eq!(m.typ().as_deref(), Some("bind"));
+            // The container's own options stay: read-only stays read-only.
+            let want: Vec<String> = opts.iter().map(|o| o.to_string()).collect();
+            assert_eq!(m.options().clone().unwrap(), want);
+        }
+        let err = fs(&spec_with("bind", "/nonexistent/v", &["rbind", "rw"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        let mut other = oci_spec::runtime::get_default_mounts();
+        let volumes = fs(&spec_with("bind", src, &["rbind"])).unwrap();
+        assert!(mount_shared(&mut other, &volumes[0], "/run/skiff/shared/e0").is_err());
+    }
 
     fn spec_with(ty: &str, source: &str, opts: &[&str]) -> Vec<Mount> {
         serde_json::from_value(serde_json::json!([
@@ -166,7 +230,7 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(
-                err.contains("read-write bind mounts need"),
+                err.contains("read-write bind mounts need the virtio-fs share"),
                 "{opts:?}: {err}"
             );
             assert!(

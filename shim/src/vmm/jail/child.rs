@@ -21,8 +21,8 @@ use super::confine::confine;
 use super::wire::{self, BootSpec, Reply, Request, VmSpec};
 use crate::vmm::seccomp::{install, ThreadKind};
 use crate::vmm::{
-    error_chain, BootProtocol, BootSource, DiskConfig, FileDisk, KernelSpec, NetConfig, RunningVm,
-    SerialOutput, Vm, VmConfig, VsockConfig,
+    error_chain, BootProtocol, BootSource, DiskConfig, FileDisk, FsConfig, KernelSpec, NetConfig,
+    RunningVm, SerialOutput, Vm, VmConfig, VsockConfig,
 };
 
 /// The VMM process's `argv[0]`: how `ps` shows it, and how the binaries
@@ -131,6 +131,12 @@ fn vm_config(spec: VmSpec, seccomp: bool, tap: Option<OwnedFd>) -> Result<VmConf
         epoch: Instant::now(),
         rng: spec.rng,
         net,
+        // Relative: the server opens it at each FUSE INIT, inside the jail.
+        fs: spec.fs.map(|fs| FsConfig {
+            dir: fs.dir,
+            tag: fs.tag,
+            cache: fs.cache,
+        }),
         seccomp,
     })
 }

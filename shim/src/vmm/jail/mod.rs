@@ -37,7 +37,9 @@ use nix::unistd::Pid;
 
 use self::cgroup::{CgroupError, CgroupLimits, VmmCgroup};
 pub use self::child::{main_if_vmm, VMM_ARGV0};
-use self::wire::{BootSpec, Confinement, DiskSpec, NetSpec, Reply, Request, VmSpec, WireError};
+use self::wire::{
+    BootSpec, Confinement, DiskSpec, FsSpec, NetSpec, Reply, Request, VmSpec, WireError,
+};
 use super::config::{BootSource, DiskConfig, SerialOutput, VmConfig};
 use super::devices::MAX_VIRTIO_DEVICES;
 use super::platform::boot::BootProtocol;
@@ -50,6 +52,10 @@ use crate::sync::lock;
 pub const VMM_MEMORY_OVERHEAD_BYTES: u64 = 128 << 20;
 /// Files the VMM process may hold open (vsock connections, disks, KVM).
 pub const VMM_MAX_FILES: u64 = 1024;
+/// Files a VMM serving a virtio-fs share may hold open: one per file the
+/// guest has looked up and per open file (at most the shim's own hard
+/// limit).
+pub const VMM_MAX_FILES_WITH_FS: u64 = 1 << 20;
 /// How long the VMM may take to build and confine a VM.
 const START_BOUND: Duration = Duration::from_secs(120);
 /// How long a request may take.
@@ -242,6 +248,14 @@ fn vm_spec(config: &VmConfig, root: &Path) -> Result<VmSpec, JailError> {
             mac: n.mac,
             mtu: n.mtu,
         }),
+        fs: match &config.fs {
+            Some(fs) => Some(FsSpec {
+                dir: in_root(&fs.dir, "a virtio-fs share")?,
+                tag: fs.tag.clone(),
+                cache: fs.cache,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -431,7 +445,12 @@ impl JailedVm {
                 uid: jail.uid,
                 gid: jail.gid,
                 seccomp: jail.seccomp && config.seccomp,
-                max_files: VMM_MAX_FILES,
+                max_files: if config.fs.is_some() {
+                    VMM_MAX_FILES_WITH_FS
+                } else {
+                    VMM_MAX_FILES
+                },
+                fs_caps: config.fs.is_some(),
             },
             log_level: jail.log_level.to_string(),
             restore: snapshot.is_some(),
@@ -696,6 +715,7 @@ mod tests {
             epoch: Instant::now(),
             rng: false,
             net: None,
+            fs: None,
             seccomp: true,
         }
     }

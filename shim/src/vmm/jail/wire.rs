@@ -108,6 +108,20 @@ pub struct VmSpec {
     /// `Start`, after the snapshot's files.
     #[serde(default)]
     pub net: Option<NetSpec>,
+    /// A virtio-fs share: its directory relative to the root.
+    #[serde(default)]
+    pub fs: Option<FsSpec>,
+}
+
+/// A virtio-fs share, as the wire carries it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FsSpec {
+    /// The shared directory, relative to the jail's root.
+    pub dir: PathBuf,
+    /// The tag.
+    pub tag: String,
+    /// The cache mode.
+    pub cache: crate::vmm::fs::CacheMode,
 }
 
 /// The NIC, as the wire carries it (the tap is a file riding along).
@@ -132,6 +146,11 @@ pub struct Confinement {
     pub seccomp: bool,
     /// Most open files.
     pub max_files: u64,
+    /// Keep uid 0 and the file-system capabilities a virtio-fs server
+    /// needs ([`super::confine::FS_CAPS`]) instead of switching to
+    /// `uid`/`gid` with none.
+    #[serde(default)]
+    pub fs_caps: bool,
 }
 
 /// What the shim asks of the VMM process.
