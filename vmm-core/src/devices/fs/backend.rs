@@ -261,11 +261,7 @@ pub(crate) const ATTR_SIZE: usize = 88;
 impl<'a> DirSink<'a> {
     /// A sink writing into `buf`; `plus` for READDIRPLUS.
     pub fn new(buf: &'a mut [u8], plus: bool) -> Self {
-        DirSink {
-            buf,
-            used: 0,
-            plus,
-        }
+        DirSink { buf, used: 0, plus }
     }
 
     /// Whether this is a READDIRPLUS (entries need [`Self::add_plus`]).
@@ -691,6 +687,9 @@ mod tests {
         assert_eq!(&buf[32..36], &500_000_000u32.to_le_bytes());
         // fuse_attr.mode sits 60 bytes into the attr.
         assert_eq!(&buf[40 + 60..40 + 64], &0o40755u32.to_le_bytes());
-        assert_eq!(&buf[ENTRY_OUT_SIZE..ENTRY_OUT_SIZE + 8], &9u64.to_le_bytes());
+        assert_eq!(
+            &buf[ENTRY_OUT_SIZE..ENTRY_OUT_SIZE + 8],
+            &9u64.to_le_bytes()
+        );
     }
 }

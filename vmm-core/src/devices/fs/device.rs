@@ -525,8 +525,14 @@ fn split<const N: usize>(chain: &DescriptorChain<N>) -> Result<Split<'_>, FsErro
         });
     }
     // The chain's total length fits u32, so each part does.
-    let in_len = readable.iter().map(|d| d.len).fold(0u32, u32::saturating_add);
-    let room = writable.iter().map(|d| d.len).fold(0u32, u32::saturating_add);
+    let in_len = readable
+        .iter()
+        .map(|d| d.len)
+        .fold(0u32, u32::saturating_add);
+    let room = writable
+        .iter()
+        .map(|d| d.len)
+        .fold(0u32, u32::saturating_add);
     Ok(Split {
         readable,
         writable,
@@ -600,9 +606,9 @@ fn dispatch<F: FileSystem>(
                 Err(e) => Err(e),
             }
         }
-        Request::Symlink { name, target } => fs
-            .symlink(ctx, node, name, target)
-            .map(|e| entry(out, &e)),
+        Request::Symlink { name, target } => {
+            fs.symlink(ctx, node, name, target).map(|e| entry(out, &e))
+        }
         Request::Mknod {
             name,
             mode,
@@ -624,9 +630,9 @@ fn dispatch<F: FileSystem>(
         } => fs
             .rename(ctx, node, name, new_parent, new_name, flags)
             .map(|()| 0),
-        Request::Link { inode, new_name } => fs
-            .link(ctx, inode, node, new_name)
-            .map(|e| entry(out, &e)),
+        Request::Link { inode, new_name } => {
+            fs.link(ctx, inode, node, new_name).map(|e| entry(out, &e))
+        }
         Request::Open { flags } => fs.open(ctx, node, flags).map(|o| open(out, &o)),
         Request::Opendir { flags } => fs.opendir(ctx, node, flags).map(|o| open(out, &o)),
         Request::Read {
@@ -660,9 +666,7 @@ fn dispatch<F: FileSystem>(
             fuse::STATFS_OUT_SIZE
         }),
         Request::Release { handle } => fs.release(ctx, node, handle).map(|()| 0),
-        Request::Fsync { handle, datasync } => {
-            fs.fsync(ctx, node, handle, datasync).map(|()| 0)
-        }
+        Request::Fsync { handle, datasync } => fs.fsync(ctx, node, handle, datasync).map(|()| 0),
         Request::Flush { handle } => fs.flush(ctx, node, handle).map(|()| 0),
         Request::Setxattr { name, value, flags } => {
             if value.len() > fuse::XATTR_SIZE_MAX {

@@ -9,8 +9,8 @@
 //! [`FuseError`], which the device answers with [`FuseError::errno`].
 
 use super::backend::{
-    write_attr, write_entry_out, Attr, Entry, Errno, Handle, Inode, Name, Opened, SetAttr,
-    SetTime, StatFs, ATTR_SIZE, ENTRY_OUT_SIZE,
+    write_attr, write_entry_out, Attr, Entry, Errno, Handle, Inode, Name, Opened, SetAttr, SetTime,
+    StatFs, ATTR_SIZE, ENTRY_OUT_SIZE,
 };
 
 /// The FUSE major version the device speaks.
@@ -610,9 +610,7 @@ impl Request<'_> {
             Request::Statfs => STATFS_OUT_SIZE,
             Request::Create { .. } => CREATE_OUT_SIZE,
             Request::Lseek { .. } => LSEEK_OUT_SIZE,
-            Request::Getxattr { size: 0, .. } | Request::Listxattr { size: 0 } => {
-                GETXATTR_OUT_SIZE
-            }
+            Request::Getxattr { size: 0, .. } | Request::Listxattr { size: 0 } => GETXATTR_OUT_SIZE,
             Request::Readlink
             | Request::Read { .. }
             | Request::Readdir { .. }
@@ -680,7 +678,9 @@ pub fn parse_request(op: u32, args: &[u8]) -> Result<Request<'_>, FuseError> {
             let count = a.u32()?;
             a.u32()?;
             let bytes = a.rest.len();
-            if usize::try_from(count).ok().and_then(|c| c.checked_mul(FORGET_ONE_SIZE))
+            if usize::try_from(count)
+                .ok()
+                .and_then(|c| c.checked_mul(FORGET_ONE_SIZE))
                 != Some(bytes)
             {
                 return Err(FuseError::ForgetCountMismatch { count, bytes });
@@ -697,9 +697,7 @@ pub fn parse_request(op: u32, args: &[u8]) -> Result<Request<'_>, FuseError> {
                 handle: (flags & FUSE_GETATTR_FH != 0).then_some(fh),
             }
         }
-        o::SETATTR => Request::Setattr {
-            attr: a.setattr()?,
-        },
+        o::SETATTR => Request::Setattr { attr: a.setattr()? },
         o::READLINK => Request::Readlink,
         o::SYMLINK => {
             let name = a.name()?;
@@ -1251,7 +1249,10 @@ mod tests {
         ));
         assert!(matches!(
             parse_request(opcode::SYMLINK, b"l\0/etc/../x\0"),
-            Ok(Request::Symlink { target: b"/etc/../x", .. })
+            Ok(Request::Symlink {
+                target: b"/etc/../x",
+                ..
+            })
         ));
         assert!(parse_request(opcode::SYMLINK, b"l\0").is_err());
     }
@@ -1286,7 +1287,10 @@ mod tests {
         assert_eq!(attr.size, Some(77));
         assert_eq!(attr.atime, Some(SetTime::At { secs: 5, nsecs: 6 }));
         assert_eq!(attr.mtime, Some(SetTime::Now));
-        assert_eq!((attr.mode, attr.handle, attr.kill_suidgid), (None, None, false));
+        assert_eq!(
+            (attr.mode, attr.handle, attr.kill_suidgid),
+            (None, None, false)
+        );
         assert!(parse_request(opcode::SETATTR, &args[..87]).is_err());
     }
 
@@ -1302,14 +1306,24 @@ mod tests {
         else {
             panic!("batch forget did not parse");
         };
-        assert_eq!(forgets.iter().collect::<std::vec::Vec<_>>(), [(7, 1), (8, 3)]);
+        assert_eq!(
+            forgets.iter().collect::<std::vec::Vec<_>>(),
+            [(7, 1), (8, 3)]
+        );
         args[0] = 3;
         assert!(parse_request(opcode::BATCH_FORGET, &args).is_err());
     }
 
     #[test]
     fn unknown_opcodes_are_unsupported() {
-        for op in [opcode::GETLK, opcode::IOCTL, opcode::TMPFILE, 0, 4096, u32::MAX] {
+        for op in [
+            opcode::GETLK,
+            opcode::IOCTL,
+            opcode::TMPFILE,
+            0,
+            4096,
+            u32::MAX,
+        ] {
             assert_eq!(
                 parse_request(op, b"whatever"),
                 Ok(Request::Unsupported { opcode: op })

@@ -129,7 +129,11 @@ impl MockFs {
         Attr {
             ino: n.inode,
             size: n.data.len() as u64,
-            mode: if n.dir { S_IFDIR | 0o755 } else { S_IFREG | 0o644 },
+            mode: if n.dir {
+                S_IFDIR | 0o755
+            } else {
+                S_IFREG | 0o644
+            },
             nlink: 1,
             blksize: 4096,
             ..Attr::default()
@@ -207,7 +211,7 @@ impl FileSystem for MockFs {
         let n = self.node_mut(inode)?;
         if let Some(size) = attr.size {
             let size = usize::try_from(size).map_err(|_| Errno(27))?;
-            n.data.resize(size, 0).map_err(|()| Errno(27))?; // EFBIG
+            n.data.resize(size, 0).map_err(|_| Errno(27))?; // EFBIG
         }
         Ok((Self::attr_of(n), Duration::from_secs(1)))
     }
@@ -325,7 +329,7 @@ impl FileSystem for MockFs {
             return Err(Errno(27)); // EFBIG
         }
         if n.data.len() < end {
-            n.data.resize(end, 0).map_err(|()| Errno(27))?;
+            n.data.resize(end, 0).map_err(|_| Errno(27))?;
         }
         n.data[at..end].copy_from_slice(data);
         Ok(data.len())
