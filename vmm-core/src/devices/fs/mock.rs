@@ -103,8 +103,8 @@ impl MockFs {
     }
 
     /// Whether `call` was made.
-    pub fn called(&self, call: &str) -> bool {
-        self.calls.iter().any(|c| *c == call)
+    pub fn called(&self, call: &'static str) -> bool {
+        self.calls.contains(&call)
     }
 
     /// The node `inode`.
