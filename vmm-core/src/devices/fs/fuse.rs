@@ -48,8 +48,7 @@ pub const SYMLINK_MAX: usize = 4095;
 pub const XATTR_NAME_MAX: usize = 255;
 /// Largest extended attribute value (`XATTR_SIZE_MAX`).
 pub const XATTR_SIZE_MAX: usize = 64 << 10;
-/// Most entries one BATCH_FORGET may carry: as many as fit the device's
-/// input buffer.
+/// Size of `fuse_forget_one`, one BATCH_FORGET entry.
 const FORGET_ONE_SIZE: usize = 16;
 
 /// FUSE opcodes (`enum fuse_opcode`).
@@ -1145,7 +1144,7 @@ pub fn write_attr_out(out: &mut [u8], attr: &Attr, valid: core::time::Duration) 
     }
 }
 
-/// Writes `fuse_entry_out` into `out` ([`ENTRY_OUT_SIZE`] bytes).
+/// Writes `fuse_entry_out` into `out` (128 bytes).
 pub fn write_entry(out: &mut [u8], entry: &Entry) {
     if let Some(e) = out.get_mut(..ENTRY_OUT_SIZE) {
         write_entry_out(e, entry);
