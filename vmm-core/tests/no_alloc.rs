@@ -324,3 +324,116 @@ fn net_device_does_not_allocate() {
     );
     assert_eq!(dev.backend().sent, 1526 * ITERATIONS);
 }
+
+/// The virtio-fs device answers a READ, a LOOKUP, a GETATTR and a
+/// READDIRPLUS, and takes a FORGET, without touching the heap.
+#[test]
+fn fs_device_does_not_allocate() {
+    use vmm_core::devices::fs::mock::MockFs;
+    use vmm_core::devices::fs::{Fs, FS_QUEUE_SIZE, HIPRIO_QUEUE, REQUEST_QUEUE, ROOT_INODE};
+    use vmm_core::memory::GuestMemory;
+
+    const HI_RING: GuestAddress = GuestAddress(0x1000);
+    const REQ_RING: GuestAddress = GuestAddress(0x4000);
+    const IN: u64 = 0x8000;
+    const OUT: u64 = 0x1_0000;
+    let mut bytes = vec![0u8; 0x2_0000];
+    let mem = SliceMemory::new(GuestAddress(0), &mut bytes);
+    let mut hi = MockSplitQueue::new(&mem, HI_RING, FS_QUEUE_SIZE).unwrap();
+    let mut rq = MockSplitQueue::new(&mem, REQ_RING, FS_QUEUE_SIZE).unwrap();
+    let features = 1 << VIRTIO_RING_F_EVENT_IDX;
+    let mut queues = [hi.create_queue(features), rq.create_queue(features)];
+    let mut interrupt = Interrupt::new(CountingIrq::default());
+    let mut dev = Box::new(Fs::new("share", MockFs::new()).unwrap());
+    let mut ctx = VirtioContext {
+        mem: &mem,
+        queues: &mut queues,
+        interrupt: &mut interrupt,
+        features,
+    };
+    dev.activate(&mut ctx).unwrap();
+
+    // Requests at IN + 0x400 * i, replies at OUT + 0x1000 * i.
+    let header = |len: usize, opcode: u32, nodeid: u64| {
+        let mut h = [0u8; 40];
+        h[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+        h[4..8].copy_from_slice(&opcode.to_le_bytes());
+        h[8..16].copy_from_slice(&1u64.to_le_bytes());
+        h[16..24].copy_from_slice(&nodeid.to_le_bytes());
+        h
+    };
+    let mut init = header(40 + 64, 26, 0).to_vec();
+    init.extend_from_slice(&7u32.to_le_bytes());
+    init.extend_from_slice(&38u32.to_le_bytes());
+    init.extend_from_slice(&[0; 56]);
+    let mut lookup = header(40 + 6, 1, ROOT_INODE).to_vec();
+    lookup.extend_from_slice(b"hello\0");
+    let mut getattr = header(40 + 16, 3, ROOT_INODE).to_vec();
+    getattr.extend_from_slice(&[0; 16]);
+    let mut read = header(40 + 40, 15, 2).to_vec();
+    let mut args = [0u8; 40];
+    args[16..20].copy_from_slice(&4096u32.to_le_bytes());
+    read.extend_from_slice(&args);
+    let mut readdir = header(40 + 40, 44, ROOT_INODE).to_vec();
+    readdir.extend_from_slice(&args);
+    let requests = [&lookup, &getattr, &read, &readdir];
+    for (i, r) in [&init].iter().chain(requests.iter()).enumerate() {
+        mem.write(GuestAddress(IN + 0x400 * i as u64), r).unwrap();
+    }
+    let mut forget = header(40 + 8, 2, 2).to_vec();
+    forget.extend_from_slice(&1u64.to_le_bytes());
+    const FORGET_AT: u64 = IN + 0x2000;
+    mem.write(GuestAddress(FORGET_AT), &forget).unwrap();
+
+    let chain = |i: usize, len: usize| {
+        [
+            Descriptor {
+                addr: GuestAddress(IN + 0x400 * i as u64),
+                len: len as u32,
+                flags: 0,
+                next: 0,
+            },
+            Descriptor {
+                addr: GuestAddress(OUT + 0x1000 * i as u64),
+                len: 0x1000,
+                flags: VIRTQ_DESC_F_WRITE,
+                next: 0,
+            },
+        ]
+    };
+    rq.add_chain(&chain(0, init.len())).unwrap();
+    dev.queue_notify(REQUEST_QUEUE, &mut ctx).unwrap();
+    let heads: Vec<u16> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| rq.add_chain(&chain(i + 1, r.len())).unwrap())
+        .collect();
+    let forget_head = hi
+        .add_chain(&[Descriptor {
+            addr: GuestAddress(FORGET_AT),
+            len: forget.len() as u32,
+            flags: 0,
+            next: 0,
+        }])
+        .unwrap();
+
+    let mut total = 0;
+    for i in 0..ITERATIONS / 10 {
+        if i > 0 {
+            for &h in &heads {
+                rq.publish(h).unwrap();
+            }
+            hi.publish(forget_head).unwrap();
+        }
+        let ((), n) = heap_events(|| {
+            dev.queue_notify(REQUEST_QUEUE, &mut ctx).unwrap();
+            dev.queue_notify(HIPRIO_QUEUE, &mut ctx).unwrap();
+        });
+        total += n;
+    }
+    assert_eq!(total, 0, "{total} heap operations in the fs device");
+    let stats = dev.stats();
+    assert_eq!(stats.replies, 1 + 4 * (ITERATIONS / 10) as u64);
+    assert_eq!((stats.error_replies, stats.faults), (0, 0));
+    assert_eq!(stats.no_reply, (ITERATIONS / 10) as u64);
+}
