@@ -163,9 +163,12 @@ fn bench() -> anyhow::Result<()> {
 
     // The linux handler first (milliseconds), then the VM (a minute or two
     // per VMM mode).
-    let linux = handler_for(HandlerKind::Linux)
-        .start(&request("bench-linux", &linux_state, &rootfs, &config))
-        .context("linux sandbox (is skiff-agent next to this binary?)")?;
+    let linux = handler_for(&Config {
+        handler: HandlerKind::Linux,
+        ..config.clone()
+    })
+    .start(&request("bench-linux", &linux_state, &rootfs, &config))
+    .context("linux sandbox (is skiff-agent next to this binary?)")?;
     let (l50, l99) = health(linux.as_ref(), args.calls)?;
     linux.stop(Duration::from_secs(10))?;
 

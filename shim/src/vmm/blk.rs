@@ -591,13 +591,49 @@ pub(super) mod testing {
     impl<'m> Driver<'m> {
         /// Initialises `slot` as Linux does, up to DRIVER_OK.
         pub fn activate(slot: &dyn VirtioSlot, mem: &'m GuestRam, base: u64) -> Self {
-            let queue = MockSplitQueue::new(mem, GuestAddress(base), QUEUE_SIZE).unwrap();
+            Self::activate_queue(slot, mem, base, 0)
+        }
+
+        /// Initialises `slot` up to DRIVER_OK with its queue `index` at
+        /// `base` (and every other queue of the device ready too, on
+        /// rings right after it, which this driver never fills).
+        pub fn activate_queue(
+            slot: &dyn VirtioSlot,
+            mem: &'m GuestRam,
+            base: u64,
+            index: u32,
+        ) -> Self {
             write32(slot, mem, STATUS_OFFSET, 1);
             write32(slot, mem, STATUS_OFFSET, 3);
             write32(slot, mem, DRIVER_FEATURES_SEL_OFFSET, 1);
             write32(slot, mem, DRIVER_FEATURES_OFFSET, 1); // VERSION_1
             write32(slot, mem, STATUS_OFFSET, 0xb);
-            write32(slot, mem, QUEUE_SEL_OFFSET, 0);
+            let mut driven = None;
+            for q in 0..slot.queue_count() as u32 {
+                let at = if q == index {
+                    base
+                } else {
+                    base + 0x1_0000 * u64::from(q + 1)
+                };
+                let queue = MockSplitQueue::new(mem, GuestAddress(at), QUEUE_SIZE).unwrap();
+                Self::set_up_queue(slot, mem, q, &queue);
+                if q == index {
+                    driven = Some(queue);
+                }
+            }
+            write32(slot, mem, STATUS_OFFSET, 0xf);
+            assert_eq!(read32(slot, STATUS_OFFSET), 0xf, "the device is live");
+            let queue = driven.expect("the device has the queue");
+            Driver { mem, queue, base }
+        }
+
+        fn set_up_queue(
+            slot: &dyn VirtioSlot,
+            mem: &GuestRam,
+            index: u32,
+            queue: &MockSplitQueue<'_, GuestRam>,
+        ) {
+            write32(slot, mem, QUEUE_SEL_OFFSET, index);
             write32(slot, mem, QUEUE_NUM_OFFSET, u32::from(QUEUE_SIZE));
             for (low, high, addr) in [
                 (
@@ -620,9 +656,6 @@ pub(super) mod testing {
                 write32(slot, mem, high, (addr.0 >> 32) as u32);
             }
             write32(slot, mem, QUEUE_READY_OFFSET, 1);
-            write32(slot, mem, STATUS_OFFSET, 0xf);
-            assert_eq!(read32(slot, STATUS_OFFSET), 0xf, "the disk is live");
-            Driver { mem, queue, base }
         }
 
         fn header(&self) -> u64 {

@@ -37,12 +37,13 @@ use vmm_sys_util::eventfd::EventFd;
 use super::blk::{DiskSlot, DISK_QUEUES};
 use super::config::{SerialOutput, VmConfig};
 use super::file_disk::{FileDisk, FileDiskError};
+use super::fs_slot::{FsSetupError, FsSlot, FS_QUEUES};
 use super::irq::IrqFd;
 use super::net::{NetSetupError, NetSlot, NET_QUEUES};
 use super::platform::layout;
 use super::platform::GuestRam;
 use super::rng::{RngSlot, RNG_QUEUES};
-use super::seccomp::{handoff, Installed, Installer, ThreadKind};
+use super::seccomp::{handoff, Installed, Installer};
 use super::serial_log::{SerialLog, SERIAL_LOG_CAP_BYTES};
 use super::shared::{ExitReason, Shared};
 use super::slot::{DiskSlotError, VirtioSlot};
@@ -96,6 +97,9 @@ pub enum DeviceSetupError {
     /// The NIC could not be set up.
     #[error("cannot set up the NIC")]
     Net(#[from] NetSetupError),
+    /// The virtio-fs share.
+    #[error("cannot set up the virtio-fs share")]
+    Fs(#[from] FsSetupError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> DeviceSetupError {
@@ -144,6 +148,14 @@ fn build_virtio_devices(vm: &VmFd, config: &VmConfig) -> Result<Vec<VirtioUnit>,
             "vmm-net".into(),
             Box::new(NetSlot::new(net, irq)?),
             new_notifiers(NET_QUEUES)?,
+        )?);
+    }
+    if let Some(fs) = &config.fs {
+        let irq = irq_line(vm, layout::VIRTIO_IRQ_BASE + units.len() as u32)?;
+        units.push(VirtioUnit::new(
+            "vmm-fs".into(),
+            Box::new(FsSlot::new(fs, irq)?),
+            new_notifiers(FS_QUEUES)?,
         )?);
     }
     Ok(units)
@@ -444,7 +456,7 @@ impl Devices {
         installed: &mut Vec<Installed>,
     ) -> std::io::Result<()> {
         for unit in &self.virtio {
-            let (filter, done) = handoff(ThreadKind::Devices, seccomp);
+            let (filter, done) = handoff(unit.slot.thread_kind(), seccomp);
             started.push(spawn_device_thread(
                 unit.clone(),
                 self.mem.clone(),
@@ -718,7 +730,7 @@ mod tests {
             .iter()
             .map(|u| {
                 // No filter: the test process's other threads are not a VMM's.
-                let (filter, _) = handoff(ThreadKind::Devices, false);
+                let (filter, _) = handoff(super::super::seccomp::ThreadKind::Devices, false);
                 spawn_device_thread(u.clone(), mem.clone(), shared.clone(), filter).unwrap()
             })
             .collect();

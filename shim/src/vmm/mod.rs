@@ -16,6 +16,7 @@ mod config;
 mod devices;
 mod file_disk;
 pub mod fs;
+mod fs_slot;
 mod irq;
 pub mod jail;
 mod net;

@@ -85,11 +85,20 @@ pub enum ThreadKind {
     /// (`SOCK_SEQPACKET`, `SCM_RIGHTS`), waiting for and joining the other
     /// threads, taking received disk images in.
     Control,
+    /// The virtio-fs device's thread: a device thread that is also the
+    /// share's file server (`crate::vmm::fs::SYSCALLS`): `*at` calls on
+    /// held descriptors, file I/O, xattrs, per-request fsuid/fsgid.
+    FsServer,
 }
 
 impl ThreadKind {
     /// Every kind, in the order `skiff check` lists them.
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vcpu, ThreadKind::Devices, ThreadKind::Control];
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Devices,
+        ThreadKind::FsServer,
+        ThreadKind::Control,
+    ];
 
     /// The kind's name in logs and in `skiff check`.
     pub fn name(self) -> &'static str {
@@ -97,6 +106,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Devices => "devices",
             ThreadKind::Control => "control",
+            ThreadKind::FsServer => "fs",
         }
     }
 }
@@ -347,6 +357,44 @@ fn rules(kind: ThreadKind) -> Vec<Rule> {
             rules.push(sys!(SYS_accept4));
             // std's set_nonblocking on an accepted socket.
             rules.push(sys!(SYS_ioctl, 1 => [FIONBIO]));
+        }
+        ThreadKind::FsServer => {
+            rules.extend(device_io());
+            rules.push(sys!(SYS_epoll_pwait));
+            #[cfg(target_arch = "x86_64")]
+            rules.push(sys!(SYS_epoll_wait));
+            // The passthrough file server (`vmm::fs::passthrough`): any
+            // open flags (O_PATH nodes, re-opens through /proc/self/fd),
+            // the `*at` family on held descriptors, file I/O and xattrs
+            // on descriptors, per-request fsuid/fsgid.
+            rules.retain(|r| r.nr != SYS_openat && r.nr != SYS_fcntl);
+            rules.extend([
+                sys!(SYS_openat),
+                sys!(SYS_fcntl, 1 => [F_GETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC]),
+                sys!(SYS_newfstatat),
+                sys!(SYS_fstatfs),
+                sys!(SYS_readlinkat),
+                sys!(SYS_symlinkat),
+                sys!(SYS_mknodat),
+                sys!(SYS_mkdirat),
+                sys!(SYS_unlinkat),
+                sys!(SYS_renameat2),
+                sys!(SYS_linkat),
+                sys!(SYS_fchmod),
+                sys!(SYS_fchmodat),
+                sys!(SYS_fchownat),
+                sys!(SYS_ftruncate),
+                sys!(SYS_utimensat),
+                sys!(SYS_lseek),
+                sys!(SYS_getdents64),
+                sys!(SYS_fallocate),
+                sys!(SYS_fgetxattr),
+                sys!(SYS_fsetxattr),
+                sys!(SYS_flistxattr),
+                sys!(SYS_fremovexattr),
+                sys!(SYS_setfsuid),
+                sys!(SYS_setfsgid),
+            ]);
         }
         ThreadKind::Control => {
             rules.extend([

@@ -45,6 +45,10 @@ pub trait VirtioSlot: Send + Sync {
     fn notify(&self, mem: &GuestRam, queue: u16);
     /// Number of queues (for ioeventfds).
     fn queue_count(&self) -> usize;
+    /// The seccomp filter its thread installs.
+    fn thread_kind(&self) -> super::seccomp::ThreadKind {
+        super::seccomp::ThreadKind::Devices
+    }
     /// An fd the device's thread should watch for the device's host side
     /// (readable when [`VirtioSlot::host_ready`] has work).
     fn host_fd(&self) -> Option<RawFd> {

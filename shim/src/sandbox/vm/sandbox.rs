@@ -301,10 +301,11 @@ impl Sandbox for VmSandbox {
     fn unshare_path(&self, host: &Path) -> Result<(), SandboxError> {
         if let Some(share) = lock(&self.share).as_mut() {
             // A volume's entry by its own path, a rootfs by its source.
-            return Ok(match share.entry_name(host) {
-                Some(name) => share.release(&name.to_owned())?,
+            match share.entry_name(host) {
+                Some(name) => share.release(name)?,
                 None => share.remove(host, false)?,
-            });
+            }
+            return Ok(());
         }
         let mut disks = lock(&self.disks);
         let Some(slot) = disks.drop_user(host) else {

@@ -5,9 +5,11 @@
 //! [`Passthrough::new`] opens everything the backend will ever need while
 //! the host's tree is still visible: the shared directory as an `O_PATH`
 //! descriptor (node [`ROOT_INODE`]) and `/proc/self/fd` as a directory
-//! descriptor. After that it never resolves a host path again, so it keeps
-//! working once the VMM pivots or chroots away, and a guest cannot name
-//! anything outside the share:
+//! descriptor. After that it resolves no host path but the share's own,
+//! once per FUSE INIT (a jailed VMM's view of the share, which sees the
+//! binds made under it later; see `init`), so it keeps working once the
+//! VMM pivots or chroots away, and a guest cannot name anything outside
+//! the share:
 //!
 //! - Every node the guest holds is an `O_PATH | O_NOFOLLOW` descriptor the
 //!   backend opened; every operation is an `*at` call relative to such a
@@ -23,6 +25,10 @@
 //!   share is never opened by the VMM (the guest kernel serves those
 //!   itself).
 //! - A hard link can only be made to a node the backend handed out.
+//! - Extended attributes go through a read-only re-open of a regular file
+//!   or directory (`f*xattr`); on anything else they are `EOPNOTSUPP`.
+//!   The guest may set any namespace the host lets root set (`trusted.*`,
+//!   `security.*`): no mapping is done.
 //!
 //! # Nodes and handles
 //!
@@ -75,8 +81,10 @@ use vmm_core::devices::fs::{
 
 /// The system calls [`Passthrough`] makes after [`Passthrough::new`] (as
 /// `libc::SYS_<name>` on x86_64; the seccomp filter of the device thread
-/// needs all of them). `fcntl` is only `F_DUPFD_CLOEXEC` (flush) and
-/// `F_GETFL`/`F_SETFL`; `newfstatat` is glibc's `fstatat`.
+/// needs all of them). `fcntl` is only `F_DUPFD_CLOEXEC` (flush);
+/// `newfstatat` is glibc's `fstatat` (checked with `strace` on glibc 2.3x,
+/// x86_64); `close` also drops nodes and handles. Memory allocation
+/// (`brk`/`mmap`/`munmap`) is not listed.
 pub const SYSCALLS: &[&str] = &[
     "openat",
     "close",
@@ -211,6 +219,8 @@ struct OpenFile {
 /// The passthrough file system over one shared host directory; see the
 /// [module documentation](self).
 pub struct Passthrough {
+    /// The shared directory's path, opened again at each INIT.
+    root_path: CString,
     /// `/proc/self/fd`, to re-open `O_PATH` descriptors.
     proc_self_fd: OwnedFd,
     nodes: HashMap<Inode, Node>,
@@ -280,6 +290,7 @@ impl Passthrough {
         let mut keys = HashMap::new();
         keys.insert(key, ROOT_INODE);
         Ok(Passthrough {
+            root_path: croot,
             proc_self_fd,
             nodes,
             keys,
@@ -292,7 +303,8 @@ impl Passthrough {
     }
 
     /// How many nodes (the root included) and handles are held.
-    pub fn counts(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
         (self.nodes.len(), self.handles.len())
     }
 
@@ -365,8 +377,9 @@ impl Passthrough {
 
     /// Looks up `name` in node `parent`.
     fn lookup_node(&mut self, parent: Inode, name: &CStr) -> Result<Entry, Errno> {
-        let dir = self.node(parent)?.fd.try_clone().map_err(io_errno)?;
-        self.lookup_at(dir.as_fd(), name)
+        let dir = self.node(parent)?.fd.as_fd();
+        let fd = openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        self.add_node(fd)
     }
 
     fn add_handle(&mut self, inode: Inode, fd: OwnedFd) -> Result<Handle, Errno> {
@@ -496,8 +509,29 @@ impl Passthrough {
 }
 
 impl FileSystem for Passthrough {
+    /// Drops every node and handle but the root, and opens the root again
+    /// by its path: a jailed VMM built this backend before it pivoted into
+    /// its jail, and the share's mounts made since (a container's rootfs,
+    /// its volumes) reach the jail only through the jail's own view of the
+    /// directory (a relative path, resolved from the jail's root). If that
+    /// fails, the root opened at construction stays.
     fn init(&mut self) -> Result<(), Errno> {
         self.destroy();
+        match open_abs(&self.root_path, libc::O_PATH | libc::O_DIRECTORY) {
+            Ok(fd) => match stat_fd(fd.as_fd()) {
+                Ok(st) => {
+                    let key = (st.st_dev, st.st_ino);
+                    self.keys.retain(|_, &mut inode| inode != ROOT_INODE);
+                    self.keys.insert(key, ROOT_INODE);
+                    if let Some(root) = self.nodes.get_mut(&ROOT_INODE) {
+                        root.fd = fd;
+                        root.key = key;
+                    }
+                }
+                Err(e) => log::warn!("virtio-fs: cannot stat the share again: errno {}", e.0),
+            },
+            Err(e) => log::warn!("virtio-fs: cannot open the share again: {e}"),
+        }
         Ok(())
     }
 
@@ -606,6 +640,9 @@ impl FileSystem for Passthrough {
 
     fn readlink(&mut self, _ctx: &Context, inode: Inode, buf: &mut [u8]) -> Result<usize, Errno> {
         let node = self.node(inode)?;
+        if node.kind != libc::S_IFLNK {
+            return Err(Errno::INVAL);
+        }
         let mut target = [0u8; libc::PATH_MAX as usize + 1];
         // SAFETY: `target` is valid for writes of its length, the path is
         // a NUL-terminated literal, and the descriptor is ours.
@@ -1005,6 +1042,9 @@ impl FileSystem for Passthrough {
                     libc::S_IFDIR => return Err(Errno(libc::EISDIR)),
                     _ => return Err(Errno(libc::EEXIST)),
                 }
+                // As the caller: the guest kernel checked no permission
+                // on a file it did not know existed.
+                let _creds = self.creds(ctx)?;
                 (self.reopen(path.as_fd(), oflags)?, false)
             }
             Err(e) => return Err(e),
@@ -1220,8 +1260,9 @@ fn fd_name(fd: BorrowedFd<'_>) -> CString {
     CString::new(fd.as_raw_fd().to_string()).unwrap_or_default()
 }
 
-/// `open(path, flags | O_CLOEXEC)` of an absolute host path (only in
-/// [`Passthrough::new`]).
+/// `open(path, flags | O_CLOEXEC)` of the share's own path (only in
+/// [`Passthrough::new`] and at INIT; relative to the working directory
+/// if relative).
 fn open_abs(path: &CStr, flags: c_int) -> io::Result<OwnedFd> {
     // SAFETY: the path is NUL-terminated and lives for the call.
     let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
@@ -1433,4 +1474,1087 @@ fn to_attr(st: &libc::stat) -> Attr {
 }
 
 #[cfg(test)]
-mod tests {}
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    const ROOT: Context = Context {
+        uid: 0,
+        gid: 0,
+        pid: 1,
+    };
+    const USER: Context = Context {
+        uid: 1000,
+        gid: 1000,
+        pid: 2,
+    };
+    /// `fuse_entry_out` in a READDIRPLUS record.
+    const ENTRY_OUT: usize = 128;
+
+    fn n(s: &str) -> Name<'_> {
+        Name::new(s.as_bytes()).unwrap()
+    }
+
+    /// A share and, beside it, what must never change: `outside/` with a
+    /// sentinel file.
+    struct Setup {
+        tmp: tempfile::TempDir,
+        share: PathBuf,
+        fs: Passthrough,
+        before: String,
+    }
+
+    impl Setup {
+        fn new() -> Setup {
+            Setup::with_cache(CacheMode::Auto)
+        }
+
+        fn with_cache(cache: CacheMode) -> Setup {
+            // /var/tmp is on the root file system (user.* xattrs) where
+            // /tmp may be a tmpfs.
+            let base = Path::new("/var/tmp");
+            let tmp = if base.is_dir() {
+                tempfile::tempdir_in(base).unwrap()
+            } else {
+                tempfile::tempdir().unwrap()
+            };
+            let share = tmp.path().join("share");
+            fs::create_dir(&share).unwrap();
+            fs::set_permissions(&share, fs::Permissions::from_mode(0o777)).unwrap();
+            fs::create_dir(tmp.path().join("outside")).unwrap();
+            fs::write(tmp.path().join("outside/sentinel"), b"keep me").unwrap();
+            let fs = Passthrough::new(&share, cache).unwrap();
+            let mut s = Setup {
+                tmp,
+                share,
+                fs,
+                before: String::new(),
+            };
+            s.before = s.outside();
+            s
+        }
+
+        /// Everything outside the share that an escape could change.
+        fn outside(&self) -> String {
+            let list = |p: &Path| {
+                let mut v: Vec<_> = fs::read_dir(p)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                v.sort();
+                v
+            };
+            let sentinel = self.tmp.path().join("outside/sentinel");
+            let md = fs::symlink_metadata(&sentinel).unwrap();
+            format!(
+                "{:?} {:?} {:?} {:?} {} {} {} {} {}",
+                list(self.tmp.path()),
+                list(&self.tmp.path().join("outside")),
+                list(Path::new("/")),
+                fs::read(&sentinel).unwrap(),
+                md.mtime(),
+                md.mtime_nsec(),
+                md.nlink(),
+                md.uid(),
+                md.mode(),
+            )
+        }
+
+        fn assert_outside_unchanged(&self) {
+            assert_eq!(self.outside(), self.before);
+        }
+
+        fn host(&self, rel: &str) -> PathBuf {
+            self.share.join(rel)
+        }
+
+        fn create(&mut self, parent: Inode, name: &str) -> (Entry, Opened) {
+            self.fs
+                .create(&ROOT, parent, n(name), 0o100644, libc::O_RDWR as u32, 0o022)
+                .unwrap()
+        }
+    }
+
+    fn fsuid() -> u32 {
+        setfsuid(u32::MAX)
+    }
+
+    fn fsgid() -> u32 {
+        setfsgid(u32::MAX)
+    }
+
+    /// `(name, next offset, node id)` of each record of a READDIR(PLUS)
+    /// reply.
+    fn dirents(buf: &[u8], plus: bool) -> Vec<(String, u64, u64)> {
+        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < buf.len() {
+            let (nodeid, d) = if plus {
+                (u64_at(at), at + ENTRY_OUT)
+            } else {
+                (0, at)
+            };
+            let off = u64_at(d + 8);
+            let len = u32::from_le_bytes(buf[d + 16..d + 20].try_into().unwrap()) as usize;
+            let name = String::from_utf8(buf[d + 24..d + 24 + len].to_vec()).unwrap();
+            out.push((name, off, nodeid));
+            at = (d + 24 + len + 7) & !7;
+        }
+        out
+    }
+
+    #[test]
+    fn lookup_getattr_and_forget_refcounts() {
+        let mut s = Setup::new();
+        fs::write(s.host("f"), b"12345").unwrap();
+        let e = s.fs.lookup(&ROOT, ROOT_INODE, n("f")).unwrap();
+        assert!(e.inode > ROOT_INODE);
+        assert_eq!(e.attr.size, 5);
+        assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFREG);
+        assert_eq!(e.attr.ino, fs::metadata(s.host("f")).unwrap().ino());
+        assert_eq!(e.entry_timeout, Duration::from_secs(1));
+        let (attr, _) = s.fs.getattr(&ROOT, e.inode, None).unwrap();
+        assert_eq!(attr, e.attr);
+        let (root, _) = s.fs.getattr(&ROOT, ROOT_INODE, None).unwrap();
+        assert_eq!(root.mode & libc::S_IFMT, libc::S_IFDIR);
+
+        // Same host file, same node id, one more reference.
+        let again = s.fs.lookup(&ROOT, ROOT_INODE, n("f")).unwrap();
+        assert_eq!(again.inode, e.inode);
+        assert_eq!(s.fs.counts(), (2, 0));
+        s.fs.forget(e.inode, 1);
+        assert!(s.fs.getattr(&ROOT, e.inode, None).is_ok());
+        s.fs.forget(e.inode, 1);
+        assert_eq!(s.fs.getattr(&ROOT, e.inode, None), Err(Errno::BADF));
+        assert_eq!(s.fs.counts(), (1, 0));
+        // A new lookup is a new id (ids are never reused).
+        let third = s.fs.lookup(&ROOT, ROOT_INODE, n("f")).unwrap();
+        assert!(third.inode > e.inode);
+
+        // The root is never forgotten; unknown ids are BADF.
+        s.fs.forget(ROOT_INODE, u64::MAX);
+        assert!(s.fs.getattr(&ROOT, ROOT_INODE, None).is_ok());
+        s.fs.forget(12345, 1);
+        assert_eq!(s.fs.getattr(&ROOT, 12345, None), Err(Errno::BADF));
+        assert_eq!(
+            s.fs.lookup(&ROOT, 12345, n("f")).map(|e| e.inode),
+            Err(Errno::BADF)
+        );
+        assert_eq!(
+            s.fs.lookup(&ROOT, ROOT_INODE, n("nope")).map(|e| e.inode),
+            Err(Errno::NOENT)
+        );
+        // A file is no directory.
+        assert_eq!(
+            s.fs.lookup(&ROOT, third.inode, n("x")).map(|e| e.inode),
+            Err(Errno(libc::ENOTDIR))
+        );
+
+        // INIT / DESTROY drop everything but the root.
+        s.fs.init().unwrap();
+        assert_eq!(s.fs.counts(), (1, 0));
+        assert_eq!(s.fs.getattr(&ROOT, third.inode, None), Err(Errno::BADF));
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn create_write_read_release() {
+        let mut s = Setup::new();
+        let (e, o) =
+            s.fs.create(
+                &ROOT,
+                ROOT_INODE,
+                n("f"),
+                0o100664,
+                libc::O_RDWR as u32,
+                0o002,
+            )
+            .unwrap();
+        // The guest's umask, not the process's (022).
+        assert_eq!(e.attr.mode, 0o100664);
+        assert_eq!(fs::metadata(s.host("f")).unwrap().mode(), 0o100664);
+        assert_eq!(o.flags, 0);
+        assert_eq!(
+            s.fs.write(&ROOT, e.inode, o.handle, 0, b"hello world", false),
+            Ok(11)
+        );
+        let mut buf = [0u8; 64];
+        let got = s.fs.read(&ROOT, e.inode, o.handle, 6, &mut buf).unwrap();
+        assert_eq!(&buf[..got], b"world");
+        assert_eq!(s.fs.read(&ROOT, e.inode, o.handle, 100, &mut buf), Ok(0));
+        assert_eq!(
+            s.fs.read(&ROOT, e.inode, o.handle, u64::MAX, &mut buf),
+            Err(Errno::INVAL)
+        );
+        let (attr, _) = s.fs.getattr(&ROOT, e.inode, Some(o.handle)).unwrap();
+        assert_eq!(attr.size, 11);
+        // The handle belongs to its node.
+        assert_eq!(
+            s.fs.read(&ROOT, ROOT_INODE, o.handle, 0, &mut buf),
+            Err(Errno::BADF)
+        );
+        s.fs.flush(&ROOT, e.inode, o.handle).unwrap();
+        s.fs.fsync(&ROOT, e.inode, o.handle, false).unwrap();
+        s.fs.fsync(&ROOT, e.inode, o.handle, true).unwrap();
+        s.fs.release(&ROOT, e.inode, o.handle).unwrap();
+        assert_eq!(
+            s.fs.read(&ROOT, e.inode, o.handle, 0, &mut buf),
+            Err(Errno::BADF)
+        );
+        assert_eq!(s.fs.release(&ROOT, e.inode, o.handle), Err(Errno::BADF));
+        assert_eq!(s.fs.flush(&ROOT, e.inode, o.handle), Err(Errno::BADF));
+        assert_eq!(fs::read(s.host("f")).unwrap(), b"hello world");
+
+        // O_APPEND is honoured whatever the offset.
+        let a =
+            s.fs.open(&ROOT, e.inode, (libc::O_WRONLY | libc::O_APPEND) as u32)
+                .unwrap();
+        s.fs.write(&ROOT, e.inode, a.handle, 0, b"!", false)
+            .unwrap();
+        s.fs.release(&ROOT, e.inode, a.handle).unwrap();
+        assert_eq!(fs::read(s.host("f")).unwrap(), b"hello world!");
+
+        // O_EXCL: exists. Without it: the same file, opened (O_TRUNC too).
+        assert_eq!(
+            s.fs.create(
+                &ROOT,
+                ROOT_INODE,
+                n("f"),
+                0o100644,
+                (libc::O_RDWR | libc::O_CREAT | libc::O_EXCL) as u32,
+                0
+            )
+            .map(|_| ()),
+            Err(Errno(libc::EEXIST))
+        );
+        let (e2, o2) =
+            s.fs.create(
+                &ROOT,
+                ROOT_INODE,
+                n("f"),
+                0o100600,
+                (libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u32,
+                0,
+            )
+            .unwrap();
+        assert_eq!(e2.inode, e.inode);
+        assert_eq!(e2.attr.mode, 0o100664, "an existing file keeps its mode");
+        assert_eq!(e2.attr.size, 0);
+        s.fs.release(&ROOT, e2.inode, o2.handle).unwrap();
+
+        // OPEN never creates, and opens no directory.
+        let o3 =
+            s.fs.open(&ROOT, e.inode, (libc::O_RDONLY | libc::O_CREAT) as u32)
+                .unwrap();
+        s.fs.release(&ROOT, e.inode, o3.handle).unwrap();
+        assert_eq!(
+            s.fs.open(&ROOT, ROOT_INODE, 0).map(|_| ()),
+            Err(Errno(libc::EISDIR))
+        );
+        assert_eq!(s.fs.open(&ROOT, 999, 0).map(|_| ()), Err(Errno::BADF));
+        assert_eq!(s.fs.counts().1, 0);
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn cache_modes() {
+        let mut s = Setup::with_cache(CacheMode::None);
+        let (e, o) = s.create(ROOT_INODE, "f");
+        assert_eq!(e.entry_timeout, Duration::ZERO);
+        assert_eq!(e.attr_timeout, Duration::ZERO);
+        assert_eq!(o.flags, Opened::DIRECT_IO);
+        assert_eq!(s.fs.opendir(&ROOT, ROOT_INODE, 0).unwrap().flags, 0);
+        let mut s = Setup::with_cache(CacheMode::Always);
+        let (e, o) = s.create(ROOT_INODE, "f");
+        assert_eq!(e.attr_timeout, Duration::from_secs(86400));
+        assert_eq!(o.flags, Opened::KEEP_CACHE);
+        let d = s.fs.opendir(&ROOT, ROOT_INODE, 0).unwrap();
+        assert_eq!(d.flags, Opened::CACHE_DIR);
+        assert_eq!(CacheMode::default(), CacheMode::Auto);
+        #[derive(serde::Deserialize)]
+        struct C {
+            cache: CacheMode,
+        }
+        for (text, mode) in [
+            ("none", CacheMode::None),
+            ("auto", CacheMode::Auto),
+            ("always", CacheMode::Always),
+        ] {
+            let c: C = toml::from_str(&format!("cache = {text:?}")).unwrap();
+            assert_eq!(c.cache, mode);
+        }
+        assert!(toml::from_str::<C>("cache = \"Always\"").is_err());
+    }
+
+    #[test]
+    fn mkdir_readdir_and_readdirplus() {
+        let mut s = Setup::new();
+        let d =
+            s.fs.mkdir(&ROOT, ROOT_INODE, n("d"), 0o40775, 0o002)
+                .unwrap();
+        assert_eq!(d.attr.mode, 0o40775);
+        assert!(fs::metadata(s.host("d")).unwrap().is_dir());
+        for name in ["a", "b", "c"] {
+            let (e, o) = s.create(d.inode, name);
+            s.fs.release(&ROOT, e.inode, o.handle).unwrap();
+            s.fs.forget(e.inode, 1);
+        }
+        let (nodes, _) = s.fs.counts();
+        let h = s.fs.opendir(&ROOT, d.inode, 0).unwrap().handle;
+
+        let mut buf = vec![0u8; 4096];
+        let mut sink = DirSink::new(&mut buf, false);
+        s.fs.readdir(&ROOT, d.inode, h, 0, &mut sink).unwrap();
+        let len = sink.len();
+        let all = dirents(&buf[..len], false);
+        let mut names: Vec<_> = all.iter().map(|e| e.0.clone()).collect();
+        names.sort();
+        assert_eq!(names, [".", "..", "a", "b", "c"]);
+
+        // Continue after the second entry: the rest.
+        let mut sink = DirSink::new(&mut buf, false);
+        s.fs.readdir(&ROOT, d.inode, h, all[1].1, &mut sink)
+            .unwrap();
+        let len = sink.len();
+        let rest: Vec<_> = dirents(&buf[..len], false)
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        let want: Vec<_> = all[2..].iter().map(|e| e.0.clone()).collect();
+        assert_eq!(rest, want);
+
+        // One entry a time through a small buffer.
+        let mut paged = Vec::new();
+        let mut off = 0;
+        loop {
+            let mut small = [0u8; 32];
+            let mut sink = DirSink::new(&mut small, false);
+            s.fs.readdir(&ROOT, d.inode, h, off, &mut sink).unwrap();
+            let len = sink.len();
+            if len == 0 {
+                break;
+            }
+            let got = dirents(&small[..len], false);
+            assert_eq!(got.len(), 1);
+            off = got[0].1;
+            paged.push(got[0].0.clone());
+        }
+        assert_eq!(paged.len(), 5);
+
+        // READDIRPLUS: . and .. take no reference, the others one each.
+        let mut sink = DirSink::new(&mut buf, true);
+        s.fs.readdir(&ROOT, d.inode, h, 0, &mut sink).unwrap();
+        let len = sink.len();
+        let plus = dirents(&buf[..len], true);
+        assert_eq!(plus.len(), 5);
+        for (name, _, nodeid) in &plus {
+            if name == "." || name == ".." {
+                assert_eq!(*nodeid, 0, "{name}");
+            } else {
+                assert!(*nodeid > ROOT_INODE, "{name}");
+                let (attr, _) = s.fs.getattr(&ROOT, *nodeid, None).unwrap();
+                assert_eq!(attr.mode & libc::S_IFMT, libc::S_IFREG);
+            }
+        }
+        assert_eq!(s.fs.counts().0, nodes + 3);
+        // A READDIRPLUS that has room for two records takes two refs only.
+        let mut two = vec![0u8; 2 * 160];
+        let mut sink = DirSink::new(&mut two, true);
+        s.fs.readdir(&ROOT, d.inode, h, 0, &mut sink).unwrap();
+        let len = sink.len();
+        let got = dirents(&two[..len], true);
+        assert_eq!(got.len(), 2);
+        for (_, _, nodeid) in plus.iter().chain(&got) {
+            if *nodeid != 0 {
+                s.fs.forget(*nodeid, 1);
+            }
+        }
+        assert_eq!(s.fs.counts().0, nodes);
+
+        s.fs.fsyncdir(&ROOT, d.inode, h, false).unwrap();
+        s.fs.releasedir(&ROOT, d.inode, h).unwrap();
+        let mut sink = DirSink::new(&mut buf, false);
+        assert_eq!(
+            s.fs.readdir(&ROOT, d.inode, h, 0, &mut sink),
+            Err(Errno::BADF)
+        );
+        // Not a directory.
+        let f = s.fs.lookup(&ROOT, d.inode, n("a")).unwrap();
+        assert_eq!(
+            s.fs.opendir(&ROOT, f.inode, 0).map(|_| ()),
+            Err(Errno(libc::ENOTDIR))
+        );
+        assert_eq!(
+            s.fs.mkdir(&ROOT, ROOT_INODE, n("d"), 0o755, 0).map(|_| ()),
+            Err(Errno(libc::EEXIST))
+        );
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn rename_noreplace_exchange() {
+        let mut s = Setup::new();
+        fs::write(s.host("a"), b"A").unwrap();
+        fs::write(s.host("b"), b"B").unwrap();
+        let d = s.fs.mkdir(&ROOT, ROOT_INODE, n("d"), 0o755, 0).unwrap();
+        s.fs.rename(&ROOT, ROOT_INODE, n("a"), d.inode, n("a2"), 0)
+            .unwrap();
+        assert_eq!(fs::read(s.host("d/a2")).unwrap(), b"A");
+        assert!(!s.host("a").exists());
+        assert_eq!(
+            s.fs.rename(
+                &ROOT,
+                d.inode,
+                n("a2"),
+                ROOT_INODE,
+                n("b"),
+                libc::RENAME_NOREPLACE
+            ),
+            Err(Errno(libc::EEXIST))
+        );
+        s.fs.rename(
+            &ROOT,
+            d.inode,
+            n("a2"),
+            ROOT_INODE,
+            n("b"),
+            libc::RENAME_EXCHANGE,
+        )
+        .unwrap();
+        assert_eq!(fs::read(s.host("b")).unwrap(), b"A");
+        assert_eq!(fs::read(s.host("d/a2")).unwrap(), b"B");
+        s.fs.rename(&ROOT, ROOT_INODE, n("b"), ROOT_INODE, n("c"), 0)
+            .unwrap();
+        assert_eq!(fs::read(s.host("c")).unwrap(), b"A");
+        assert_eq!(
+            s.fs.rename(&ROOT, ROOT_INODE, n("zz"), ROOT_INODE, n("c"), 0),
+            Err(Errno::NOENT)
+        );
+        assert_eq!(
+            s.fs.rename(&ROOT, 777, n("c"), ROOT_INODE, n("x"), 0),
+            Err(Errno::BADF)
+        );
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn link_unlink_rmdir() {
+        let mut s = Setup::new();
+        let (e, o) = s.create(ROOT_INODE, "f");
+        s.fs.release(&ROOT, e.inode, o.handle).unwrap();
+        let d = s.fs.mkdir(&ROOT, ROOT_INODE, n("d"), 0o755, 0).unwrap();
+        let l = s.fs.link(&ROOT, e.inode, d.inode, n("g")).unwrap();
+        assert_eq!(l.inode, e.inode);
+        assert_eq!(l.attr.nlink, 2);
+        assert_eq!(fs::metadata(s.host("d/g")).unwrap().nlink(), 2);
+        assert_eq!(
+            fs::metadata(s.host("d/g")).unwrap().ino(),
+            fs::metadata(s.host("f")).unwrap().ino()
+        );
+        // The link took a reference: two forgets to drop the node.
+        s.fs.forget(e.inode, 1);
+        assert!(s.fs.getattr(&ROOT, e.inode, None).is_ok());
+
+        s.fs.unlink(&ROOT, ROOT_INODE, n("f")).unwrap();
+        assert!(!s.host("f").exists());
+        let (attr, _) = s.fs.getattr(&ROOT, e.inode, None).unwrap();
+        assert_eq!(attr.nlink, 1);
+        assert_eq!(
+            s.fs.rmdir(&ROOT, ROOT_INODE, n("d")),
+            Err(Errno(libc::ENOTEMPTY))
+        );
+        assert_eq!(
+            s.fs.unlink(&ROOT, ROOT_INODE, n("d")),
+            Err(Errno(libc::EISDIR))
+        );
+        s.fs.unlink(&ROOT, d.inode, n("g")).unwrap();
+        s.fs.rmdir(&ROOT, ROOT_INODE, n("d")).unwrap();
+        assert!(!s.host("d").exists());
+        assert_eq!(s.fs.unlink(&ROOT, ROOT_INODE, n("f")), Err(Errno::NOENT));
+        // The unlinked file's node still answers until forgotten.
+        let (attr, _) = s.fs.getattr(&ROOT, e.inode, None).unwrap();
+        assert_eq!(attr.nlink, 0);
+        s.fs.forget(e.inode, 1);
+        assert_eq!(s.fs.counts(), (2, 0)); // root and d
+        s.fs.forget(d.inode, 1);
+        assert_eq!(s.fs.counts(), (1, 0));
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn symlink_readlink_mknod() {
+        let mut s = Setup::new();
+        let l =
+            s.fs.symlink(&ROOT, ROOT_INODE, n("l"), b"../outside/sentinel")
+                .unwrap();
+        assert_eq!(l.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(
+            fs::read_link(s.host("l")).unwrap(),
+            Path::new("../outside/sentinel")
+        );
+        let mut buf = [0u8; 64];
+        let len = s.fs.readlink(&ROOT, l.inode, &mut buf).unwrap();
+        assert_eq!(&buf[..len], b"../outside/sentinel");
+        assert_eq!(
+            s.fs.readlink(&ROOT, l.inode, &mut buf[..5]),
+            Err(Errno::NAMETOOLONG)
+        );
+        assert_eq!(
+            s.fs.readlink(&ROOT, ROOT_INODE, &mut buf),
+            Err(Errno::INVAL)
+        );
+        assert_eq!(
+            s.fs.symlink(&ROOT, ROOT_INODE, n("bad"), b"a\0b")
+                .map(|_| ()),
+            Err(Errno::INVAL)
+        );
+
+        let p =
+            s.fs.mknod(&ROOT, ROOT_INODE, n("p"), libc::S_IFIFO | 0o666, 0, 0o022)
+                .unwrap();
+        assert_eq!(p.attr.mode, libc::S_IFIFO | 0o644);
+        assert!(fs::symlink_metadata(s.host("p"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        // The VMM never opens a FIFO (it would block) or a device.
+        assert_eq!(
+            s.fs.open(&ROOT, p.inode, libc::O_RDONLY as u32).map(|_| ()),
+            Err(Errno(libc::ENXIO))
+        );
+        assert_eq!(
+            s.fs.getxattr(&ROOT, p.inode, b"user.x", &mut buf),
+            Err(Errno::OPNOTSUPP)
+        );
+        let r =
+            s.fs.mknod(&ROOT, ROOT_INODE, n("r"), libc::S_IFREG | 0o600, 0, 0)
+                .unwrap();
+        assert_eq!(r.attr.mode, libc::S_IFREG | 0o600);
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn setattr_truncate_chmod_chown_utimens() {
+        let mut s = Setup::new();
+        let (e, o) = s.create(ROOT_INODE, "f");
+        s.fs.write(&ROOT, e.inode, o.handle, 0, b"0123456789", false)
+            .unwrap();
+        let set = |a: SetAttr| a;
+        // Truncate through the node (no handle), then the handle.
+        let (attr, _) =
+            s.fs.setattr(
+                &ROOT,
+                e.inode,
+                &set(SetAttr {
+                    size: Some(4),
+                    ..SetAttr::default()
+                }),
+            )
+            .unwrap();
+        assert_eq!(attr.size, 4);
+        assert_eq!(fs::read(s.host("f")).unwrap(), b"0123");
+        let (attr, _) =
+            s.fs.setattr(
+                &ROOT,
+                e.inode,
+                &SetAttr {
+                    handle: Some(o.handle),
+                    size: Some(2),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(attr.size, 2);
+        // chmod, chown, times.
+        let (attr, _) =
+            s.fs.setattr(
+                &ROOT,
+                e.inode,
+                &SetAttr {
+                    mode: Some(0o100600),
+                    uid: Some(1000),
+                    gid: Some(1001),
+                    atime: Some(SetTime::Now),
+                    mtime: Some(SetTime::At {
+                        secs: 1_000_000,
+                        nsecs: 5,
+                    }),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(attr.mode, 0o100600);
+        assert_eq!((attr.uid, attr.gid), (1000, 1001));
+        assert_eq!((attr.mtime, attr.mtime_nsec), (1_000_000, 5));
+        let md = fs::metadata(s.host("f")).unwrap();
+        assert_eq!(md.mode(), 0o100600);
+        assert_eq!((md.uid(), md.gid()), (1000, 1001));
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_000_000, 5));
+        assert!(md.atime() > 1_000_000);
+        // Through the handle.
+        let (attr, _) =
+            s.fs.setattr(
+                &ROOT,
+                e.inode,
+                &SetAttr {
+                    handle: Some(o.handle),
+                    mode: Some(0o4755),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(attr.mode, 0o104755);
+        // kill_suidgid, and a write that kills privileges.
+        let (attr, _) =
+            s.fs.setattr(
+                &ROOT,
+                e.inode,
+                &SetAttr {
+                    kill_suidgid: true,
+                    size: Some(0),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(attr.mode, 0o100755);
+        fs::set_permissions(s.host("f"), fs::Permissions::from_mode(0o6755)).unwrap();
+        s.fs.write(&ROOT, e.inode, o.handle, 0, b"x", true).unwrap();
+        assert_eq!(fs::metadata(s.host("f")).unwrap().mode(), 0o100755);
+
+        // A symlink: owner and times of the link itself; no mode.
+        let l =
+            s.fs.symlink(&ROOT, ROOT_INODE, n("l"), b"../outside/sentinel")
+                .unwrap();
+        let (attr, _) =
+            s.fs.setattr(
+                &ROOT,
+                l.inode,
+                &SetAttr {
+                    uid: Some(1000),
+                    mtime: Some(SetTime::At { secs: 7, nsecs: 0 }),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+        assert_eq!((attr.uid, attr.mtime), (1000, 7));
+        assert_eq!(
+            s.fs.setattr(
+                &ROOT,
+                l.inode,
+                &SetAttr {
+                    mode: Some(0o777),
+                    ..SetAttr::default()
+                }
+            )
+            .map(|_| ()),
+            Err(Errno::OPNOTSUPP)
+        );
+        assert_eq!(
+            s.fs.setattr(
+                &ROOT,
+                l.inode,
+                &SetAttr {
+                    size: Some(0),
+                    ..SetAttr::default()
+                }
+            )
+            .map(|_| ()),
+            Err(Errno::INVAL)
+        );
+        assert_eq!(
+            s.fs.setattr(
+                &ROOT,
+                e.inode,
+                &SetAttr {
+                    handle: Some(4242),
+                    ..SetAttr::default()
+                }
+            )
+            .map(|_| ()),
+            Err(Errno::BADF)
+        );
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn xattrs() {
+        let mut s = Setup::new();
+        let (e, _) = s.create(ROOT_INODE, "f");
+        for inode in [e.inode, ROOT_INODE] {
+            s.fs.setxattr(&ROOT, inode, b"user.test", b"value", 0)
+                .unwrap();
+            assert_eq!(
+                s.fs.setxattr(&ROOT, inode, b"user.test", b"v", libc::XATTR_CREATE as u32),
+                Err(Errno(libc::EEXIST))
+            );
+            assert_eq!(s.fs.getxattr(&ROOT, inode, b"user.test", &mut []), Ok(5));
+            let mut buf = [0u8; 16];
+            let len = s.fs.getxattr(&ROOT, inode, b"user.test", &mut buf).unwrap();
+            assert_eq!(&buf[..len], b"value");
+            assert_eq!(
+                s.fs.getxattr(&ROOT, inode, b"user.test", &mut buf[..2]),
+                Err(Errno::RANGE)
+            );
+            let mut list = [0u8; 256];
+            let len = s.fs.listxattr(&ROOT, inode, &mut list).unwrap();
+            assert!(list[..len]
+                .split(|&b| b == 0)
+                .any(|name| name == b"user.test"));
+            assert!(s.fs.listxattr(&ROOT, inode, &mut []).unwrap() >= 10);
+            s.fs.removexattr(&ROOT, inode, b"user.test").unwrap();
+            assert_eq!(
+                s.fs.getxattr(&ROOT, inode, b"user.test", &mut buf),
+                Err(Errno::NODATA)
+            );
+            assert_eq!(
+                s.fs.removexattr(&ROOT, inode, b"user.test"),
+                Err(Errno::NODATA)
+            );
+        }
+        assert_eq!(
+            s.fs.getxattr(&ROOT, e.inode, b"user.a\0b", &mut []),
+            Err(Errno::INVAL)
+        );
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn statfs_fallocate_lseek_access() {
+        let mut s = Setup::new();
+        let st = s.fs.statfs(&ROOT, ROOT_INODE).unwrap();
+        assert!(st.blocks > 0 && st.bsize > 0);
+        assert_eq!(st.namelen, 255);
+        let (e, o) = s.create(ROOT_INODE, "f");
+        s.fs.fallocate(&ROOT, e.inode, o.handle, 0, 65536, 0)
+            .unwrap();
+        assert_eq!(fs::metadata(s.host("f")).unwrap().len(), 65536);
+        // KEEP_SIZE: blocks, no size.
+        s.fs.fallocate(
+            &ROOT,
+            e.inode,
+            o.handle,
+            65536,
+            65536,
+            libc::FALLOC_FL_KEEP_SIZE as u32,
+        )
+        .unwrap();
+        assert_eq!(fs::metadata(s.host("f")).unwrap().len(), 65536);
+
+        // Data at 1 MiB, a hole before it.
+        let (g, h) = s.create(ROOT_INODE, "g");
+        s.fs.write(&ROOT, g.inode, h.handle, 1 << 20, &[1u8; 4096], false)
+            .unwrap();
+        let data =
+            s.fs.lseek(&ROOT, g.inode, h.handle, 0, libc::SEEK_DATA as u32)
+                .unwrap();
+        assert_eq!(data, 1 << 20);
+        let hole =
+            s.fs.lseek(&ROOT, g.inode, h.handle, 0, libc::SEEK_HOLE as u32)
+                .unwrap();
+        assert_eq!(hole, 0);
+        assert_eq!(
+            s.fs.lseek(&ROOT, g.inode, h.handle, 2 << 20, libc::SEEK_DATA as u32),
+            Err(Errno(libc::ENXIO))
+        );
+        assert_eq!(
+            s.fs.lseek(&ROOT, g.inode, h.handle, 0, 99),
+            Err(Errno::INVAL)
+        );
+
+        // ACCESS from the mode bits.
+        fs::set_permissions(s.host("g"), fs::Permissions::from_mode(0o640)).unwrap();
+        let (r, w, x) = (libc::R_OK as u32, libc::W_OK as u32, libc::X_OK as u32);
+        assert_eq!(s.fs.access(&ROOT, g.inode, r | w), Ok(()));
+        assert_eq!(s.fs.access(&ROOT, g.inode, x), Err(Errno::ACCES));
+        assert_eq!(s.fs.access(&ROOT, ROOT_INODE, x), Ok(()));
+        let group = Context {
+            uid: 1000,
+            gid: 0,
+            pid: 3,
+        };
+        assert_eq!(s.fs.access(&group, g.inode, r), Ok(()));
+        assert_eq!(s.fs.access(&group, g.inode, w), Err(Errno::ACCES));
+        assert_eq!(s.fs.access(&USER, g.inode, r), Err(Errno::ACCES));
+        assert_eq!(s.fs.access(&USER, g.inode, 0), Ok(()));
+        assert_eq!(s.fs.access(&USER, g.inode, 64), Err(Errno::INVAL));
+        assert_eq!(s.fs.access(&USER, 4711, 0), Err(Errno::BADF));
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn symlinks_are_never_followed() {
+        let mut s = Setup::new();
+        std::os::unix::fs::symlink("/", s.host("to_root")).unwrap();
+        std::os::unix::fs::symlink("../outside", s.host("to_outside")).unwrap();
+        std::os::unix::fs::symlink("../outside/sentinel", s.host("to_sentinel")).unwrap();
+        std::os::unix::fs::symlink("../outside/new", s.host("dangling")).unwrap();
+        for name in ["to_root", "to_outside", "to_sentinel", "dangling"] {
+            let l = s.fs.lookup(&ROOT, ROOT_INODE, n(name)).unwrap();
+            // The symlink itself, not its target.
+            assert_eq!(l.attr.mode & libc::S_IFMT, libc::S_IFLNK, "{name}");
+            let notdir = Err(Errno(libc::ENOTDIR));
+            assert_eq!(s.fs.lookup(&ROOT, l.inode, n("etc")).map(|_| ()), notdir);
+            assert_eq!(
+                s.fs.lookup(&ROOT, l.inode, n("sentinel")).map(|_| ()),
+                notdir
+            );
+            assert_eq!(
+                s.fs.create(&ROOT, l.inode, n("evil"), 0o644, 2, 0)
+                    .map(|_| ()),
+                notdir
+            );
+            assert_eq!(
+                s.fs.mkdir(&ROOT, l.inode, n("evil"), 0o755, 0).map(|_| ()),
+                notdir
+            );
+            assert_eq!(
+                s.fs.mknod(&ROOT, l.inode, n("evil"), libc::S_IFREG | 0o644, 0, 0)
+                    .map(|_| ()),
+                notdir
+            );
+            assert_eq!(
+                s.fs.symlink(&ROOT, l.inode, n("evil"), b"x").map(|_| ()),
+                notdir
+            );
+            assert_eq!(
+                s.fs.rename(&ROOT, ROOT_INODE, n("to_root"), l.inode, n("evil"), 0),
+                notdir
+            );
+            assert_eq!(s.fs.unlink(&ROOT, l.inode, n("sentinel")), notdir);
+            assert_eq!(s.fs.opendir(&ROOT, l.inode, 0).map(|_| ()), notdir);
+            assert_eq!(
+                s.fs.open(&ROOT, l.inode, libc::O_RDWR as u32).map(|_| ()),
+                Err(Errno(libc::ENXIO))
+            );
+            // Through the symlink's name: never its target.
+            let created = s.fs.create(
+                &ROOT,
+                ROOT_INODE,
+                n(name),
+                0o644,
+                (libc::O_WRONLY | libc::O_TRUNC) as u32,
+                0,
+            );
+            assert_eq!(created.map(|_| ()), Err(Errno(libc::EEXIST)), "{name}");
+            assert_eq!(
+                s.fs.setattr(
+                    &ROOT,
+                    l.inode,
+                    &SetAttr {
+                        size: Some(0),
+                        ..SetAttr::default()
+                    }
+                )
+                .map(|_| ()),
+                Err(Errno::INVAL)
+            );
+            assert_eq!(
+                s.fs.setxattr(&ROOT, l.inode, b"user.x", b"1", 0),
+                Err(Errno::OPNOTSUPP)
+            );
+            // chown/utimens change the link only.
+            s.fs.setattr(
+                &ROOT,
+                l.inode,
+                &SetAttr {
+                    uid: Some(1234),
+                    atime: Some(SetTime::Now),
+                    mtime: Some(SetTime::Now),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(fs::symlink_metadata(s.host(name)).unwrap().uid(), 1234);
+            // A hard link of the symlink node is a link to the symlink.
+            let hl = format!("{name}.hl");
+            let e = s.fs.link(&ROOT, l.inode, ROOT_INODE, n(&hl)).unwrap();
+            assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+            assert!(fs::symlink_metadata(s.host(&hl))
+                .unwrap()
+                .file_type()
+                .is_symlink());
+        }
+        // Hard links name only nodes the backend handed out.
+        assert_eq!(
+            s.fs.link(&ROOT, 999_999, ROOT_INODE, n("x")).map(|_| ()),
+            Err(Errno::BADF)
+        );
+        // No `..`: the device refuses the name (and nothing else reaches here).
+        assert!(Name::new(b"..").is_err());
+        assert!(Name::new(b"../outside").is_err());
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn rename_race_keeps_creates_inside() {
+        let mut s = Setup::new();
+        fs::create_dir(s.host("d")).unwrap();
+        std::os::unix::fs::symlink("../outside", s.host("l")).unwrap();
+        let d = s.fs.lookup(&ROOT, ROOT_INODE, n("d")).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let swaps = {
+            let stop = Arc::clone(&stop);
+            let a = CString::new(s.host("d").as_os_str().as_bytes()).unwrap();
+            let b = CString::new(s.host("l").as_os_str().as_bytes()).unwrap();
+            std::thread::spawn(move || {
+                let mut swaps = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // SAFETY: both paths are NUL-terminated and live for
+                    // the call.
+                    let r = unsafe {
+                        libc::syscall(
+                            libc::SYS_renameat2,
+                            libc::AT_FDCWD,
+                            a.as_ptr(),
+                            libc::AT_FDCWD,
+                            b.as_ptr(),
+                            libc::RENAME_EXCHANGE,
+                        )
+                    };
+                    assert_eq!(r, 0);
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let mut made = 0;
+        for i in 0..300 {
+            // Through the held node: always the real directory.
+            let (e, o) = s.create(d.inode, &format!("f{i}"));
+            s.fs.release(&ROOT, e.inode, o.handle).unwrap();
+            s.fs.forget(e.inode, 1);
+            made += 1;
+            // Through a fresh lookup of "d": the directory or the symlink.
+            if let Ok(e) = s.fs.lookup(&ROOT, ROOT_INODE, n("d")) {
+                match s.fs.mkdir(&ROOT, e.inode, n(&format!("m{i}")), 0o755, 0) {
+                    Ok(m) => {
+                        assert_eq!(e.inode, d.inode);
+                        s.fs.forget(m.inode, 1);
+                        made += 1;
+                    }
+                    Err(err) => assert_eq!(err, Errno(libc::ENOTDIR)),
+                }
+                s.fs.forget(e.inode, 1);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swaps = swaps.join().unwrap();
+        assert!(swaps > 0);
+        let real = if fs::symlink_metadata(s.host("d")).unwrap().is_dir() {
+            s.host("d")
+        } else {
+            s.host("l")
+        };
+        assert_eq!(fs::read_dir(real).unwrap().count(), made);
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn creates_run_as_the_caller() {
+        let mut s = Setup::new();
+        let (e, o) =
+            s.fs.create(&USER, ROOT_INODE, n("f"), 0o100644, libc::O_RDWR as u32, 0)
+                .unwrap();
+        assert_eq!((e.attr.uid, e.attr.gid), (1000, 1000));
+        assert_eq!((fsuid(), fsgid()), (0, 0));
+        s.fs.release(&ROOT, e.inode, o.handle).unwrap();
+        let d = s.fs.mkdir(&USER, ROOT_INODE, n("d"), 0o755, 0).unwrap();
+        let l = s.fs.symlink(&USER, d.inode, n("l"), b"f").unwrap();
+        let p =
+            s.fs.mknod(&USER, d.inode, n("p"), libc::S_IFIFO | 0o600, 0, 0)
+                .unwrap();
+        let h = s.fs.link(&USER, e.inode, d.inode, n("h")).unwrap();
+        for (entry, path) in [(d, "d"), (l, "d/l"), (p, "d/p"), (h, "d/h")] {
+            assert_eq!((entry.attr.uid, entry.attr.gid), (1000, 1000), "{path}");
+            let md = fs::symlink_metadata(s.host(path)).unwrap();
+            assert_eq!((md.uid(), md.gid()), (1000, 1000), "{path}");
+        }
+        assert_eq!((fsuid(), fsgid()), (0, 0));
+        // The host checks the caller's permission: a root-owned 0755
+        // directory refuses uid 1000.
+        let r = s.fs.mkdir(&ROOT, ROOT_INODE, n("r"), 0o755, 0).unwrap();
+        assert_eq!(
+            s.fs.create(&USER, r.inode, n("f"), 0o644, 2, 0).map(|_| ()),
+            Err(Errno::ACCES)
+        );
+        assert_eq!(
+            s.fs.mkdir(&USER, r.inode, n("f"), 0o755, 0).map(|_| ()),
+            Err(Errno::ACCES)
+        );
+        assert_eq!((fsuid(), fsgid()), (0, 0));
+        assert!(!s.host("r/f").exists());
+        s.assert_outside_unchanged();
+    }
+
+    #[test]
+    fn an_existing_file_is_opened_as_the_caller() {
+        let mut s = Setup::new();
+        fs::write(s.host("secret"), b"root only").unwrap();
+        fs::set_permissions(s.host("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+        // The guest believed the name was free: no O_EXCL, and it checked
+        // nothing on the host's file.
+        let flags = (libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u32;
+        assert_eq!(
+            s.fs.create(&USER, ROOT_INODE, n("secret"), 0o644, flags, 0)
+                .map(|_| ()),
+            Err(Errno::ACCES)
+        );
+        assert_eq!(fs::read(s.host("secret")).unwrap(), b"root only");
+        assert_eq!((fsuid(), fsgid()), (0, 0));
+        assert_eq!(s.fs.counts(), (1, 0));
+    }
+
+    #[test]
+    fn the_backend_moves_to_the_device_thread() {
+        fn send<T: Send>() {}
+        send::<Passthrough>();
+    }
+
+    #[test]
+    fn no_panic_on_nonsense() {
+        let mut s = Setup::new();
+        let (e, o) = s.create(ROOT_INODE, "f");
+        let mut buf = [0u8; 64];
+        for inode in [0, ROOT_INODE, e.inode, 2_000_000, u64::MAX] {
+            for handle in [0, o.handle, 77, u64::MAX] {
+                let _ = s.fs.getattr(&ROOT, inode, Some(handle));
+                let _ = s.fs.read(&ROOT, inode, handle, u64::MAX, &mut buf);
+                let _ = s.fs.write(&ROOT, inode, handle, u64::MAX, b"x", true);
+                let _ =
+                    s.fs.fallocate(&ROOT, inode, handle, u64::MAX, u64::MAX, u32::MAX);
+                let _ = s.fs.lseek(&ROOT, inode, handle, u64::MAX, u32::MAX);
+                let _ = s.fs.fsync(&ROOT, inode, handle, true);
+                let mut sink = DirSink::new(&mut buf, true);
+                let _ = s.fs.readdir(&ROOT, inode, handle, u64::MAX, &mut sink);
+                let _ = s.fs.setattr(
+                    &ROOT,
+                    inode,
+                    &SetAttr {
+                        handle: Some(handle),
+                        size: Some(u64::MAX),
+                        mtime: Some(SetTime::At {
+                            secs: u64::MAX,
+                            nsecs: u32::MAX,
+                        }),
+                        ..SetAttr::default()
+                    },
+                );
+            }
+            let _ = s.fs.access(&ROOT, inode, u32::MAX);
+            let _ = s.fs.readlink(&ROOT, inode, &mut []);
+            let _ = s.fs.setxattr(&ROOT, inode, b"", b"", u32::MAX);
+            let _ = s.fs.getxattr(&ROOT, inode, b"", &mut []);
+            let _ =
+                s.fs.mknod(&ROOT, inode, n("m"), u32::MAX, u32::MAX, u32::MAX);
+            let _ = s.fs.rename(&ROOT, inode, n("a"), inode, n("b"), u32::MAX);
+            let _ = s.fs.statfs(&ROOT, inode);
+            s.fs.forget(inode, 0);
+        }
+        // The sentinel sits outside; the share is what it was plus "m".
+        s.assert_outside_unchanged();
+    }
+}

@@ -71,6 +71,15 @@ pub enum FsConfigError {
         /// The tag's length.
         len: usize,
     },
+    /// A request or reply buffer is smaller than [`IN_BUF_SIZE`] /
+    /// [`OUT_BUF_SIZE`].
+    #[error("virtio-fs buffer of {len} bytes is smaller than {need}")]
+    BufferTooSmall {
+        /// The buffer's length.
+        len: usize,
+        /// What the device needs.
+        need: usize,
+    },
 }
 
 /// A request the device could not serve as asked. Every variant is
@@ -191,13 +200,22 @@ struct Split<'c> {
     room: u32,
 }
 
+/// The device's buffer type when it holds its buffers inline.
+pub type InlineBuffer = [u8; IN_BUF_SIZE];
+
+// One buffer type serves both directions.
+const _: () = assert!(IN_BUF_SIZE == OUT_BUF_SIZE);
+
 /// A virtio-fs device over file system `F`: one high-priority queue, one
-/// request queue, no DAX window, no notification queue.
-pub struct Fs<F> {
+/// request queue, no DAX window, no notification queue. Its request and
+/// reply buffers are `B`s: inline arrays ([`Fs::new`]) or buffers the host
+/// allocated ([`Fs::with_buffers`], e.g. boxed slices, so the device is
+/// never built on a small stack).
+pub struct Fs<F, B = InlineBuffer> {
     fs: F,
     config: [u8; CONFIG_SIZE],
-    in_buf: [u8; IN_BUF_SIZE],
-    out_buf: [u8; OUT_BUF_SIZE],
+    in_buf: B,
+    out_buf: B,
     /// A FUSE session is up (INIT answered, no DESTROY or reset since).
     session: bool,
     /// Requests the current notification may still serve.
@@ -210,9 +228,30 @@ pub struct Fs<F> {
 
 impl<F: FileSystem> Fs<F> {
     /// A device named `tag` (what the guest mounts: 1 to 36 bytes, no NUL)
-    /// over `fs`. The device is large (two bounce buffers of over
-    /// 128 KiB): put it on the heap.
+    /// over `fs`, its buffers inline. The device is large (two bounce
+    /// buffers of over 128 KiB): put it on the heap, or use
+    /// [`Fs::with_buffers`].
     pub fn new(tag: &str, fs: F) -> Result<Fs<F>, FsConfigError> {
+        Fs::with_buffers(tag, fs, [0; IN_BUF_SIZE], [0; OUT_BUF_SIZE])
+    }
+}
+
+impl<F: FileSystem, B: AsRef<[u8]> + AsMut<[u8]>> Fs<F, B> {
+    /// A device named `tag` over `fs` with request buffer `in_buf` (at
+    /// least [`IN_BUF_SIZE`] bytes) and reply buffer `out_buf` (at least
+    /// [`OUT_BUF_SIZE`]).
+    pub fn with_buffers(
+        tag: &str,
+        fs: F,
+        in_buf: B,
+        out_buf: B,
+    ) -> Result<Fs<F, B>, FsConfigError> {
+        for (buf, need) in [(&in_buf, IN_BUF_SIZE), (&out_buf, OUT_BUF_SIZE)] {
+            let len = buf.as_ref().len();
+            if len < need {
+                return Err(FsConfigError::BufferTooSmall { len, need });
+            }
+        }
         let t = tag.as_bytes();
         if t.is_empty() || t.len() > TAG_SIZE || t.contains(&0) {
             return Err(FsConfigError::InvalidTag { len: t.len() });
@@ -223,8 +262,8 @@ impl<F: FileSystem> Fs<F> {
         Ok(Fs {
             fs,
             config,
-            in_buf: [0; IN_BUF_SIZE],
-            out_buf: [0; OUT_BUF_SIZE],
+            in_buf,
+            out_buf,
             session: false,
             chains_left: 0,
             serving: 0,
@@ -387,8 +426,8 @@ impl<F: FileSystem> Fs<F> {
             (total, errno)
         };
         // total <= OUT_BUF_SIZE < u32::MAX.
-        fuse::write_out_header(&mut self.out_buf, total as u32, -errno, unique);
-        let out = self.out_buf.get(..total).unwrap_or_default();
+        fuse::write_out_header(self.out_buf.as_mut(), total as u32, -errno, unique);
+        let out = self.out_buf.as_ref().get(..total).unwrap_or_default();
         let n = copy_to_chain(mem, split.writable, 0, out).map_err(FsError::Memory)?;
         Ok(n as u32)
     }
@@ -402,7 +441,7 @@ impl<F: FileSystem> Fs<F> {
         }
         let too_long = in_len > IN_BUF_SIZE;
         let copy = if too_long { IN_HEADER_SIZE } else { in_len };
-        let Some(buf) = self.in_buf.get_mut(..copy) else {
+        let Some(buf) = self.in_buf.as_mut().get_mut(..copy) else {
             return (0, Outcome::Err(Errno::IO));
         };
         match copy_from_chain(mem, split.readable, 0, buf) {
@@ -445,6 +484,7 @@ impl<F: FileSystem> Fs<F> {
         // in_len <= IN_BUF_SIZE: checked by the caller.
         let args = self
             .in_buf
+            .as_ref()
             .get(IN_HEADER_SIZE..in_len as usize)
             .unwrap_or_default();
         let req = match parse_request(header.opcode, args) {
@@ -499,6 +539,7 @@ impl<F: FileSystem> Fs<F> {
             ..
         } = self;
         let out = out_buf
+            .as_mut()
             .get_mut(OUT_HEADER_SIZE..OUT_HEADER_SIZE + room)
             .unwrap_or_default();
         dispatch(fs, session, &ctx, header.nodeid, req, out)
@@ -827,7 +868,7 @@ fn init<F: FileSystem>(
     Outcome::Ok(fuse::INIT_OUT_SIZE)
 }
 
-impl<F: FileSystem> VirtioDevice for Fs<F> {
+impl<F: FileSystem, B: AsRef<[u8]> + AsMut<[u8]>> VirtioDevice for Fs<F, B> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_FS
     }
