@@ -873,6 +873,11 @@ fn vm_config(ctrd: &Containerd) -> Option<PathBuf> {
 
 /// A `vm` config whose templates live in `templates`.
 fn vm_config_with(ctrd: &Containerd, templates: &Path) -> Option<PathBuf> {
+    vm_config_text(ctrd, templates, "")
+}
+
+/// A `vm` config whose templates live in `templates`, with `extra` lines.
+fn vm_config_text(ctrd: &Containerd, templates: &Path, extra: &str) -> Option<PathBuf> {
     let ci = std::env::var("CI").as_deref() == Ok("true");
     let (kernel, initrd) = shim::testing::vm_artifacts()?;
     let (kernel, initrd) = (kernel.display(), initrd.display());
@@ -891,7 +896,7 @@ fn vm_config_with(ctrd: &Containerd, templates: &Path) -> Option<PathBuf> {
         &path,
         format!(
             "handler = \"vm\"\nkernel = \"{kernel}\"\ninitrd = \"{initrd}\"\n\
-             memory_mib = 256\nlog_level = \"debug\"\ntemplate_dir = \"{}\"\n",
+             memory_mib = 256\nlog_level = \"debug\"\ntemplate_dir = \"{}\"\n{extra}",
             templates.display()
         ),
     )
@@ -1758,14 +1763,11 @@ fn vm_killed_shim_is_cleaned_up_by_delete() {
     kill_shim_then_delete(&ctrd, &fp, &id);
 }
 
-/// Binds the `vm` handler cannot give a VM (read-write, or of a file) are
-/// refused at Create with the reason, before any VM boots, and leave no
-/// shim behind.
 #[test]
 fn vm_unservable_binds_are_refused_before_boot() {
     let Some(image) = prerequisites() else { return };
     let ctrd = Containerd::start();
-    let Some(config) = vm_config(&ctrd) else {
+    let Some(config) = vm_config_text(&ctrd, &shared_templates(), "vm_rootfs = \"block\"\n") else {
         return;
     };
     ctrd.import(&image);
@@ -1775,7 +1777,7 @@ fn vm_unservable_binds_are_refused_before_boot() {
     let cases = [
         (
             format!("type=bind,src={},dst=/data,options=rbind:rw", vol.display()),
-            "read-write bind mounts need a file system shared with the host",
+            "read-write bind mounts need the virtio-fs share",
         ),
         (
             format!(

@@ -1,5 +1,5 @@
-//! The `vm` sandbox handler and virtio-vsock with a real Linux guest, in
-//! one boot: a busybox rootfs with `skiff-vsock-probe` becomes the VM's
+//! The `vm` sandbox handler with `vm_rootfs = "block"`, and virtio-vsock,
+//! with a real Linux guest, in one boot: a busybox rootfs with `skiff-vsock-probe` becomes the VM's
 //! `/dev/vda`, the agent boots as PID 1 and answers over hybrid vsock, and
 //! the container it starts serves vsock port 1025. The host then moves
 //! 16 MiB each way on each of several concurrent connections (plus echo
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use oci_spec::runtime::Spec;
 use shim::agent_client::AgentClient;
-use shim::config::Config;
+use shim::config::{Config, VmRootfs};
 use shim::sandbox::vm::{VmHandler, VmSandbox};
 use shim::sandbox::{Sandbox, SandboxHandler, SandboxRequest};
 use shim::testing::{
@@ -141,6 +141,7 @@ fn host_clock() -> u64 {
 /// Starts sandbox `id` of `config` in `dir`.
 fn start(config: &Config, dir: &Path, id: &str, rootfs: &Path) -> VmSandbox {
     VmHandler::with_vmm_exe(env!("CARGO_BIN_EXE_skiff"))
+        .with_rootfs(VmRootfs::Block)
         .start_vm(&SandboxRequest {
             id,
             state_dir: &dir.join(id),
@@ -183,6 +184,7 @@ fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32,
         rw["mounts"] = serde_json::json!([mount(&["rbind", "rw"])]);
         let rw: Spec = serde_json::from_value(rw).unwrap();
         let err = VmHandler::with_vmm_exe(env!("CARGO_BIN_EXE_skiff"))
+            .with_rootfs(VmRootfs::Block)
             .volumes(rw.mounts().as_deref().unwrap_or_default())
             .unwrap_err()
             .to_string();
@@ -198,7 +200,7 @@ fn sidecar(sandbox: &VmSandbox, dir: &Path, marker: &str, volume: bool) -> (u32,
     spec["process"]["args"][2] = script.into();
     let mut spec: Spec = serde_json::from_value(spec).unwrap();
     let mounts = spec.mounts_mut().get_or_insert_with(Vec::new);
-    let volumes = VmHandler::default()
+    let volumes = VmHandler::new(VmRootfs::Block)
         .volumes(mounts)
         .expect("volumes the VM serves");
     let volumes = sandbox
@@ -282,6 +284,9 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
         initrd: Some(initrd),
         memory_mib: 256,
         vm_disks: 3,
+        // This test is about the disks (shim/tests/vm_virtiofs.rs is about
+        // the default, the virtio-fs share).
+        vm_rootfs: VmRootfs::Block,
         template: true,
         template_dir: templates.clone(),
         ..Config::default()
@@ -297,6 +302,7 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
     let pod = format!("/skiff-test-pod-{}", std::process::id());
     let cgroups_path = format!("{pod}/vm-handler-test");
     let sandbox = VmHandler::with_vmm_exe(env!("CARGO_BIN_EXE_skiff"))
+        .with_rootfs(VmRootfs::Block)
         .start_vm(&SandboxRequest {
             id: "vm-handler-test",
             state_dir: &state_dir,

@@ -258,7 +258,9 @@ fn run(cli: Cli, epoch: Instant) -> anyhow::Result<ExitCode> {
             }
             println!(
                 "jailed VMM (vmm = \"process\"): own mount, PID, IPC, UTS and network \
-                 namespaces, no capabilities, no_new_privs, uid/gid vmm_uid/vmm_gid; {}",
+                 namespaces, no capabilities, no_new_privs, uid/gid vmm_uid/vmm_gid \
+                 (serving a virtio-fs share: uid 0 with CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, \
+                 FOWNER, FSETID, SETGID, SETUID, MKNOD only); {}",
                 match vmm::jail::cgroup::host_layout() {
                     Ok(layout) => format!("its cgroup: {layout}, under the pod's or the shim's"),
                     Err(e) => format!("no cgroup of its own can be made here: {e}"),

@@ -15,15 +15,19 @@
 //! DestroySandbox (the agent resets the VM), wait for the VM to end, force
 //! it off if it doesn't.
 //!
-//! Containers of one pod share the VM. Each container's rootfs directory
-//! becomes an ext4 image (`mkfs.ext4 -d`) in the state dir and goes into a
-//! free slot while the VM runs ([`RunningVm::set_disk`]: the guest driver
-//! sees a configuration change and the new capacity), and leaves it when
-//! the container is deleted, so `vm_disks` bounds the containers a pod
-//! holds at once. Slot `i` is `/dev/vd{a+i}` in the guest: Linux names
-//! virtio-blk disks in probe order, which is slot order, and each answers
-//! GET_ID with its name (`skiff-vdX`, `/sys/block/vdX/serial`), which the
-//! agent checks.
+//! Containers of one pod share the VM. By default (`vm_rootfs =
+//! "virtio-fs"`) the VM has one virtio-fs device serving the pod's share
+//! ([`share`]): each container's rootfs and bind sources are bound under
+//! it on the host and reached live by the guest, which mounts the share
+//! once (`CreateSandbox`). With `vm_rootfs = "block"` each container's
+//! rootfs directory becomes an ext4 image (`mkfs.ext4 -d`) in the state
+//! dir and goes into a free slot while the VM runs
+//! ([`RunningVm::set_disk`]: the guest driver sees a configuration change
+//! and the new capacity), and leaves it when the container is deleted, so
+//! `vm_disks` bounds the containers a pod holds at once. Slot `i` is
+//! `/dev/vd{a+i}` in the guest: Linux names virtio-blk disks in probe
+//! order, which is slot order, and each answers GET_ID with its name
+//! (`skiff-vdX`, `/sys/block/vdX/serial`), which the agent checks.
 //!
 //! - [`boot`]: the artifacts and the VM's configuration.
 //! - [`image`]: a directory as an ext4 image.
@@ -31,6 +35,7 @@
 //! - [`volumes`]: which bind mounts the VM serves, and their spec rewriting.
 //! - [`connect`]: the handshake and first Health, retried while it boots.
 //! - [`serial`]: the guest's serial log.
+//! - [`share`]: the pod's virtio-fs share on the host.
 //! - [`sandbox`]: the running [`VmSandbox`].
 //! - [`template`]: the template store.
 //!

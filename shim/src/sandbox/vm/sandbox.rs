@@ -271,9 +271,10 @@ impl Sandbox for VmSandbox {
     }
 
     fn share_path(&self, host: &Path) -> Result<String, SandboxError> {
+        let t = Instant::now();
         if let Some(share) = lock(&self.share).as_mut() {
             let guest = share.add(host, false)?;
-            log::info!("{} shared as {guest}", host.display());
+            log::info!("{} shared as {guest} in {:?}", host.display(), t.elapsed());
             return Ok(guest);
         }
         // Reserve a slot, then build and attach without the table's lock.
@@ -284,10 +285,11 @@ impl Sandbox for VmSandbox {
         match self.attach(host, slot) {
             Ok(bytes) => {
                 log::info!(
-                    "{} shared as {} ({} MiB image)",
+                    "{} shared as {} ({} MiB image) in {:?}",
                     host.display(),
                     guest_disk(slot),
-                    bytes >> 20
+                    bytes >> 20,
+                    t.elapsed()
                 );
                 Ok(guest_disk(slot))
             }

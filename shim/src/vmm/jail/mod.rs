@@ -460,11 +460,15 @@ impl JailedVm {
             .unwrap_or_default();
         files.extend(config.net.as_ref().map(|n| n.tap.as_raw_fd()));
         vm.request(&start, &files, START_BOUND)?;
+        let user = if config.fs.is_some() {
+            "uid 0 with the file-server capabilities only (virtio-fs)".to_owned()
+        } else {
+            format!("uid {}", jail.uid)
+        };
         log::info!(
-            "VMM process {} runs the VM (jail {}, uid {}, cgroup {})",
+            "VMM process {} runs the VM (jail {}, {user}, cgroup {})",
             pid,
             jail.root.display(),
-            jail.uid,
             if jail.cgroup { "own" } else { "the shim's" }
         );
         Ok(vm)
