@@ -1200,20 +1200,22 @@ fn vm_detached_exec_kill_delete() {
     );
     assert!(fp.state_dir.join("vsock.sock").exists());
     // The VM runs in the shim's jailed VMM child (`skiff-vmm <sandbox>`):
-    // no capabilities, no_new_privs, nobody, every thread under a seccomp
-    // filter, PID 1 of its own PID namespace, in its own cgroup.
+    // serving the pod's virtio-fs share, uid 0 with exactly the file
+    // server's capabilities (CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER,
+    // FSETID, SETGID, SETUID, MKNOD), no_new_privs, every thread under a
+    // seccomp filter, PID 1 of its own PID namespace, in its own cgroup.
+    // (Without a share, nobody with no capabilities: tests/vm_jail.rs.)
     let vmm = vmm_pid(fp.shim_pid).expect("the shim has a skiff-vmm child");
     let cmdline = std::fs::read(format!("/proc/{vmm}/cmdline")).unwrap();
     assert_eq!(cmdline, format!("skiff-vmm\0{id}\0").into_bytes());
     let st = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap();
-    assert_eq!(status_field(&st, "CapEff"), "0000000000000000", "{st}");
-    assert_eq!(status_field(&st, "CapBnd"), "0000000000000000", "{st}");
+    let fs_caps = format!("{:016x}", (1u64 << 27) | 0xdf);
+    assert_eq!(status_field(&st, "CapEff"), fs_caps, "{st}");
+    assert_eq!(status_field(&st, "CapPrm"), fs_caps, "{st}");
+    assert_eq!(status_field(&st, "CapBnd"), fs_caps, "{st}");
+    assert_eq!(status_field(&st, "CapInh"), "0000000000000000", "{st}");
     assert_eq!(status_field(&st, "NoNewPrivs"), "1", "{st}");
-    assert_eq!(
-        status_field(&st, "Uid"),
-        "65534\t65534\t65534\t65534",
-        "{st}"
-    );
+    assert_eq!(status_field(&st, "Uid"), "0\t0\t0\t0", "{st}");
     assert_eq!(
         status_field(&st, "NSpid"),
         format!("{vmm}\t1"),
@@ -1258,7 +1260,8 @@ fn vm_detached_exec_kill_delete() {
         &fp,
         &id,
         "e1",
-        "read -r rel </proc/sys/kernel/osrelease; echo from exec in ${rel%%-*}; exit 7",
+        "read -r rel </proc/sys/kernel/osrelease; echo from exec in ${rel%%-*}; \
+         echo written-in-the-guest > /from-guest; exit 7",
     );
     assert_eq!(
         out.status.code(),
@@ -1269,6 +1272,20 @@ fn vm_detached_exec_kill_delete() {
     let out = String::from_utf8_lossy(&out.stdout).into_owned();
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     assert!(out.starts_with("from exec in 6.12."), "{out}");
+    // The guest's write to its rootfs (virtio-fs) is in the container's
+    // snapshot on the host, where `ctr snapshot diff` and commits see it.
+    let snapshots = ctrd
+        .dir
+        .path()
+        .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let found: Vec<_> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .filter_map(|e| {
+            let f = e.ok()?.path().join("fs/from-guest");
+            std::fs::read_to_string(&f).ok()
+        })
+        .collect();
+    assert_eq!(found, ["written-in-the-guest\n"], "{}", snapshots.display());
     assert!(
         !host_release.starts_with("6.12."),
         "cannot tell guest from host"
@@ -1375,11 +1392,13 @@ fn vm_detached_exec_kill_delete() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("pod member in 6.12."), "{stdout}");
     assert_eq!(ctrd.shims(), vec![fp.shim_pid], "the pod's one shim ran it");
-    assert!(fp.state_dir.join("disk-0.ext4").exists());
-    assert!(
-        !fp.state_dir.join("disk-1.ext4").exists(),
-        "the member's disk image is removed with it"
-    );
+    // The first container's rootfs is still bound in the pod's share; the
+    // member's went with it.
+    let entries: Vec<String> = std::fs::read_dir(fp.state_dir.join("shared"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries, ["e0"], "the member's rootfs is unbound with it");
 
     ctrd.ctr_ok(&["tasks", "kill", "-s", "SIGKILL", &id]);
     wait_until("the task to stop", Duration::from_secs(60), || {
@@ -1757,10 +1776,21 @@ fn vm_killed_shim_is_cleaned_up_by_delete() {
     ctrd.import(&image);
     let id = unique("vm-killed");
     let fp = vm_run_sleeper(&ctrd, &config, &id);
-    for name in ["disk-0.ext4", "vsock.sock", "serial.log"] {
+    for name in ["shared", "vsock.sock", "serial.log"] {
         assert!(fp.state_dir.join(name).exists(), "{name} while running");
     }
+    let state_dir = fp.state_dir.display().to_string();
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&state_dir))
+            .count()
+    };
+    // The share, and the container's rootfs bound under it.
+    assert!(mounted() >= 2, "the share's mounts while running");
     kill_shim_then_delete(&ctrd, &fp, &id);
+    assert_eq!(mounted(), 0, "the dead shim's share is unmounted by delete");
 }
 
 #[test]

