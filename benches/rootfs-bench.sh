@@ -13,8 +13,9 @@
 # the VM's boot is not in them.
 #
 # Then the container start cost against rootfs size: the same rootfs with
-# 8 MiB and with 256 MiB of files, `true` in each mode; what is printed is
-# the handler's "shared as" time (the bind mount, or building the image).
+# 8 MiB and with 256 MiB of files, an empty command in each mode; what is
+# printed is the handler's "shared as" time (the bind mount, or building
+# the image). SKIFF_BENCH_PARTS="workload" or "start" runs one part.
 # Needs root, /dev/kvm, busybox-static, mkfs.ext4, and release builds of
 # skiff and skiff-agent (built here).
 set -euo pipefail
@@ -61,10 +62,12 @@ run() {
         --initrd "$SKIFF_VM_INITRD" --rootfs "$root" -e MIB="$MIB" -e FILES="$FILES" \
         -- "$@" 2>"$DIR/$handler-$mode.err"
 }
+PARTS=${SKIFF_BENCH_PARTS:-workload start}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) b = 1; printf "%.1f", a / b }'; }
+if [[ " $PARTS " == *" workload "* ]]; then
 read -r _ HW HR HC HL HD < <(run linux virtio-fs "$DIR/root" sh -c "$WORKLOAD" | grep RESULT)
 read -r _ FW FR FC FL FD < <(run vm virtio-fs "$DIR/root" sh -c "$WORKLOAD" | grep RESULT)
 read -r _ BW BR BC BL BD < <(run vm block "$DIR/root" sh -c "$WORKLOAD" | grep RESULT)
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) b = 1; printf "%.1f", a / b }'; }
 echo "rootfs workload, centiseconds (host = linux handler on the host fs; fs = virtio-fs; blk = ext4 image on virtio-blk):"
 printf '  %-22s host %5s  fs %6s  blk %6s  fs/host %7sx  fs/blk %5sx\n' \
     "write $MIB MiB + sync" "$HW" "$FW" "$BW" "$(ratio "$FW" "$HW")" "$(ratio "$FW" "$BW")" \
@@ -73,16 +76,19 @@ printf '  %-22s host %5s  fs %6s  blk %6s  fs/host %7sx  fs/blk %5sx\n' \
     "ls -l $FILES files" "$HL" "$FL" "$BL" "$(ratio "$FL" "$HL")" "$(ratio "$FL" "$BL")" \
     "remove them" "$HD" "$FD" "$BD" "$(ratio "$FD" "$HD")" "$(ratio "$FD" "$BD")"
 
+fi
+
 # Start cost against rootfs size.
+[[ " $PARTS " == *" start "* ]] || exit 0
 shared_in() { sed -n 's/.* shared as .* in \(.*\)$/\1/p' "$1" | head -1; }
 echo "container start cost (the handler's share step), by rootfs size:"
 for size in 8 256; do
     mkdir -p "$DIR/root/fill"
     rm -f "$DIR/root/fill/"*
     for i in $(seq 1 "$size"); do head -c 1048576 /dev/urandom >"$DIR/root/fill/f$i"; done
-    run vm virtio-fs "$DIR/root" true >/dev/null
+    run vm virtio-fs "$DIR/root" sh -c : >/dev/null
     FS=$(shared_in "$DIR/vm-virtio-fs.err")
-    run vm block "$DIR/root" true >/dev/null
+    run vm block "$DIR/root" sh -c : >/dev/null
     BLK=$(shared_in "$DIR/vm-block.err")
     printf '  rootfs + %3s MiB: virtio-fs %s, block %s\n' "$size" "$FS" "$BLK"
 done
