@@ -52,20 +52,32 @@ pub fn unescape_mountinfo(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The mount points strictly under `dir` in this process's mount
-/// namespace, deepest first (the order to unmount them in).
-pub fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    mount_points_in(&info, dir)
+/// Every mount point in this process's mount namespace (empty if
+/// `/proc/self/mountinfo` cannot be read).
+pub fn mount_points() -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|info| parse_mount_points(&info))
+        .unwrap_or_default()
 }
 
-fn mount_points_in(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = mountinfo
+/// The mount points (field 5) of a mountinfo text.
+fn parse_mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
         .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .collect()
+}
+
+/// The mount points strictly under `dir` in this process's mount
+/// namespace, deepest first (the order to unmount them in).
+pub fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
+    under(mount_points(), dir)
+}
+
+fn under(points: Vec<PathBuf>, dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = points
+        .into_iter()
         .filter(|p| p != dir && p.starts_with(dir))
         .collect();
     found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
@@ -82,7 +94,7 @@ mod tests {
                     3 2 8:1 /x /s/shared rw - ext4 /dev/vda rw\n\
                     4 3 0:6 / /s/shared/a\\040b rw - overlay o rw\n\
                     5 1 0:7 / /sx rw - tmpfs t rw\n";
-        let found = super::mount_points_in(info, std::path::Path::new("/s"));
+        let found = super::under(super::parse_mount_points(info), std::path::Path::new("/s"));
         assert_eq!(
             found,
             [

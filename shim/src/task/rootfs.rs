@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::procfs::unescape_mountinfo;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 /// A mount as containerd describes it.
@@ -159,15 +158,7 @@ pub fn mount_rootfs(mounts: &[MountSpec], target: &Path) -> Result<bool, RootfsE
 
 /// True if `path` is a mount point (per `/proc/self/mountinfo`).
 pub fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let wanted = path.display().to_string();
-    info.lines().any(|line| {
-        line.split(' ')
-            .nth(4)
-            .is_some_and(|p| unescape_mountinfo(p) == wanted)
-    })
+    crate::procfs::mount_points().iter().any(|p| p == path)
 }
 
 /// Unmounts everything stacked on `target` (a no-op if nothing is).

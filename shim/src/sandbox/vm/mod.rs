@@ -247,11 +247,19 @@ impl VmHandler {
             ready_after,
             if from_template { "restore" } else { "boot" }
         );
-        let disks = DiskSlots::new(req.config.vm_disks as usize);
+        // The slots the VM has (none with a share).
+        let disks = DiskSlots::new(config.disks.len());
         let pod = wired.0.take();
         let shared_fs = share.is_some().then_some((SHARE_TAG, GUEST_MOUNT_POINT));
-        let sandbox = VmSandbox::new(req.state_dir, disks, client, vm, ready_after, from_template);
-        sandbox.set_share(share);
+        let sandbox = VmSandbox::new(
+            req.state_dir,
+            disks,
+            share,
+            client,
+            vm,
+            ready_after,
+            from_template,
+        );
         let set_up = refresh_guest(&sandbox, req.id)
             .and_then(|()| match &pod {
                 Some(pod) => network::configure_guest(sandbox.agent(), pod),

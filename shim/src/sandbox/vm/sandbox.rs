@@ -52,10 +52,13 @@ impl std::fmt::Debug for VmSandbox {
 
 impl VmSandbox {
     /// A sandbox of the running `vm` whose agent answered `client` after
-    /// `ready_after`, restored from a template if `restored`.
+    /// `ready_after`, restored from a template if `restored`; its
+    /// containers' rootfs and volumes go to `share` (virtio-fs), or else
+    /// into `disks`. Its stop unmounts the share.
     pub(super) fn new(
         state_dir: &Path,
         disks: DiskSlots,
+        share: Option<Share>,
         client: AgentClient,
         vm: VmHandle,
         ready_after: Duration,
@@ -69,14 +72,8 @@ impl VmSandbox {
             ready_after,
             restored,
             network: Mutex::new(None),
-            share: Mutex::new(None),
+            share: Mutex::new(share),
         }
-    }
-
-    /// Hands the sandbox the pod's virtio-fs share: containers' rootfs and
-    /// volumes are bound under it, and its stop unmounts it.
-    pub(super) fn set_share(&self, share: Option<Share>) {
-        *lock(&self.share) = share;
     }
 
     /// Whether the sandbox serves rootfs and volumes through virtio-fs.
