@@ -6,6 +6,8 @@
 //! handler = "linux"      # or "vm"
 //! vcpus = 1
 //! memory_mib = 256
+//! max_vcpus = 4          # `vm`: most vCPUs a pod's CPU limit gets (unset: the host's CPUs)
+//! max_memory_mib = 4096  # `vm`: most memory a pod's limit gets, guest's own included (unset: the host's)
 //! kernel = "/usr/share/skiff/vmlinux"
 //! initrd = "/usr/share/skiff/initramfs.cpio"
 //! log_level = "info"     # off, error, warn, info, debug, trace
@@ -165,8 +167,15 @@ pub struct Config {
     pub handler: HandlerKind,
     /// vCPUs of the VM (`vm` handler).
     pub vcpus: u32,
-    /// Guest memory of the VM in MiB (`vm` handler).
+    /// Guest memory of the VM in MiB (`vm` handler): a pod without a
+    /// memory limit gets this; one with a limit gets this plus the limit.
     pub memory_mib: u32,
+    /// Most vCPUs a pod's CPU limit gets its VM (`vm` handler); unset, the
+    /// host's CPU count. See [`crate::sandbox::size`].
+    pub max_vcpus: Option<u32>,
+    /// Most guest memory, MiB, a pod's memory limit gets its VM (`vm`
+    /// handler); unset, the host's memory.
+    pub max_memory_mib: Option<u32>,
     /// Guest kernel (`vm` handler).
     pub kernel: Option<PathBuf>,
     /// Guest initramfs (`vm` handler).
@@ -219,6 +228,8 @@ impl Default for Config {
             handler: HandlerKind::Linux,
             vcpus: 1,
             memory_mib: 256,
+            max_vcpus: None,
+            max_memory_mib: None,
             kernel: None,
             initrd: None,
             log_level: LogLevel::Info,
@@ -261,6 +272,19 @@ pub const MIN_MEMORY_MIB: u32 = 64;
 /// Largest guest memory, MiB.
 pub const MAX_MEMORY_MIB: u32 = 1 << 20;
 
+/// The host's memory (`MemTotal`), MiB.
+fn host_memory_mib() -> Option<u32> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    u32::try_from(kib / 1024).ok()
+}
+
 impl Config {
     /// Parses and validates TOML text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
@@ -288,6 +312,22 @@ impl Config {
                 "memory_mib = {} is out of range ({MIN_MEMORY_MIB} to {MAX_MEMORY_MIB})",
                 self.memory_mib
             )));
+        }
+        if let Some(max) = self.max_vcpus {
+            if !(self.vcpus..=MAX_VCPUS).contains(&max) {
+                return Err(invalid(format!(
+                    "max_vcpus = {max} is out of range (vcpus = {} to {MAX_VCPUS})",
+                    self.vcpus
+                )));
+            }
+        }
+        if let Some(max) = self.max_memory_mib {
+            if !(self.memory_mib..=MAX_MEMORY_MIB).contains(&max) {
+                return Err(invalid(format!(
+                    "max_memory_mib = {max} is out of range (memory_mib = {} to {MAX_MEMORY_MIB})",
+                    self.memory_mib
+                )));
+            }
         }
         for (key, value) in [
             ("kernel", &self.kernel),
@@ -335,6 +375,26 @@ impl Config {
             return Err(invalid("vm_ready_timeout_secs must be at least 1".into()));
         }
         Ok(())
+    }
+
+    /// The most vCPUs a pod's VM gets: `max_vcpus`, else the host's CPU
+    /// count; never less than `vcpus`.
+    pub fn max_vcpus(&self) -> u32 {
+        self.max_vcpus
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map_or(1, |n| u32::try_from(n.get()).unwrap_or(MAX_VCPUS))
+            })
+            .clamp(self.vcpus, MAX_VCPUS)
+    }
+
+    /// The most guest memory a pod's VM gets, MiB: `max_memory_mib`, else
+    /// the host's memory; never less than `memory_mib`.
+    pub fn max_memory_mib(&self) -> u32 {
+        self.max_memory_mib
+            .or_else(host_memory_mib)
+            .unwrap_or(self.memory_mib)
+            .clamp(self.memory_mib, MAX_MEMORY_MIB)
     }
 
     /// The bound on a VM's boot and its agent's first answer.

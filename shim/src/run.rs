@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::agent_client::{AgentCallError, AgentClient};
 use crate::config::{Config, HandlerKind};
 use crate::image::{self, ImageError, ImageProcess};
-use crate::sandbox::{handler_for, Sandbox, SandboxError, SandboxRequest};
+use crate::sandbox::{handler_for, PodSize, Sandbox, SandboxError, SandboxRequest};
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType};
 
 /// Where `skiff run` keeps its sandboxes' state.
@@ -281,6 +281,8 @@ pub fn run(
             // `skiff run` is no pod: its VMM's cgroup goes under the CLI's.
             cgroups_path: None,
             netns: req.netns,
+            // `skiff run` sizes its VM from the config alone.
+            size: PodSize::default(),
             config: req.config,
             ready_timeout: READY_TIMEOUT,
         })

@@ -9,329 +9,19 @@
 //! instead when `CI=true`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 mod cni;
+mod ctrd;
+
+use ctrd::*;
 
 const SKIFF: &str = "io.containerd.skiff.v2";
 const RUNC: &str = "io.containerd.runc.v2";
 const IMAGE: &str = "localhost/busybox:latest";
-const NAMESPACE: &str = "skiff-test";
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-fn shim_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-skiff-v2"))
-}
-
-fn bin_dir() -> PathBuf {
-    shim_bin().parent().unwrap().to_owned()
-}
-
-/// Returns the image tarball when the test can run; None (after printing
-/// why) when it cannot. Panics under CI=true instead of skipping.
-fn prerequisites() -> Option<PathBuf> {
-    static PREREQ: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let result = PREREQ.get_or_init(|| {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err("not root".into());
-        }
-        for tool in ["containerd", "ctr", "runc"] {
-            if !on_path(tool) {
-                return Err(format!("{tool} missing (run scripts/containerd-env deps)"));
-            }
-        }
-        if !Path::new("/bin/busybox").exists() {
-            return Err("/bin/busybox missing (run scripts/containerd-env deps)".into());
-        }
-        build_agent()?;
-        let out = Command::new(repo_root().join("scripts/containerd-env"))
-            .arg("image")
-            .output()
-            .map_err(|e| format!("scripts/containerd-env: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "scripts/containerd-env image failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        Ok(PathBuf::from(path))
-    });
-    match result {
-        Ok(path) => Some(path.clone()),
-        Err(reason) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("containerd e2e prerequisites missing under CI: {reason}")
-        }
-        Err(reason) => {
-            eprintln!("skipped: {reason}");
-            None
-        }
-    }
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-}
-
-/// Makes sure `skiff-agent` sits next to the shim binary (same profile).
-fn build_agent() -> Result<(), String> {
-    let dir = bin_dir();
-    let profile = dir.file_name().unwrap().to_string_lossy().into_owned();
-    let target_dir = dir.parent().unwrap();
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "-q", "-p", "skiff-agent", "--bin", "skiff-agent"])
-        .env("CARGO_TARGET_DIR", target_dir)
-        .current_dir(repo_root());
-    if profile == "release" {
-        cmd.arg("--release");
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cargo build skiff-agent: {e}"))?;
-    if !out.status.success() || !dir.join("skiff-agent").exists() {
-        return Err(format!(
-            "cannot build skiff-agent: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
-/// A private containerd.
-struct Containerd {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Containerd {
-    fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("skiff-ctrd-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let d = dir.path();
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "{sock}"
-
-[ttrpc]
-  address = "{sock}.ttrpc"
-
-[debug]
-  address = "{d}/debug.sock"
-  level = "debug"
-
-[metrics]
-  address = ""
-"#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = d.join("c.sock").display(),
-            d = d.display(),
-        );
-        std::fs::write(d.join("config.toml"), config).unwrap();
-        let mut c = Self { dir, child: None };
-        c.spawn();
-        c
-    }
-
-    fn spawn(&mut self) {
-        let d = self.dir.path();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(d.join("containerd.log"))
-            .unwrap();
-        let path = format!(
-            "{}:{}",
-            bin_dir().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .env("PATH", path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if self.ctr(&["version"]).status.success() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not come up: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Stops containerd (SIGTERM), leaving shims and containers running.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    fn sock(&self) -> PathBuf {
-        self.dir.path().join("c.sock")
-    }
-
-    /// This containerd's shims: processes naming its socket, but itself.
-    fn shims(&self) -> Vec<i32> {
-        processes_mentioning(&self.sock().display().to_string())
-            .into_iter()
-            .filter(|p| Some(*p as u32) != self.child.as_ref().map(Child::id))
-            .collect()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    fn ctr_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
-        cmd.arg("-a")
-            .arg(self.sock())
-            .arg("-n")
-            .arg(NAMESPACE)
-            .args(args)
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    fn ctr(&self, args: &[&str]) -> Output {
-        self.ctr_command(args).output().unwrap()
-    }
-
-    /// Runs ctr, asserts success, returns stdout.
-    fn ctr_ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        assert!(
-            out.status.success(),
-            "ctr {args:?} failed ({}): {}\n--- containerd log tail ---\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            tail(&self.log(), 4000)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn import(&self, image: &Path) {
-        self.ctr_ok(&["images", "import", image.to_str().unwrap()]);
-    }
-
-    /// The bundle containerd made for `id`.
-    fn bundle(&self, id: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join("state/io.containerd.runtime.v2.task")
-            .join(NAMESPACE)
-            .join(id)
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            let tasks =
-                String::from_utf8_lossy(&self.ctr(&["tasks", "ls", "-q"]).stdout).into_owned();
-            for id in tasks.lines().map(str::trim).filter(|l| !l.is_empty()) {
-                let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]);
-                let _ = self.ctr(&["tasks", "delete", "-f", id]);
-            }
-            let containers =
-                String::from_utf8_lossy(&self.ctr(&["containers", "ls", "-q"]).stdout).into_owned();
-            for id in containers.lines().map(str::trim).filter(|l| !l.is_empty()) {
-                let _ = self.ctr(&["containers", "delete", id]);
-            }
-        }
-        self.stop();
-        // Unmount whatever is left under the temp dir (snapshots), deepest first.
-        let root = self.dir.path().display().to_string();
-        let mut mounts: Vec<String> = mount_points()
-            .into_iter()
-            .filter(|m| m.starts_with(&root))
-            .collect();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
-    }
-}
-
-fn tail(text: &str, n: usize) -> &str {
-    let start = text.len().saturating_sub(n);
-    let start = (start..text.len())
-        .find(|i| text.is_char_boundary(*i))
-        .unwrap_or(0);
-    &text[start..]
-}
-
-fn mount_points() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .collect()
-}
-
-fn unique(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn pid_alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    !stat
-        .rsplit_once(')')
-        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-}
-
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// What a skiff container leaves on the host, read from its bundle.
 #[derive(Debug)]
@@ -389,22 +79,6 @@ impl Footprint {
             "rootfs still mounted: {rootfs}"
         );
     }
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            if String::from_utf8_lossy(&cmd).contains(needle) && pid_alive(pid) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids
 }
 
 fn run_rm(ctrd: &Containerd, runtime: &str, id: &str, cmd: &[&str]) -> Output {
@@ -481,7 +155,7 @@ fn run_rm_echo_and_exit_codes() {
     });
     // (Global mount counts race with the other tests; this containerd's
     // mounts are ours alone.)
-    let root = ctrd.dir.path().display().to_string();
+    let root = ctrd.dir().display().to_string();
     let left: Vec<String> = mount_points()
         .into_iter()
         .filter(|m| m.starts_with(&root))
@@ -771,7 +445,7 @@ fn config_errors_show_up_in_ctr() {
     let Some(image) = prerequisites() else { return };
     let ctrd = Containerd::start();
     ctrd.import(&image);
-    let dir = ctrd.dir.path();
+    let dir = ctrd.dir();
     let cases = [
         ("vcpu = 2\n", "unknown field `vcpu`"),
         ("memory_mib = 1\n", "memory_mib = 1 is out of range"),
@@ -891,7 +565,7 @@ fn vm_config_text(ctrd: &Containerd, templates: &Path, extra: &str) -> Option<Pa
         eprintln!("skipped: /dev/kvm is not available");
         return None;
     }
-    let path = ctrd.dir.path().join("vm.toml");
+    let path = ctrd.dir().join("vm.toml");
     std::fs::write(
         &path,
         format!(
@@ -913,7 +587,7 @@ fn vm_config_text(ctrd: &Containerd, templates: &Path, extra: &str) -> Option<Pa
 fn vm_run_rm_echo_and_exit_code() {
     let Some(image) = prerequisites() else { return };
     let ctrd = Containerd::start();
-    let templates = ctrd.dir.path().join("templates");
+    let templates = ctrd.dir().join("templates");
     let Some(config) = vm_config_with(&ctrd, &templates) else {
         return;
     };
@@ -1275,8 +949,7 @@ fn vm_detached_exec_kill_delete() {
     // The guest's write to its rootfs (virtio-fs) is in the container's
     // snapshot on the host, where `ctr snapshot diff` and commits see it.
     let snapshots = ctrd
-        .dir
-        .path()
+        .dir()
         .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots");
     let found: Vec<_> = std::fs::read_dir(&snapshots)
         .unwrap()
@@ -1419,7 +1092,7 @@ struct Events {
 
 impl Events {
     fn start(ctrd: &Containerd) -> Self {
-        let path = ctrd.dir.path().join("events.log");
+        let path = ctrd.dir().join("events.log");
         let file = std::fs::File::create(&path).unwrap();
         let child = ctrd
             .ctr_command(&["events"])
@@ -1801,7 +1474,7 @@ fn vm_unservable_binds_are_refused_before_boot() {
         return;
     };
     ctrd.import(&image);
-    let vol = ctrd.dir.path().join("vol");
+    let vol = ctrd.dir().join("vol");
     std::fs::create_dir_all(&vol).unwrap();
     std::fs::write(vol.join("file"), b"x").unwrap();
     let cases = [

@@ -149,6 +149,7 @@ fn start(config: &Config, dir: &Path, id: &str, rootfs: &Path) -> VmSandbox {
             rootfs,
             cgroups_path: None,
             netns: None,
+            size: shim::sandbox::PodSize::default(),
             config,
             ready_timeout: config.vm_ready_timeout(),
         })
@@ -310,6 +311,7 @@ fn vm_sandbox_and_vsock_with_a_real_guest() {
             rootfs: &rootfs,
             cgroups_path: Some(&cgroups_path),
             netns: None,
+            size: shim::sandbox::PodSize::default(),
             config: &config,
             ready_timeout: config.vm_ready_timeout(),
         })

@@ -299,6 +299,7 @@ fn virtio_fs_share_with_a_real_guest() {
             rootfs: &r1,
             cgroups_path: None,
             netns: None,
+            size: shim::sandbox::PodSize::default(),
             config: &config,
             ready_timeout: config.vm_ready_timeout(),
         })

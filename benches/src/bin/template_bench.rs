@@ -73,6 +73,7 @@ fn start(config: &Config, dir: &Path, id: &str, rootfs: &Path) -> anyhow::Result
             rootfs,
             cgroups_path: None,
             netns: None,
+            size: shim::sandbox::PodSize::default(),
             config,
             ready_timeout: Duration::from_secs(10),
         })

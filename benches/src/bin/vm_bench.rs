@@ -128,6 +128,7 @@ fn request<'a>(
         rootfs,
         cgroups_path: None,
         netns: None,
+        size: shim::sandbox::PodSize::default(),
         config,
         ready_timeout: Duration::from_secs(10),
     }

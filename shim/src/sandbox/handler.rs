@@ -8,6 +8,7 @@ use oci_spec::runtime::Mount;
 
 use super::error::SandboxError;
 use super::mounts::BindMount;
+use super::size::PodSize;
 use crate::agent_client::AgentClient;
 use crate::config::Config;
 
@@ -33,6 +34,9 @@ pub struct SandboxRequest<'a> {
     /// handler wires the VM's NIC to it; `None` leaves the VM loopback
     /// only. The `linux` handler's containers join it through their spec.
     pub netns: Option<&'a Path>,
+    /// What the pod asks of the sandbox's size (the first container's
+    /// CRI sandbox annotations); the `vm` handler sizes its VM from it.
+    pub size: PodSize,
     /// The shim's configuration.
     pub config: &'a Config,
     /// How long to wait for the agent's first Health answer.

@@ -11,6 +11,7 @@
 //! - [`handler`]: the traits and the start request.
 //! - [`error`]: [`SandboxError`] and the [`SandboxErrorKind`] callers map.
 //! - [`mounts`]: a container spec's bind mounts, parsed once.
+//! - [`size`]: what a pod asks of its sandbox's size (CRI's annotations).
 //! - [`state_dir`]: the sandbox's private directory and its log files.
 //!
 //! This module knows nothing of containerd; only [`vm`] depends on the VMM.
@@ -19,12 +20,14 @@ pub mod error;
 pub mod handler;
 pub mod linux;
 pub mod mounts;
+pub mod size;
 pub mod state_dir;
 pub mod vm;
 
 pub use error::{SandboxError, SandboxErrorKind};
 pub use handler::{Sandbox, SandboxHandler, SandboxRequest};
 pub use mounts::BindMount;
+pub use size::PodSize;
 
 use crate::config::{Config, HandlerKind};
 

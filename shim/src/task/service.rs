@@ -26,7 +26,7 @@ use ttrpc::TtrpcContext;
 
 use crate::agent_client::{AgentClient, ContainerStats};
 use crate::config::{config_path_from_any, Config};
-use crate::sandbox::{handler_for, Sandbox, SandboxHandler, SandboxRequest};
+use crate::sandbox::{handler_for, PodSize, Sandbox, SandboxHandler, SandboxRequest};
 use crate::sync::{lock, wait};
 use crate::task::error::TaskError;
 use crate::task::events::{timestamp, timestamp_ms, Event, Publisher};
@@ -380,6 +380,7 @@ impl TaskService {
         hostname: &str,
         cgroups_path: Option<&str>,
         netns: Option<&Path>,
+        size: PodSize,
         rootfs: &Path,
     ) -> TaskResult<Arc<dyn Sandbox>> {
         self.sandbox_gone()?;
@@ -397,6 +398,7 @@ impl TaskService {
             rootfs,
             cgroups_path,
             netns,
+            size,
             config: &setup.config,
             ready_timeout: SANDBOX_READY_TIMEOUT,
         })?);
@@ -636,11 +638,15 @@ impl TaskService {
             undo.mounted = Some(rootfs.clone());
         }
         let netns = spec.network_namespace_path().map(PathBuf::from);
+        // The pod's limits (CRI's sandbox annotations) size a VM.
+        let size = PodSize::from_annotations(spec.annotations.as_ref())
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         let sandbox = self.ensure_sandbox(
             &setup,
             &hostname,
             spec.cgroups_path(),
             netns.as_deref(),
+            size,
             &rootfs,
         )?;
         undo.sandbox = Some(Arc::clone(&sandbox));

@@ -150,6 +150,11 @@ impl CopierSet {
             .stack_size(crate::task::THREAD_STACK_SIZE)
             .spawn(move || {
                 copy_output(&agent, &id, &exec_id, stderr, &copier_line);
+                // The stream ended: close the destination now, so that a
+                // FIFO's reader sees EOF while the process is still
+                // listed (containerd's CRI ExecSync waits for that before
+                // it deletes the exec).
+                copier_line.hang_up();
                 let _ = done.send(());
             })
             .map_err(|e| TaskError::io("cannot start an output thread", e))?;

@@ -9,6 +9,8 @@
 //! land there and never in the machine's own namespace. No route leads out
 //! of it: traffic stays between the namespaces the test made.
 
+#![allow(dead_code)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

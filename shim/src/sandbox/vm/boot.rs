@@ -7,6 +7,7 @@ use std::time::Instant;
 use super::error::VmSandboxError;
 use super::share::SHARE_TAG;
 use crate::config::Config;
+use crate::sandbox::size::PodSize;
 use crate::vmm::{
     BootSource, DiskConfig, FsConfig, KernelSpec, SerialOutput, VmConfig, VsockConfig,
 };
@@ -59,12 +60,19 @@ pub(super) struct VmFiles<'a> {
     pub(super) share: Option<&'a Path>,
 }
 
-/// The VM for `config`: a virtio-fs share (`vm_rootfs = "virtio-fs"`)
-/// or `vm_disks` empty disk slots (`"block"`), vsock, the serial log, the
-/// kernel command line and CPU template for this host. Nothing in it
+/// The VM for `config` and a pod of `size`: its vCPUs and memory
+/// ([`PodSize::vm`]), a virtio-fs share (`vm_rootfs = "virtio-fs"`) or
+/// `vm_disks` empty disk slots (`"block"`), vsock, the serial log, the
+/// kernel command line and CPU template for this host. Nothing else in it
 /// depends on the pod (the share's directory is each pod's, but not part
-/// of the guest), so one template serves every pod of a config.
-pub(super) fn vm_config(config: &Config, artifacts: &Artifacts, files: &VmFiles<'_>) -> VmConfig {
+/// of the guest), so one template serves every pod of a config and size.
+pub(super) fn vm_config(
+    config: &Config,
+    size: &PodSize,
+    artifacts: &Artifacts,
+    files: &VmFiles<'_>,
+) -> VmConfig {
+    let (vcpus, mem_mib) = size.vm(config);
     let host = crate::check::detect();
     let mut cmdline = host.cmdline();
     if !config.kernel_params.trim().is_empty() {
@@ -72,8 +80,8 @@ pub(super) fn vm_config(config: &Config, artifacts: &Artifacts, files: &VmFiles<
         cmdline.push_str(config.kernel_params.trim());
     }
     VmConfig {
-        vcpus: u8::try_from(config.vcpus).unwrap_or(u8::MAX),
-        mem_mib: u64::from(config.memory_mib),
+        vcpus: u8::try_from(vcpus).unwrap_or(u8::MAX),
+        mem_mib,
         boot: BootSource::Kernel(KernelSpec {
             kernel: artifacts.kernel.clone(),
             initrd: Some(artifacts.initrd.clone()),

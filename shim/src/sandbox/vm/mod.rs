@@ -168,7 +168,14 @@ impl VmHandler {
         let jail = self.jail(req);
         // Built once (it asks `check::detect` about the host); each start
         // takes a copy with its own epoch.
-        let mut config = vm_config(req.config, &artifacts, &files);
+        let mut config = vm_config(req.config, &req.size, &artifacts, &files);
+        log::info!(
+            "sandbox {}: VM of {} vCPUs and {} MiB (the pod asks {:?})",
+            req.id,
+            config.vcpus,
+            config.mem_mib,
+            req.size
+        );
         // The pod's network, wired before the VM starts (its NIC is the
         // tap's other end); unwired again if the sandbox does not start.
         let mut wired = Wired(None);
@@ -408,6 +415,7 @@ mod tests {
                 rootfs: Path::new("/nonexistent/rootfs"),
                 cgroups_path: None,
                 netns: None,
+                size: crate::sandbox::PodSize::default(),
                 config: &config,
                 ready_timeout: Duration::from_secs(1),
             })
@@ -447,6 +455,7 @@ mod tests {
                     rootfs: tmp.path(),
                     cgroups_path: None,
                     netns: Some(netns),
+                    size: crate::sandbox::PodSize::default(),
                     config: &config,
                     ready_timeout: Duration::from_secs(1),
                 })
