@@ -535,8 +535,8 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
     let shims: Vec<i32> = live_processes(&pod.id)
         .into_iter()
         .filter(|p| {
-            std::fs::read_link(format!("/proc/{p}/exe"))
-                .is_ok_and(|e| e.ends_with("containerd-shim-skiff-v2"))
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("containerd-shim-skiff-v2"))
         })
         .collect();
     assert_eq!(shims.len(), 1, "one skiff shim for the pod: {shims:?}");
@@ -733,9 +733,12 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
     // ReopenContainerLog: the kubelet rotated the file; new output goes to
     // a new one.
     exec_ok(env, &app, "echo before-reopen > /proc/1/fd/1");
-    wait_for(env, "the app's later output", Duration::from_secs(60), || {
-        has_line(&cri_log(&app_log), "stdout", "before-reopen")
-    });
+    wait_for(
+        env,
+        "the app's later output",
+        Duration::from_secs(60),
+        || has_line(&cri_log(&app_log), "stdout", "before-reopen"),
+    );
     let rotated = pod.log_dir.join("app.log.1");
     std::fs::rename(&app_log, &rotated).unwrap();
     call!(
@@ -745,7 +748,11 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
         })
     )
     .unwrap_or_else(|e| env.fail("ReopenContainerLog", e));
-    let fds = exec_ok(env, &app, "ls -l /proc/1/fd/; echo after-reopen > /proc/1/fd/1");
+    let fds = exec_ok(
+        env,
+        &app,
+        "ls -l /proc/1/fd/; echo after-reopen > /proc/1/fd/1",
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while !has_line(&cri_log(&app_log), "stdout", "after-reopen") {
         assert!(
@@ -854,9 +861,12 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
 
     // Nothing of the pod is left on the host: no shim, no agent or VMM,
     // nothing mounted under containerd's dirs for it.
-    wait_for(env, "the pod's processes to go", Duration::from_secs(30), || {
-        live_processes(&pod.id).is_empty() && !pid_alive(shim_pid)
-    });
+    wait_for(
+        env,
+        "the pod's processes to go",
+        Duration::from_secs(30),
+        || live_processes(&pod.id).is_empty() && !pid_alive(shim_pid),
+    );
     let mounts: Vec<String> = mount_points()
         .into_iter()
         .filter(|m| m.contains(&pod.id) || m.contains(&app))
@@ -907,6 +917,18 @@ fn vm_checks(env: &CriEnv, app: &str, shim_pid: i32) {
         })
         .collect();
     assert_eq!(vmm.len(), 1, "one VMM child of the pod's shim: {vmm:?}");
+    // Its cgroup is under the pod's (the kubelet's cgroup parent).
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", vmm[0])).unwrap();
+    let memory = cgroups
+        .lines()
+        .find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")))
+        .or_else(|| cgroups.lines().find(|l| l.starts_with("0::")))
+        .unwrap_or_default();
+    assert!(
+        memory.contains(&format!("{}/pod", env.cgroup_parent)),
+        "the VMM's cgroup {memory:?} is under the pod's {}",
+        env.cgroup_parent
+    );
 }
 
 fn linux_config() -> String {

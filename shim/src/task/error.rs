@@ -104,7 +104,14 @@ impl From<TaskError> for ttrpc::Error {
     fn from(err: TaskError) -> Self {
         let code = err.code();
         let message = error_chain(&err);
-        log::warn!("request failed: {code:?}: {message}");
+        // A signal to a process that already exited is routine (CRI's
+        // ExecSync kills each exec after its exit; containerd takes
+        // NOT_FOUND as done): not worth a warning.
+        if matches!(err, TaskError::ProcessFinished { .. }) {
+            log::debug!("request failed: {code:?}: {message}");
+        } else {
+            log::warn!("request failed: {code:?}: {message}");
+        }
         ttrpc::Error::RpcStatus(ttrpc::get_status(code, message))
     }
 }

@@ -57,6 +57,31 @@ impl FifoLogger {
     }
 }
 
+/// `since_epoch` as RFC 3339 UTC with nanoseconds, the form containerd
+/// and its Go shims write in their logs (`2026-12-04T23:06:41.929110152Z`).
+fn rfc3339(since_epoch: std::time::Duration) -> String {
+    let secs = since_epoch.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (the proleptic Gregorian
+    // calendar, in 400-year eras of 146 097 days).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since_epoch.subsec_nanos()
+    )
+}
+
 impl log::Log for FifoLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
         crate::task::log_enabled(metadata)
@@ -70,9 +95,8 @@ impl log::Log for FifoLogger {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         let line = format!(
-            "time=\"{}.{:06}\" level={} msg=\"{}\" runtime=skiff pid={}\n",
-            now.as_secs(),
-            now.subsec_micros(),
+            "time=\"{}\" level={} msg=\"{}\" runtime=skiff pid={}\n",
+            rfc3339(now),
             record.level().as_str().to_lowercase(),
             record.args().to_string().replace('"', "'"),
             std::process::id()
@@ -100,4 +124,28 @@ impl log::Log for FifoLogger {
     }
 
     fn flush(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn log_times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(Duration::ZERO), "1970-01-01T00:00:00.000000000Z");
+        // `date -u -d @1796425601` and a leap day.
+        assert_eq!(
+            rfc3339(Duration::new(1_796_425_601, 929_110_152)),
+            "2026-12-04T23:06:41.929110152Z"
+        );
+        assert_eq!(
+            rfc3339(Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000000000Z"
+        );
+        assert_eq!(
+            rfc3339(Duration::from_secs(4_107_542_399)),
+            "2100-02-28T23:59:59.000000000Z"
+        );
+    }
 }

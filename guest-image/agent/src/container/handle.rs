@@ -220,8 +220,21 @@ impl Container {
         }
     }
 
-    /// cgroup statistics.
+    /// cgroup statistics: on a v2 hierarchy read leniently (see
+    /// `cgroup_stats`), on v1 by libcgroups.
     pub fn stats(&self) -> Result<libcgroups::stats::Stats, ContainerError> {
+        let root = Path::new(super::cgroup_stats::UNIFIED_ROOT);
+        if super::cgroup_stats::is_unified(root) {
+            let relative = self.cgroup_path.strip_prefix("/").unwrap_or(&self.cgroup_path);
+            let dir = root.join(relative);
+            if !dir.is_dir() {
+                return Err(ContainerError::Cgroup {
+                    id: self.id.clone(),
+                    message: format!("no cgroup at {}", dir.display()),
+                });
+            }
+            return Ok(super::cgroup_stats::read(&dir));
+        }
         let manager = self.cgroup_manager()?;
         manager.stats().map_err(|e| self.cgroup_error(&e))
     }

@@ -15,7 +15,9 @@
 //! - `medium`: waiting for a hot-attached disk's medium (and its serial).
 //! - `rootfs`: mounting a block-device rootfs (ext4) and releasing it.
 //! - `pty`: receiving a terminal's pty master from the console socket.
+//! - `cgroup_stats`: cgroup v2 statistics read leniently.
 
+mod cgroup_stats;
 mod engine;
 mod error;
 mod handle;
