@@ -921,7 +921,11 @@ fn vm_checks(env: &CriEnv, app: &str, shim_pid: i32) {
     let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", vmm[0])).unwrap();
     let memory = cgroups
         .lines()
-        .find(|l| l.split(':').nth(1).is_some_and(|c| c.split(',').any(|c| c == "memory")))
+        .find(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+        })
         .or_else(|| cgroups.lines().find(|l| l.starts_with("0::")))
         .unwrap_or_default();
     assert!(

@@ -144,7 +144,10 @@ mod tests {
             .collect();
         assert_eq!(
             io,
-            vec![(254, 0, "read".into(), 4096), (254, 0, "write".into(), 8192)]
+            vec![
+                (254, 0, "read".into(), 4096),
+                (254, 0, "write".into(), 8192)
+            ]
         );
     }
 

@@ -225,7 +225,10 @@ impl Container {
     pub fn stats(&self) -> Result<libcgroups::stats::Stats, ContainerError> {
         let root = Path::new(super::cgroup_stats::UNIFIED_ROOT);
         if super::cgroup_stats::is_unified(root) {
-            let relative = self.cgroup_path.strip_prefix("/").unwrap_or(&self.cgroup_path);
+            let relative = self
+                .cgroup_path
+                .strip_prefix("/")
+                .unwrap_or(&self.cgroup_path);
             let dir = root.join(relative);
             if !dir.is_dir() {
                 return Err(ContainerError::Cgroup {
