@@ -39,8 +39,36 @@ use ctrd::*;
 const SUBNET_PREFIX: &str = "10.98.0.";
 const BUSYBOX: &str = "localhost/busybox:latest";
 const PAUSE: &str = "localhost/pause:latest";
-/// The runtime handler (RuntimeClass `handler`) that maps to skiff.
-const HANDLER: &str = "skiff";
+/// Which runtime a test's pods use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runtime {
+    /// containerd's runc (the harness's own check).
+    Runc,
+    /// skiff with `handler = "linux"`.
+    SkiffLinux,
+    /// skiff with `handler = "vm"`.
+    SkiffVm,
+}
+
+impl Runtime {
+    /// The runtime handler (a RuntimeClass's `handler`) [`CriEnv`]
+    /// registers it under.
+    fn handler(self) -> &'static str {
+        match self {
+            Runtime::Runc => "runc",
+            Runtime::SkiffLinux => "skiff-linux",
+            Runtime::SkiffVm => "skiff",
+        }
+    }
+
+    /// The shim binary containerd starts for it.
+    fn shim(self) -> &'static str {
+        match self {
+            Runtime::Runc => "containerd-shim-runc-v2",
+            Runtime::SkiffLinux | Runtime::SkiffVm => "containerd-shim-skiff-v2",
+        }
+    }
+}
 /// What the pod's sandbox config gives DNS (never queried: checked in the
 /// container's resolv.conf only).
 const DNS_SERVER: &str = "10.98.0.53";
@@ -118,9 +146,10 @@ struct CriEnv {
 }
 
 impl CriEnv {
-    /// Starts it with `skiff_config` as the `skiff` runtime's config; None
-    /// (after saying why) when the test cannot run here.
-    fn start(skiff_config: &str) -> Option<CriEnv> {
+    /// Starts it with skiff runtimes for `configs` (a skiff config's text
+    /// for [`Runtime::SkiffLinux`] and [`Runtime::SkiffVm`]); None (after
+    /// saying why) when the test cannot run here.
+    fn start(configs: &[(Runtime, String)]) -> Option<CriEnv> {
         let busybox = prerequisites()?;
         if let Some(reason) = cni::unavailable() {
             skip(&reason);
@@ -132,8 +161,14 @@ impl CriEnv {
             .prefix("skiff-cri-")
             .tempdir_in("/var/tmp")
             .unwrap();
-        let config = files.path().join("skiff.toml");
-        std::fs::write(&config, skiff_config).unwrap();
+        let runtimes: Vec<(&str, PathBuf)> = configs
+            .iter()
+            .map(|(rt, text)| {
+                let path = files.path().join(format!("{}.toml", rt.handler()));
+                std::fs::write(&path, text).unwrap();
+                (rt.handler(), path)
+            })
+            .collect();
         let ipam = files.path().join("ipam");
         let conflist = serde_json::json!({
             "cniVersion": "0.4.0",
@@ -156,7 +191,7 @@ impl CriEnv {
             netns: &netns.path(),
             cni_conflist: &conflist,
             sandbox_image: PAUSE,
-            skiff_config: &config,
+            skiff_runtimes: &runtimes,
         });
         ctrd.import(&busybox);
         ctrd.import(&pause_image());
@@ -237,6 +272,7 @@ fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
 /// What the pod asks for, kubelet style.
 struct PodSpec<'a> {
     name: &'a str,
+    runtime: Runtime,
     /// CPU limit in millicores and memory limit in bytes (the pod's
     /// `resources`, as the kubelet sums them for the sandbox).
     cpu_millis: i64,
@@ -297,7 +333,7 @@ fn run_pod(env: &CriEnv, spec: &PodSpec<'_>) -> Pod {
         env.cri,
         runtime.run_pod_sandbox(cri::RunPodSandboxRequest {
             config: Some(config.clone()),
-            runtime_handler: HANDLER.into(),
+            runtime_handler: spec.runtime.handler().into(),
         })
     )
     .unwrap_or_else(|e| env.fail("RunPodSandbox", e))
@@ -316,6 +352,7 @@ fn create_container(
     name: &str,
     script: &str,
     mounts: Vec<cri::Mount>,
+    memory_limit: i64,
 ) -> String {
     let config = cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata {
@@ -340,7 +377,7 @@ fn create_container(
                 cpu_period: 100_000,
                 cpu_quota: 100_000,
                 cpu_shares: 1024,
-                memory_limit_in_bytes: 96 << 20,
+                memory_limit_in_bytes: memory_limit,
                 ..Default::default()
             }),
             // The kubelet gives each container the pod's namespace modes.
@@ -483,7 +520,7 @@ fn live_processes(needle: &str) -> Vec<i32> {
 
 /// The pod through every call the kubelet makes, checking each answer and
 /// what the containers see; `in_vm` adds the checks only a VM has.
-fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
+fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
     let cri = &env.cri;
     let version = call!(
         cri,
@@ -508,14 +545,13 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
     assert!(image.image.is_some(), "the busybox image is known to CRI");
 
     // The pod: 2 CPUs, 128 MiB (the `vm` handler sizes its VM from it).
-    let pod = run_pod(
-        env,
-        &PodSpec {
-            name: "web",
-            cpu_millis: 2000,
-            memory_bytes: 128 << 20,
-        },
-    );
+    let web = PodSpec {
+        name: "web",
+        runtime: rt,
+        cpu_millis: 2000,
+        memory_bytes: 128 << 20,
+    };
+    let pod = run_pod(env, &web);
     let status = call!(
         cri,
         runtime.pod_sandbox_status(cri::PodSandboxStatusRequest {
@@ -531,16 +567,7 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
         pod_ip.starts_with(SUBNET_PREFIX),
         "pod IP {pod_ip} from the test's CNI network"
     );
-    // The sandbox's shim is skiff's, and it names the pod.
-    let shims: Vec<i32> = live_processes(&pod.id)
-        .into_iter()
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("containerd-shim-skiff-v2"))
-        })
-        .collect();
-    assert_eq!(shims.len(), 1, "one skiff shim for the pod: {shims:?}");
-    let shim_pid = shims[0];
+    let shim_pid = pod_shim(&pod, rt);
 
     // The app: logs to both streams, leaves a termination message and
     // exits 7 on SIGTERM.
@@ -559,6 +586,7 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
             readonly: false,
             ..Default::default()
         }],
+        96 << 20,
     );
     let st = container_status(env, &app);
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
@@ -618,6 +646,7 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
         "peer",
         "echo from-peer > /dev/shm/hello; httpd -f -p 8080 -h /dev/shm",
         vec![],
+        96 << 20,
     );
     assert_ne!(peer, app);
     wait_for(
@@ -699,8 +728,14 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
     let limits = exec_ok(
         env,
         &app,
-        "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max; \
-         cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max",
+        // cgroup v1 (the host's, bound at the container's cgroup), or v2 (the
+        // guest's: no cgroup namespace, so under the container's path).
+        "if [ -e /sys/fs/cgroup/memory/memory.limit_in_bytes ]; then \
+           cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/cpu/cpu.cfs_quota_us; \
+         else \
+           p=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup); \
+           cat $p/memory.max; cut -d' ' -f1 $p/cpu.max; \
+         fi",
     );
     assert_eq!(
         limits,
@@ -766,9 +801,80 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
     assert!(!has_line(&cri_log(&rotated), "stdout", "after-reopen"));
     assert!(has_line(&cri_log(&rotated), "stdout", "hello-stdout"));
 
-    if in_vm {
+    if rt == Runtime::SkiffVm {
         vm_checks(env, &app, shim_pid);
     }
+
+    // A second pod of the same size (for `vm`, restored from the template
+    // the first one made) fetches from the web pod's IP.
+    let client_pod = run_pod(
+        env,
+        &PodSpec {
+            name: "client",
+            ..web
+        },
+    );
+    let client_shim = pod_shim(&client_pod, rt);
+    let client = create_container(
+        env,
+        &client_pod,
+        "fetch",
+        &format!(
+            "for i in $(seq 1 120); do \
+               if wget -q -O /tmp/got http://{pod_ip}:8080/hello; then cat /tmp/got; exit 0; fi; \
+               sleep 1; \
+             done; exit 1"
+        ),
+        vec![],
+        96 << 20,
+    );
+    let st = wait_exited(env, &client, Duration::from_secs(300));
+    assert_eq!(st.exit_code, 0, "the client pod's fetch: {st:?}");
+    assert!(
+        has_line(
+            &cri_log(&client_pod.log_dir.join("fetch.log")),
+            "stdout",
+            "from-peer"
+        ),
+        "the web pod's answer in the client's log"
+    );
+    remove_pod(env, &client_pod, &[&client], client_shim);
+
+    // A container that fails: its exit code, reason Error, its output.
+    let failing = create_container(
+        env,
+        &pod,
+        "failing",
+        "echo about-to-fail; exit 3",
+        vec![],
+        96 << 20,
+    );
+    let st = wait_exited(env, &failing, Duration::from_secs(120));
+    assert_eq!((st.exit_code, st.reason.as_str()), (3, "Error"), "{st:?}");
+    assert!(has_line(
+        &cri_log(&pod.log_dir.join("failing.log")),
+        "stdout",
+        "about-to-fail"
+    ));
+
+    // A container over its memory limit is OOM-killed (in the guest, for
+    // `vm`): 137 and reason OOMKilled (containerd's from our TaskOOM).
+    let oom = create_container(
+        env,
+        &pod,
+        "oom",
+        "echo filling; exec dd if=/dev/zero of=/dev/null bs=64M count=1",
+        vec![],
+        32 << 20,
+    );
+    let st = wait_exited(env, &oom, Duration::from_secs(120));
+    assert_eq!(
+        (st.exit_code, st.reason.as_str()),
+        (137, "OOMKilled"),
+        "{st:?}"
+    );
+    let oom_log = cri_log(&pod.log_dir.join("oom.log"));
+    assert!(has_line(&oom_log, "stdout", "filling"));
 
     // StopContainer: SIGTERM, the app's trap runs, exit 7, its last words
     // reach the kubelet's file on the host.
@@ -797,6 +903,7 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
         "stubborn",
         "trap '' TERM; echo ready; while :; do sleep 1; done",
         vec![],
+        96 << 20,
     );
     wait_for(
         env,
@@ -829,7 +936,49 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
     assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
     assert_eq!(st.exit_code, 137, "SIGKILL after the grace period");
 
-    for id in [&app, &peer, &stubborn] {
+    remove_pod(
+        env,
+        &pod,
+        &[&app, &peer, &stubborn, &failing, &oom],
+        shim_pid,
+    );
+}
+
+/// The pod's shim: one, of `rt`'s kind, naming the pod.
+fn pod_shim(pod: &Pod, rt: Runtime) -> i32 {
+    let shims: Vec<i32> = live_processes(&pod.id)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(rt.shim()))
+        })
+        .collect();
+    assert_eq!(shims.len(), 1, "one {} for the pod: {shims:?}", rt.shim());
+    shims[0]
+}
+
+/// Waits until container `id` has exited; its status.
+fn wait_exited(env: &CriEnv, id: &str, timeout: Duration) -> cri::ContainerStatus {
+    let mut st = None;
+    wait_for(env, &format!("container {id} to exit"), timeout, || {
+        let s = container_status(env, id);
+        let done = s.state == cri::ContainerState::ContainerExited as i32;
+        st = Some(s);
+        done
+    });
+    st.unwrap()
+}
+
+/// Removes `containers` and the pod as the kubelet does, then checks that
+/// nothing of it is left on the host: no shim, agent or VMM process, no
+/// mount naming it, no state directory, no cgroup below the pod's.
+fn remove_pod(env: &CriEnv, pod: &Pod, containers: &[&str], shim_pid: i32) {
+    let cri = &env.cri;
+    // The skiff sandbox's state directory, from the sandbox's bundle.
+    let state_dir = std::fs::read_to_string(env.ctrd.bundle(&pod.id).join("skiff-state"))
+        .ok()
+        .map(|s| PathBuf::from(s.trim()));
+    for id in containers {
         call!(
             cri,
             runtime.remove_container(cri::RemoveContainerRequest {
@@ -857,7 +1006,11 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
         runtime.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
     )
     .unwrap_or_else(|e| env.fail("ListPodSandbox", e));
-    assert!(left.items.is_empty(), "pods left: {:?}", left.items);
+    assert!(
+        left.items.iter().all(|p| p.id != pod.id),
+        "the pod is still listed: {:?}",
+        left.items
+    );
 
     // Nothing of the pod is left on the host: no shim, no agent or VMM,
     // nothing mounted under containerd's dirs for it.
@@ -869,9 +1022,29 @@ fn pod_lifecycle(env: &CriEnv, in_vm: bool) {
     );
     let mounts: Vec<String> = mount_points()
         .into_iter()
-        .filter(|m| m.contains(&pod.id) || m.contains(&app))
+        .filter(|m| m.contains(&pod.id) || containers.iter().any(|c| m.contains(c)))
         .collect();
     assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    if let Some(dir) = state_dir {
+        assert!(!dir.exists(), "state dir left: {}", dir.display());
+    }
+    let parent = &pod.config.linux.as_ref().unwrap().cgroup_parent;
+    let pod_cgroup = Path::new("/sys/fs/cgroup/memory").join(parent.trim_start_matches('/'));
+    let below = || -> Vec<PathBuf> {
+        walk_dirs(&pod_cgroup)
+            .into_iter()
+            .filter(|d| *d != pod_cgroup)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !below().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        below().is_empty(),
+        "cgroups left below the pod's: {:?}",
+        below()
+    );
 }
 
 /// What only the `vm` handler has: the VM sized from the pod, the
@@ -939,23 +1112,46 @@ fn linux_config() -> String {
     "handler = \"linux\"\nlog_level = \"debug\"\n".into()
 }
 
+/// The same pods with containerd's runc: the harness asks only what a
+/// runtime should give.
+#[test]
+fn cri_pod_lifecycle_runc() {
+    let Some(env) = CriEnv::start(&[]) else {
+        return;
+    };
+    pod_lifecycle(&env, Runtime::Runc);
+}
+
 /// The pod with the `linux` handler: the agent is a host process, the
 /// same protocol as in the VM.
 #[test]
 fn cri_pod_lifecycle_linux() {
-    let Some(env) = CriEnv::start(&linux_config()) else {
+    let Some(env) = CriEnv::start(&[(Runtime::SkiffLinux, linux_config())]) else {
         return;
     };
-    pod_lifecycle(&env, false);
+    pod_lifecycle(&env, Runtime::SkiffLinux);
 }
 
 /// The pod in skiff's micro-VM: one boot, sized from the pod's resources
 /// (its own template key, so no template is restored here).
 #[test]
 fn cri_pod_lifecycle_vm() {
+    let templates = tempfile::tempdir().unwrap();
+    let Some(config) = vm_config(templates.path()) else {
+        return;
+    };
+    let Some(env) = CriEnv::start(&[(Runtime::SkiffVm, config)]) else {
+        return;
+    };
+    pod_lifecycle(&env, Runtime::SkiffVm);
+}
+
+/// The `vm` handler's config, templates in `templates`; None (after saying
+/// why) without a test kernel, agent initramfs or `/dev/kvm`.
+fn vm_config(templates: &Path) -> Option<String> {
     let Some((kernel, initrd)) = shim::testing::vm_artifacts() else {
         skip("no test kernel or agent initramfs (SKIFF_TEST_KERNEL, SKIFF_TEST_AGENT_INITRD)");
-        return;
+        return None;
     };
     if std::fs::OpenOptions::new()
         .read(true)
@@ -964,18 +1160,175 @@ fn cri_pod_lifecycle_vm() {
         .is_err()
     {
         skip("/dev/kvm is not available");
-        return;
+        return None;
     }
-    let templates = tempfile::tempdir().unwrap();
-    let config = format!(
+    Some(format!(
         "handler = \"vm\"\nkernel = \"{}\"\ninitrd = \"{}\"\nmemory_mib = 256\n\
-         max_vcpus = 2\nmax_memory_mib = 512\nlog_level = \"debug\"\ntemplate_dir = \"{}\"\n",
+         max_vcpus = 2\nmax_memory_mib = 512\nlog_level = \"info\"\ntemplate_dir = \"{}\"\n",
         kernel.display(),
         initrd.display(),
-        templates.path().display()
+        templates.display()
+    ))
+}
+
+/// The shim's process and all its descendants (its agent or VMM, the
+/// containers).
+fn process_tree(root: i32) -> Vec<i32> {
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok())
+            });
+        if let Some(ppid) = ppid {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+/// A process's proportional set size, KiB (0 if it is gone).
+fn pss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// One pod of `rt` with one sleeping container, started the way the
+/// kubelet starts it; the pod, its container and the shim.
+fn start_sleeper_pod(env: &CriEnv, rt: Runtime, name: &str) -> (Pod, String, i32) {
+    let pod = run_pod(
+        env,
+        &PodSpec {
+            name,
+            runtime: rt,
+            cpu_millis: 1000,
+            memory_bytes: 64 << 20,
+        },
     );
-    let Some(env) = CriEnv::start(&config) else {
+    let c = create_container(env, &pod, "sleep", "exec sleep 100000", vec![], 64 << 20);
+    assert_eq!(
+        container_status(env, &c).state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+    let shim = pod_shim(&pod, rt);
+    (pod, c, shim)
+}
+
+/// Pod start and stop as the kubelet sees them, and memory per idle pod,
+/// for skiff `vm`, skiff `linux` and runc in one containerd: medians of
+/// alternating rounds, ratios against runc. A benchmark, not a test:
+/// `benches/cri-bench.sh` runs it (`SKIFF_CRI_BENCH_ROUNDS`, default 5;
+/// `SKIFF_CRI_BENCH_PODS`, default 10).
+#[test]
+#[ignore = "a benchmark: benches/cri-bench.sh runs it"]
+fn cri_bench() {
+    let count = |var: &str, default: usize| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let rounds = count("SKIFF_CRI_BENCH_ROUNDS", 5);
+    let pods = count("SKIFF_CRI_BENCH_PODS", 10);
+    let templates = tempfile::tempdir().unwrap();
+    let Some(vm) = vm_config(templates.path()) else {
         return;
     };
-    pod_lifecycle(&env, true);
+    let Some(env) = CriEnv::start(&[
+        (Runtime::SkiffVm, vm),
+        (Runtime::SkiffLinux, linux_config()),
+    ]) else {
+        return;
+    };
+    let runtimes = [Runtime::Runc, Runtime::SkiffLinux, Runtime::SkiffVm];
+    // The first `vm` pod boots and makes the template: not measured.
+    let (pod, c, shim) = start_sleeper_pod(&env, Runtime::SkiffVm, "warm");
+    remove_pod(&env, &pod, &[&c], shim);
+
+    let mut start: HashMap<&str, Vec<Duration>> = HashMap::new();
+    let mut stop: HashMap<&str, Vec<Duration>> = HashMap::new();
+    for round in 0..rounds {
+        for rt in runtimes {
+            let t = Instant::now();
+            let (pod, c, shim) = start_sleeper_pod(&env, rt, &format!("b{round}"));
+            start.entry(rt.handler()).or_default().push(t.elapsed());
+            let t = Instant::now();
+            call!(
+                env.cri,
+                runtime.stop_container(cri::StopContainerRequest {
+                    container_id: c.clone(),
+                    timeout: 0,
+                })
+            )
+            .unwrap_or_else(|e| env.fail("StopContainer", e));
+            remove_pod(&env, &pod, &[&c], shim);
+            stop.entry(rt.handler()).or_default().push(t.elapsed());
+        }
+    }
+    println!("\npod start (RunPodSandbox → CreateContainer → StartContainer → running) and stop (StopContainer → RemoveContainer → StopPodSandbox → RemovePodSandbox, processes gone), medians of {rounds}:");
+    let runc_start = median(start["runc"].clone());
+    let runc_stop = median(stop["runc"].clone());
+    for rt in runtimes {
+        let (a, b) = (
+            median(start[rt.handler()].clone()),
+            median(stop[rt.handler()].clone()),
+        );
+        println!(
+            "  {:<12} start {:>10.1?} ({:>6.2}x runc)   stop {:>10.1?} ({:>6.2}x runc)",
+            rt.handler(),
+            a,
+            a.as_secs_f64() / runc_start.as_secs_f64(),
+            b,
+            b.as_secs_f64() / runc_stop.as_secs_f64()
+        );
+    }
+
+    println!("\nmemory per idle pod ({pods} pods of one sleeping container each; Pss of the shim and everything below it: agent or VMM with the guest's touched memory, containers):");
+    let mut per_pod = HashMap::new();
+    for rt in runtimes {
+        let started: Vec<(Pod, String, i32)> = (0..pods)
+            .map(|i| start_sleeper_pod(&env, rt, &format!("m{i}")))
+            .collect();
+        // Let the pods settle (the guests' boot-time work done).
+        std::thread::sleep(Duration::from_secs(10));
+        let total: u64 = started
+            .iter()
+            .flat_map(|(_, _, shim)| process_tree(*shim))
+            .map(pss_kib)
+            .sum();
+        let each = total as f64 / pods as f64 / 1024.0;
+        per_pod.insert(rt.handler(), each);
+        for (pod, c, shim) in &started {
+            remove_pod(&env, pod, &[c], *shim);
+        }
+    }
+    for rt in runtimes {
+        println!(
+            "  {:<12} {:>8.1} MiB per pod ({:>5.2}x runc)",
+            rt.handler(),
+            per_pod[rt.handler()],
+            per_pod[rt.handler()] / per_pod["runc"]
+        );
+    }
 }

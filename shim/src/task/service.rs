@@ -573,6 +573,9 @@ impl TaskService {
             .stack_size(crate::task::THREAD_STACK_SIZE)
             .spawn(move || {
                 let (status, exited_at) = wait_in_agent(&agent, &proc);
+                if proc.exec_id.is_empty() && status == SIGKILL_STATUS {
+                    oom_before_exit(&agent, &publisher, &proc.container_id);
+                }
                 if !copiers.wait(OUTPUT_DRAIN_TIMEOUT) {
                     log::warn!(
                         "{}/{}: output still open {OUTPUT_DRAIN_TIMEOUT:?} after exit",
@@ -1008,6 +1011,29 @@ impl TaskService {
         if let Some(tx) = lock(&self.shutdown_tx).take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// The exit status of a process killed by SIGKILL (as an OOM kill is).
+const SIGKILL_STATUS: u32 = 128 + 9;
+
+/// Publishes TaskOOM for a container whose init was killed by SIGKILL if
+/// its cgroup counted an OOM kill, so that the event comes before the
+/// TaskExit: the agent's OOM watcher may report it only after the exit
+/// (it polls on cgroup v1), and the CRI plugin shows the reason a
+/// container's status had when the kubelet looked. A second TaskOOM from
+/// the watcher later changes nothing for containerd.
+fn oom_before_exit(agent: &AgentClient, publisher: &Publisher, id: &str) {
+    match agent.stats_container(id) {
+        Ok(stats) if stats.memory.as_ref().is_some_and(|m| m.oom_kill_count > 0) => {
+            log::info!("container {id} was OOM-killed");
+            publisher.publish(Event::Oom(ev::TaskOOM {
+                container_id: id.to_owned(),
+                ..Default::default()
+            }));
+        }
+        Ok(_) => {}
+        Err(err) => log::debug!("container {id}: no OOM count after its SIGKILL: {err}"),
     }
 }
 

@@ -127,8 +127,9 @@ pub struct CriSetup<'a> {
     pub cni_conflist: &'a str,
     /// The sandbox (pause) image's name, imported by the test.
     pub sandbox_image: &'a str,
-    /// The skiff config the `skiff` runtime's options name (`ConfigPath`).
-    pub skiff_config: &'a Path,
+    /// skiff runtimes (`io.containerd.skiff.v2`) by handler name, each
+    /// with the config its options name (`ConfigPath`).
+    pub skiff_runtimes: &'a [(&'a str, PathBuf)],
 }
 
 impl Containerd {
@@ -143,7 +144,8 @@ impl Containerd {
     }
 
     /// A containerd with its CRI plugin: runtimes `runc` (the default)
-    /// and `skiff` (`io.containerd.skiff.v2`, with `ConfigPath` options),
+    /// and `cri.skiff_runtimes` (`io.containerd.skiff.v2`, with
+    /// `ConfigPath` options),
     /// CNI from Debian's plugins with `cri.cni_conflist`, and
     /// `restrict_oom_score_adj` (root here lacks CAP_SYS_RESOURCE).
     pub fn start_cri(cri: &CriSetup<'_>) -> Self {
@@ -152,6 +154,20 @@ impl Containerd {
             std::fs::create_dir_all(&conf_dir).unwrap();
             std::fs::write(conf_dir.join("10-skiff-test.conflist"), cri.cni_conflist).unwrap();
             let cri_key = "plugins.\"io.containerd.grpc.v1.cri\"";
+            let skiff: String = cri
+                .skiff_runtimes
+                .iter()
+                .map(|(name, config)| {
+                    format!(
+                        r#"
+    [{cri_key}.containerd.runtimes.{name}]
+      runtime_type = "io.containerd.skiff.v2"
+      [{cri_key}.containerd.runtimes.{name}.options]
+        ConfigPath = "{}""#,
+                        config.display()
+                    )
+                })
+                .collect();
             let tables = format!(
                 r#"
 [{cri_key}]
@@ -164,18 +180,13 @@ impl Containerd {
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
     [{cri_key}.containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-    [{cri_key}.containerd.runtimes.skiff]
-      runtime_type = "io.containerd.skiff.v2"
-      [{cri_key}.containerd.runtimes.skiff.options]
-        ConfigPath = "{config}"
+      runtime_type = "io.containerd.runc.v2"{skiff}
   [{cri_key}.cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{conf_dir}"
     max_conf_num = 1
 "#,
                 sandbox = cri.sandbox_image,
-                config = cri.skiff_config.display(),
                 conf_dir = conf_dir.display(),
             );
             (String::new(), tables)
