@@ -522,6 +522,8 @@ fn live_processes(needle: &str) -> Vec<i32> {
 /// what the containers see; `in_vm` adds the checks only a VM has.
 fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
     let cri = &env.cri;
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("{rt:?} [{:>7.1?}] {what}", t0.elapsed());
     let version = call!(
         cri,
         runtime.version(cri::VersionRequest {
@@ -568,6 +570,7 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
         "pod IP {pod_ip} from the test's CNI network"
     );
     let shim_pid = pod_shim(&pod, rt);
+    phase("pod ready");
 
     // The app: logs to both streams, leaves a termination message and
     // exits 7 on SIGTERM.
@@ -603,6 +606,7 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
         },
     );
 
+    phase("app running, its first lines logged");
     // ExecSync: output on both streams and the exit code.
     let r = exec_sync(env, &app, "echo out-$((6*7)); echo err >&2; exit 3");
     assert_eq!(String::from_utf8_lossy(&r.stdout), "out-42\n");
@@ -615,10 +619,11 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
         env,
         &app,
         "cat /etc/hostname; echo ---; cat /etc/resolv.conf; echo ---; cat /etc/hosts; \
-         echo ---; ip -4 addr show eth0; echo ---; echo $SKIFF_CRI; hostname",
+         echo ---; ip -4 addr show eth0; echo ---; echo $SKIFF_CRI; hostname; \
+         echo ---; cat /proc/sys/kernel/random/boot_id; nproc; grep MemTotal /proc/meminfo",
     );
     let parts: Vec<&str> = seen.split("---\n").collect();
-    assert_eq!(parts.len(), 5, "{seen}");
+    assert_eq!(parts.len(), 6, "{seen}");
     assert_eq!(parts[0].trim(), "web");
     assert!(
         parts[1].contains(&format!("nameserver {DNS_SERVER}")),
@@ -629,6 +634,9 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
     assert!(parts[2].contains("localhost"), "{seen}");
     assert!(parts[3].contains(&format!("inet {pod_ip}/24")), "{seen}");
     assert_eq!(parts[4].trim(), "app\nweb");
+    if rt == Runtime::SkiffVm {
+        vm_checks(parts[5], shim_pid, &env.cgroup_parent);
+    }
 
     // The pod's IP answers from containerd's network namespace (the
     // test's bridge).
@@ -649,28 +657,20 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
         96 << 20,
     );
     assert_ne!(peer, app);
-    wait_for(
+    // One exec (each costs seconds in a PVM guest) waits in the container
+    // for the peer's file in /dev/shm and its httpd on localhost.
+    let fetched = exec_ok(
         env,
-        "the peer's file in the pod's /dev/shm",
-        Duration::from_secs(120),
-        || exec_sync(env, &app, "cat /dev/shm/hello").stdout == b"from-peer\n",
+        &app,
+        "for i in $(seq 1 120); do \
+           if [ -s /dev/shm/hello ] && wget -q -O /tmp/got http://127.0.0.1:8080/hello; then \
+             cat /dev/shm/hello /tmp/got; exit 0; \
+           fi; sleep 1; \
+         done; exit 1",
     );
-    let fetched = {
-        let mut out = String::new();
-        wait_for(
-            env,
-            "the peer's httpd over localhost",
-            Duration::from_secs(120),
-            || {
-                let r = exec_sync(env, &app, "wget -q -O - http://127.0.0.1:8080/hello");
-                out = String::from_utf8_lossy(&r.stdout).into_owned();
-                r.exit_code == 0
-            },
-        );
-        out
-    };
-    assert_eq!(fetched, "from-peer\n");
+    assert_eq!(fetched, "from-peer\nfrom-peer\n", "/dev/shm, then HTTP");
 
+    phase("binds, pod IP, /dev/shm and localhost checked");
     // Stats from the container's cgroup.
     let stats = call!(
         cri,
@@ -767,13 +767,6 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
 
     // ReopenContainerLog: the kubelet rotated the file; new output goes to
     // a new one.
-    exec_ok(env, &app, "echo before-reopen > /proc/1/fd/1");
-    wait_for(
-        env,
-        "the app's later output",
-        Duration::from_secs(60),
-        || has_line(&cri_log(&app_log), "stdout", "before-reopen"),
-    );
     let rotated = pod.log_dir.join("app.log.1");
     std::fs::rename(&app_log, &rotated).unwrap();
     call!(
@@ -801,10 +794,7 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
     assert!(!has_line(&cri_log(&rotated), "stdout", "after-reopen"));
     assert!(has_line(&cri_log(&rotated), "stdout", "hello-stdout"));
 
-    if rt == Runtime::SkiffVm {
-        vm_checks(env, &app, shim_pid);
-    }
-
+    phase("stats, update, list, reopen done");
     // A second pod of the same size (for `vm`, restored from the template
     // the first one made) fetches from the web pod's IP.
     let client_pod = run_pod(
@@ -840,6 +830,7 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
     );
     remove_pod(env, &client_pod, &[&client], client_shim);
 
+    phase("client pod fetched over the pod IP and removed");
     // A container that fails: its exit code, reason Error, its output.
     let failing = create_container(
         env,
@@ -936,12 +927,14 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
     assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
     assert_eq!(st.exit_code, 137, "SIGKILL after the grace period");
 
+    phase("failing, OOM and stop checks done");
     remove_pod(
         env,
         &pod,
         &[&app, &peer, &stubborn, &failing, &oom],
         shim_pid,
     );
+    phase("pod removed, nothing left");
 }
 
 /// The pod's shim: one, of `rt`'s kind, naming the pod.
@@ -1049,14 +1042,9 @@ fn remove_pod(env: &CriEnv, pod: &Pod, containers: &[&str], shim_pid: i32) {
 
 /// What only the `vm` handler has: the VM sized from the pod, the
 /// containers inside it.
-fn vm_checks(env: &CriEnv, app: &str, shim_pid: i32) {
+fn vm_checks(guest: &str, shim_pid: i32, cgroup_parent: &str) {
     // The container runs in the guest: its kernel is the guest's.
     let host_boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
-    let guest = exec_ok(
-        env,
-        app,
-        "cat /proc/sys/kernel/random/boot_id; nproc; grep MemTotal /proc/meminfo",
-    );
     let lines: Vec<&str> = guest.lines().collect();
     assert_eq!(lines.len(), 3, "{guest}");
     assert_ne!(
@@ -1102,9 +1090,8 @@ fn vm_checks(env: &CriEnv, app: &str, shim_pid: i32) {
         .or_else(|| cgroups.lines().find(|l| l.starts_with("0::")))
         .unwrap_or_default();
     assert!(
-        memory.contains(&format!("{}/pod", env.cgroup_parent)),
-        "the VMM's cgroup {memory:?} is under the pod's {}",
-        env.cgroup_parent
+        memory.contains(&format!("{cgroup_parent}/pod")),
+        "the VMM's cgroup {memory:?} is under the pod's {cgroup_parent}"
     );
 }
 

@@ -95,7 +95,18 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
 }
 
 fn mkdir(path: &Path) -> Result<(), CgroupError> {
-    match std::fs::create_dir_all(path) {
+    // Another shim may remove an empty `skiff` parent just as this one
+    // makes its child there (see `remove_dirs`): try again.
+    let mut result = std::fs::create_dir_all(path);
+    for _ in 0..3 {
+        match &result {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                result = std::fs::create_dir_all(path);
+            }
+            _ => break,
+        }
+    }
+    match result {
         Ok(()) => Ok(()),
         Err(source) => Err(CgroupError::Io {
             path: path.to_owned(),
@@ -314,7 +325,15 @@ fn remove_dirs(dirs: &[PathBuf], timeout: Duration) -> Result<(), CgroupError> {
     for dir in dirs {
         loop {
             match std::fs::remove_dir(dir) {
-                Ok(()) => break,
+                Ok(()) => {
+                    // The `skiff` directory above it too, once empty (a
+                    // pod's has only this one; a shared one stays while
+                    // other VMMs are in it).
+                    if let Some(skiff) = dir.parent().filter(|p| p.ends_with("skiff")) {
+                        let _ = std::fs::remove_dir(skiff);
+                    }
+                    break;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                 // EBUSY while a task is still leaving.
                 Err(_) if Instant::now() < deadline => {
@@ -428,6 +447,8 @@ mod tests {
         VmmCgroup::remove_leftover(&name, &record, Duration::from_secs(2)).unwrap();
         for dir in &dirs {
             assert!(!dir.exists(), "{dir:?} left behind");
+            // The pod's `skiff` directory held only this one: gone too.
+            assert!(!dir.parent().unwrap().exists(), "{dir:?}'s skiff left");
         }
         // Removing what is already gone is fine.
         VmmCgroup::remove_leftover(&name, &record, Duration::from_millis(10)).unwrap();
