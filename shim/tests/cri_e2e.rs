@@ -884,6 +884,7 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
         })
     )
     .unwrap_or_else(|e| env.fail("StopContainer app", e));
+    phase("the app stopped (SIGTERM, its trap's exit)");
     let st = container_status(env, &app);
     assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
     assert_eq!(st.exit_code, 7, "{st:?}");
@@ -926,6 +927,7 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
     )
     .unwrap_or_else(|e| env.fail("StopContainer stubborn", e));
     let took = started.elapsed();
+    phase(&format!("the stubborn one killed after {took:?} (grace {grace:?})"));
     assert!(
         took >= grace,
         "killed after the grace period, not before ({took:?})"
@@ -987,6 +989,8 @@ fn remove_pod(env: &CriEnv, pod: &Pod, containers: &[&str], shim_pid: i32) {
         )
         .unwrap_or_else(|e| env.fail("RemoveContainer", e));
     }
+    let t = Instant::now();
+    let mut took = Vec::new();
     call!(
         cri,
         runtime.stop_pod_sandbox(cri::StopPodSandboxRequest {
@@ -994,6 +998,7 @@ fn remove_pod(env: &CriEnv, pod: &Pod, containers: &[&str], shim_pid: i32) {
         })
     )
     .unwrap_or_else(|e| env.fail("StopPodSandbox", e));
+    took.push(("StopPodSandbox", t.elapsed()));
     call!(
         cri,
         runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest {
@@ -1001,6 +1006,7 @@ fn remove_pod(env: &CriEnv, pod: &Pod, containers: &[&str], shim_pid: i32) {
         })
     )
     .unwrap_or_else(|e| env.fail("RemovePodSandbox", e));
+    took.push(("RemovePodSandbox", t.elapsed()));
     let left = call!(
         cri,
         runtime.list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
@@ -1020,6 +1026,8 @@ fn remove_pod(env: &CriEnv, pod: &Pod, containers: &[&str], shim_pid: i32) {
         Duration::from_secs(30),
         || live_processes(&pod.id).is_empty() && !pid_alive(shim_pid),
     );
+    took.push(("processes gone", t.elapsed()));
+    eprintln!("pod {} removed: {took:?}", pod.id);
     let mounts: Vec<String> = mount_points()
         .into_iter()
         .filter(|m| m.contains(&pod.id) || containers.iter().any(|c| m.contains(c)))
