@@ -927,7 +927,9 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
     )
     .unwrap_or_else(|e| env.fail("StopContainer stubborn", e));
     let took = started.elapsed();
-    phase(&format!("the stubborn one killed after {took:?} (grace {grace:?})"));
+    phase(&format!(
+        "the stubborn one killed after {took:?} (grace {grace:?})"
+    ));
     assert!(
         took >= grace,
         "killed after the grace period, not before ({took:?})"
