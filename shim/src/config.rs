@@ -511,6 +511,24 @@ mod tests {
     }
 
     #[test]
+    fn pod_size_bounds_are_checked_and_default_to_the_host() {
+        let e = parse("vcpus = 2\nmax_vcpus = 1\n").unwrap_err().to_string();
+        assert!(e.contains("max_vcpus = 1 is out of range (vcpus = 2"), "{e}");
+        let e = parse("max_memory_mib = 128\n").unwrap_err().to_string();
+        assert!(
+            e.contains("max_memory_mib = 128 is out of range (memory_mib = 256"),
+            "{e}"
+        );
+        let c = parse("vcpus = 2\nmax_vcpus = 4\nmax_memory_mib = 1024\n").unwrap();
+        assert_eq!((c.max_vcpus(), c.max_memory_mib()), (4, 1024));
+        // Unset: the host's CPUs and memory, never below the base size.
+        let c = parse("vcpus = 1\n").unwrap();
+        let cpus = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(c.max_vcpus(), cpus.clamp(1, MAX_VCPUS));
+        assert_eq!(Some(c.max_memory_mib()), host_memory_mib());
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_clear_errors() {
         let e = parse("vcpu = 2\n").unwrap_err().to_string();
         assert!(e.contains("unknown field `vcpu`"), "{e}");
