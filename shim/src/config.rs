@@ -513,7 +513,10 @@ mod tests {
     #[test]
     fn pod_size_bounds_are_checked_and_default_to_the_host() {
         let e = parse("vcpus = 2\nmax_vcpus = 1\n").unwrap_err().to_string();
-        assert!(e.contains("max_vcpus = 1 is out of range (vcpus = 2"), "{e}");
+        assert!(
+            e.contains("max_vcpus = 1 is out of range (vcpus = 2"),
+            "{e}"
+        );
         let e = parse("max_memory_mib = 128\n").unwrap_err().to_string();
         assert!(
             e.contains("max_memory_mib = 128 is out of range (memory_mib = 256"),
