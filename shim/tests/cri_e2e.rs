@@ -3,23 +3,24 @@
 //!
 //! Each test starts a private containerd 1.6 with its CRI plugin enabled
 //! (root, state and sockets in a temp dir) inside a network namespace the
-//! test made, with runtimes `runc` and `skiff` (`io.containerd.skiff.v2`,
-//! `ConfigPath` options) and a CNI bridge network from Debian's
+//! test made, with runtime `runc` and skiff runtimes (`skiff` for the `vm`
+//! handler, `skiff-linux` for the `linux` one: `io.containerd.skiff.v2`
+//! with `ConfigPath` options) and a CNI bridge network from Debian's
 //! `containernetworking-plugins`: the bridge, the pods' veths and every
 //! packet stay in namespaces the test made. The sandbox image is built
 //! locally (`scripts/containerd-env pause-image`), the busybox image as for
 //! the containerd e2e tests. A CRI client (`k8s-cri` over tonic, on the
-//! CRI socket) runs a pod with the `skiff` runtime handler through the
-//! `runtime.v1` calls the kubelet makes and checks what each returns and
-//! what the containers see.
+//! CRI socket) runs pods through the `runtime.v1` calls the kubelet makes
+//! and checks what each returns and what the containers see.
 //!
-//! `cri_pod_lifecycle_linux` runs the pod with the `linux` handler (the
-//! agent as a host process); `cri_pod_lifecycle_vm` runs it in skiff's
-//! micro-VM (one boot, sized from the pod's resources). Both need root,
-//! containerd, runc, busybox-static, the CNI plugins and iproute2; the VM
-//! test also the test kernel and agent initramfs (`SKIFF_TEST_KERNEL`,
-//! `SKIFF_TEST_AGENT_INITRD`) and `/dev/kvm`. They skip with a reason
-//! otherwise, and fail instead when `CI=true`.
+//! The same suite runs with `runc` (`cri_pod_lifecycle_runc`: the harness
+//! asks only what a runtime should give), skiff's `linux` handler (the
+//! agent as a host process) and skiff's `vm` handler (one boot, sized from
+//! the pod's resources). They need root, containerd, runc, busybox-static,
+//! the CNI plugins and iproute2; the VM test also the test kernel and
+//! agent initramfs (`SKIFF_TEST_KERNEL`, `SKIFF_TEST_AGENT_INITRD`) and
+//! `/dev/kvm`. They skip with a reason otherwise, and fail instead when
+//! `CI=true`. The ignored `cri_bench` is `benches/cri-bench.sh`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -513,13 +514,9 @@ fn has_line(log: &[(String, String, String)], stream: &str, msg: &str) -> bool {
         .any(|(s, t, m)| s == stream && t == "F" && m == msg)
 }
 
-/// Processes (not zombies) whose command line mentions `needle`.
-fn live_processes(needle: &str) -> Vec<i32> {
-    processes_mentioning(needle)
-}
-
 /// The pod through every call the kubelet makes, checking each answer and
-/// what the containers see; `in_vm` adds the checks only a VM has.
+/// what the containers see, with pods of `rt` (the `vm` handler adds
+/// the checks only a VM has).
 fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
     let cri = &env.cri;
     let t0 = Instant::now();
@@ -950,7 +947,7 @@ fn pod_lifecycle(env: &CriEnv, rt: Runtime) {
 
 /// The pod's shim: one, of `rt`'s kind, naming the pod.
 fn pod_shim(pod: &Pod, rt: Runtime) -> i32 {
-    let shims: Vec<i32> = live_processes(&pod.id)
+    let shims: Vec<i32> = processes_mentioning(&pod.id)
         .into_iter()
         .filter(|p| {
             std::fs::read(format!("/proc/{p}/cmdline"))
@@ -1026,7 +1023,7 @@ fn remove_pod(env: &CriEnv, pod: &Pod, containers: &[&str], shim_pid: i32) {
         env,
         "the pod's processes to go",
         Duration::from_secs(30),
-        || live_processes(&pod.id).is_empty() && !pid_alive(shim_pid),
+        || processes_mentioning(&pod.id).is_empty() && !pid_alive(shim_pid),
     );
     took.push(("processes gone", t.elapsed()));
     eprintln!("pod {} removed: {took:?}", pod.id);
@@ -1082,7 +1079,7 @@ fn vm_checks(guest: &str, shim_pid: i32, cgroup_parent: &str) {
         "guest memory {kib} KiB from 256 MiB + the pod's 128 MiB"
     );
     // The VMM is the shim's child with the pod's memory.
-    let vmm: Vec<i32> = live_processes("skiff-vmm")
+    let vmm: Vec<i32> = processes_mentioning("skiff-vmm")
         .into_iter()
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/stat"))

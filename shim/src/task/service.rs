@@ -373,14 +373,16 @@ impl TaskService {
     }
 
     /// The running sandbox, started on first use by `setup`'s handler with
-    /// `rootfs`, the first container's root.
+    /// `rootfs`, the first container's root, and sized from its
+    /// `annotations` (CRI's sandbox annotations size a VM; only the
+    /// starting container's are read).
     fn ensure_sandbox(
         &self,
         setup: &Setup,
         hostname: &str,
         cgroups_path: Option<&str>,
         netns: Option<&Path>,
-        size: PodSize,
+        annotations: Option<&HashMap<String, String>>,
         rootfs: &Path,
     ) -> TaskResult<Arc<dyn Sandbox>> {
         self.sandbox_gone()?;
@@ -391,6 +393,8 @@ impl TaskService {
         if let Some(s) = lock(&self.sandbox).as_ref() {
             return Ok(Arc::clone(s));
         }
+        let size = PodSize::from_annotations(annotations)
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         let sandbox: Arc<dyn Sandbox> = Arc::from(setup.handler.start(&SandboxRequest {
             id: &self.info.sandbox_id,
             state_dir: &self.info.state_dir,
@@ -641,15 +645,12 @@ impl TaskService {
             undo.mounted = Some(rootfs.clone());
         }
         let netns = spec.network_namespace_path().map(PathBuf::from);
-        // The pod's limits (CRI's sandbox annotations) size a VM.
-        let size = PodSize::from_annotations(spec.annotations.as_ref())
-            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         let sandbox = self.ensure_sandbox(
             &setup,
             &hostname,
             spec.cgroups_path(),
             netns.as_deref(),
-            size,
+            spec.annotations.as_ref(),
             &rootfs,
         )?;
         undo.sandbox = Some(Arc::clone(&sandbox));
